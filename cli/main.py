@@ -1,0 +1,199 @@
+"""The ``geoflux`` command line: parse arguments, call the library, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+import geoflux
+from geoflux.errors import GeofluxError
+
+CONFIG_HELP = (
+    "Run configuration (YAML); see README 'Configuration'. Relative paths resolve against its folder."
+)
+
+
+def _fail_cleanly(fn: Callable) -> Callable:
+    """Turn a GeofluxError into 'error: <message>' on stderr and exit status 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GeofluxError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _load(config: Path):
+    from geoflux.config import load_config
+
+    return load_config(config)
+
+
+config_arg = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(geoflux.__version__, prog_name="geoflux")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """geoflux: flux-tower NEE → footprint-aware NEE maps (Cloud-Optimized GeoTIFF).
+
+    Stages, each reading the previous stage's file from the config's output folder:
+
+    \b
+      towers    tower files → towers/observations.parquet (NEE gC m-2 d-1)
+      extract   drivers in each tower footprint → training/training.parquet
+      train     site-grouped CV + fit → model/model.skops, model/cv_metrics.json
+      map       chunk-wise prediction → maps/nee_YYYYMMDD.tif (COG, gC m-2 d-1)
+      validate  maps vs truth/towers → validation/metrics.json
+
+    `geoflux run CONFIG` runs them all; `geoflux demo` generates a world with known true NEE and runs them.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("geoflux-demo"),
+    show_default=True,
+    help="Output folder: world/, config.yaml, maps/, validation/ ...",
+)
+@click.option(
+    "--size",
+    type=click.Choice(["tiny", "default"]),
+    default="default",
+    show_default=True,
+    help="World size: 'default' 256x256 px at 250 m, 46 8-day steps, 30 towers; 'tiny' for tests.",
+)
+@click.option("--seed", type=int, default=None, help="Random seed of the world (default: the size's seed).")
+@click.option("--overwrite", is_flag=True, help="Redo maps that already exist.")
+@_fail_cleanly
+def demo(out: Path, size: str, seed: int | None, overwrite: bool) -> None:
+    """Generate a demo world (STAC catalog of COG drivers, FLUXNET-format towers, true NEE) and map it.
+
+    Writes OUT/world/, OUT/config.yaml, then runs the same code path as `geoflux run OUT/config.yaml`
+    and prints the validation summary (map vs true NEE, leave-site-out CV, map vs towers).
+    """
+    from geoflux import pipeline
+    from geoflux.demo import write_world
+
+    t0 = time.perf_counter()
+    click.echo(f"generating the {size} world in {out}/world ...", err=True)
+    cfg_path = write_world(out, size, seed=seed)
+    _run(cfg_path, overwrite)
+    click.echo(f"done in {time.perf_counter() - t0:.1f} s; config: {cfg_path}", err=True)
+    del pipeline
+
+
+def _run(config: Path, overwrite: bool) -> None:
+    from geoflux import pipeline
+
+    cfg = _load(config)
+    metrics = pipeline.run(cfg, overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
+    click.echo(pipeline.summarize_metrics(metrics))
+    click.echo(f"metrics: {cfg.out_dir / pipeline.METRICS}")
+
+
+@cli.command()
+@config_arg
+@click.option("--overwrite", is_flag=True, help="Redo maps that already exist (default: resume).")
+@_fail_cleanly
+def run(config: Path, overwrite: bool) -> None:
+    """Run the whole pipeline from CONFIG: towers → extract → train → map → validate."""
+    _run(config, overwrite)
+
+
+@cli.command()
+@config_arg
+@_fail_cleanly
+def towers(config: Path) -> None:
+    """Read tower files, keep QC-passed NEE, aggregate to the time step → towers/observations.parquet.
+
+    NEE is converted to gC m-2 d-1; periods below towers.min_coverage are dropped.
+    """
+    from geoflux import pipeline
+
+    obs = pipeline.stage_towers(_load(config))
+    summary = obs.groupby("site").agg(
+        periods=("time", "size"), coverage=("NEE_coverage", "mean"), nee_mean=("NEE", "mean")
+    )
+    click.echo(summary.round(3).to_string())
+
+
+@cli.command()
+@config_arg
+@_fail_cleanly
+def cube(config: Path) -> None:
+    """Build the driver cube on the target grid and write it to cube.zarr (for inspection and reuse)."""
+    from geoflux.atomic import atomic_path
+    from geoflux.cube import cube_from_config
+    from geoflux.progress import progress_bar
+
+    cfg = _load(config)
+    ds = cube_from_config(cfg)
+    path = cfg.out_dir / "cube.zarr"
+    with atomic_path(path) as tmp, progress_bar("cube"):
+        ds.to_zarr(tmp, mode="w", consolidated=True)
+    click.echo(str(path))
+
+
+@cli.command()
+@config_arg
+@_fail_cleanly
+def extract(config: Path) -> None:
+    """Footprint-weighted drivers at each tower joined with observations → training/training.parquet."""
+    from geoflux import pipeline
+
+    table = pipeline.stage_extract(_load(config))
+    click.echo(f"{len(table)} rows, {table['site'].nunique()} sites")
+
+
+@cli.command()
+@config_arg
+@_fail_cleanly
+def train(config: Path) -> None:
+    """Leave-site-out CV, then fit on all sites → model/model.skops (+ model.json card, cv_metrics.json)."""
+    from geoflux import pipeline
+
+    cv = pipeline.stage_train(_load(config))
+    click.echo(json.dumps({k: v for k, v in cv.items() if k != "per_site"}, indent=2))
+
+
+@cli.command("map")
+@config_arg
+@click.option("--overwrite", is_flag=True, help="Redo maps that already exist (default: resume).")
+@_fail_cleanly
+def map_(config: Path, overwrite: bool) -> None:
+    """Predict NEE chunk by chunk → maps/nee_YYYYMMDD.tif (COG, float32, gC m-2 d-1) + maps/catalog.json."""
+    from geoflux import pipeline
+
+    paths = pipeline.stage_map(_load(config), overwrite=overwrite)
+    click.echo(f"{len(paths)} maps in {paths[0].parent}")
+
+
+@cli.command()
+@config_arg
+@_fail_cleanly
+def validate(config: Path) -> None:
+    """Score maps against the truth (if configured) and towers → validation/metrics.json."""
+    from geoflux import pipeline
+
+    click.echo(pipeline.summarize_metrics(pipeline.stage_validate(_load(config))))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli()

@@ -1,0 +1,207 @@
+"""The run configuration: a typed, validated object loaded from YAML.
+
+Unknown keys and wrong types are rejected with a one-line :class:`~geoflux.errors.ConfigError` that names
+the key. Relative paths in the file are resolved against the folder that holds the file, so a config can
+travel with its data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geoflux.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VariableSpec(_Strict):
+    """One driver: which STAC collection/asset holds it and how to decode it.
+
+    Physical value = raw * ``scale`` + ``offset``; raw == ``nodata`` is missing.
+    """
+
+    name: str = Field(description="driver name used as model feature")
+    collection: str
+    asset: str
+    scale: float = 1.0
+    offset: float = 0.0
+    nodata: float | None = None
+    units: str = ""
+    kind: Literal["continuous", "categorical"] = "continuous"
+    classes: list[int] | None = Field(
+        default=None, description="class codes of a categorical driver (one feature per class fraction)"
+    )
+    static: bool = Field(default=False, description="one item for all times (e.g. elevation, land cover)")
+
+    @model_validator(mode="after")
+    def _categorical_needs_classes(self) -> VariableSpec:
+        if self.kind == "categorical" and not self.classes:
+            raise ValueError(
+                f"variable '{self.name}' is categorical and needs 'classes' (list of class codes)"
+            )
+        return self
+
+
+class TowersSpec(_Strict):
+    """Tower inputs: FLUXNET-format files and the site table."""
+
+    files: str = Field(description="glob of tower files, relative to the config file")
+    sites: str = Field(description="site table CSV (SITE_ID, LAT, LON, IGBP, ...)")
+    qc_max: int = Field(default=1, ge=0, le=3, description="keep half-hourly NEE_VUT_REF_QC <= qc_max")
+    min_coverage: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="minimum fraction of good records in a time step"
+    )
+
+
+class GridSpec(_Strict):
+    """The target grid: every driver is loaded onto it and every map is written on it."""
+
+    crs: str = Field(description="CRS of the grid, e.g. 'EPSG:32632' or a WKT string")
+    resolution: float = Field(gt=0, description="pixel size in CRS units (m for UTM)")
+    bbox: tuple[float, float, float, float] = Field(description="xmin, ymin, xmax, ymax in grid CRS units")
+    chunk: int = Field(default=256, ge=16, le=8192, description="chunk edge in pixels")
+
+    @field_validator("bbox")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        if not (v[0] < v[2] and v[1] < v[3]):
+            raise ValueError("bbox must be [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax")
+        return v
+
+
+class TimeSpec(_Strict):
+    """Map time steps: periods of length ``step`` starting at ``start`` up to ``end`` (inclusive)."""
+
+    start: str
+    end: str
+    step: str = Field(default="8D", description="pandas frequency of the model time step, e.g. '1D', '8D'")
+
+    @model_validator(mode="after")
+    def _parse(self) -> TimeSpec:
+        try:
+            start, end = pd.Timestamp(self.start), pd.Timestamp(self.end)
+            pd.tseries.frequencies.to_offset(self.step)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"cannot parse start/end/step ({exc})") from None
+        if end < start:
+            raise ValueError("end is before start")
+        return self
+
+
+class FootprintSpec(_Strict):
+    """How a tower's source area is weighted onto the grid."""
+
+    method: Literal["disk"] = "disk"
+    radius: float = Field(default=300.0, gt=0, description="disk radius, m")
+
+
+class ModelSpec(_Strict):
+    """The regressor and how it is validated (always grouped by site)."""
+
+    kind: Literal["random_forest", "hist_gradient_boosting"] = "random_forest"
+    params: dict[str, int | float | str | bool | None] = Field(default_factory=dict)
+    cv_folds: int = Field(default=0, ge=0, description="0 = leave-one-site-out; k > 1 = GroupKFold(k)")
+    seed: int = 0
+
+
+class RunConfig(_Strict):
+    """Everything one run needs; see README 'Configuration'."""
+
+    catalog: str = Field(description="path to a static STAC catalog.json or a STAC API URL")
+    variables: list[VariableSpec]
+    towers: TowersSpec
+    grid: GridSpec
+    time: TimeSpec
+    footprint: FootprintSpec = FootprintSpec()
+    model: ModelSpec = ModelSpec()
+    output: str = Field(default=".", description="output folder")
+    truth: str | None = Field(default=None, description="glob of true-NEE COGs (generated worlds only)")
+    base_dir: str = Field(default=".", description="folder relative paths are resolved against (set on load)")
+
+    @field_validator("variables")
+    @classmethod
+    def _unique(cls, v: list[VariableSpec]) -> list[VariableSpec]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate variable names {dup}")
+        if not v:
+            raise ValueError("at least one variable is needed")
+        return v
+
+    def path(self, p: str) -> Path:
+        """Resolve ``p`` against :attr:`base_dir` unless it is absolute or a URL."""
+        if "://" in p:
+            return Path(p)
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else Path(self.base_dir) / q
+
+    @property
+    def out_dir(self) -> Path:
+        return self.path(self.output)
+
+    def periods(self) -> pd.DatetimeIndex:
+        """Start times of the map time steps."""
+        return pd.date_range(self.time.start, self.time.end, freq=self.time.step)
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {key}: {msg}{more}"
+
+
+def config_from_dict(data: dict, source: str = "<config>", base_dir: str | Path = ".") -> RunConfig:
+    """Validate a mapping into a :class:`RunConfig`.
+
+    Raises
+    ------
+    ConfigError
+        naming ``source`` and the first offending key.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    if "base_dir" in data:
+        raise ConfigError(f"{source}: base_dir: unknown key (it is set from the file's location)")
+    try:
+        return RunConfig.model_validate({**data, "base_dir": str(base_dir)})
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML (without ``base_dir``), atomically."""
+    from geoflux.atomic import atomic_path
+
+    data = cfg.model_dump(mode="json", exclude={"base_dir"})
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

@@ -1,0 +1,535 @@
+"""The generated world: a demo region whose true NEE field is known.
+
+Everything is deterministic from a seed. The world has elevation, four land-cover classes in patches,
+climate gradients, and per-time-step weather; true NEE is a light-use-efficiency GPP model minus
+Lloyd–Taylor respiration with moisture limitation and class-dependent parameters:
+
+    GPP  = eps[class] · fAPAR(NDVI) · PAR · f(T) · f(VPD) · f(SM)                 gC m-2 d-1
+    RECO = Rref[class] · exp(E0 (1/(Tref−T0) − 1/(T−T0))) · (0.3 + 0.7 f(SM)) + 0.15 GPP
+    NEE  = RECO − GPP
+
+Towers see the footprint-weighted truth with a diurnal cycle, measurement noise, gaps and FLUXNET QC flags.
+:func:`write_world` writes it all as real files: a static STAC catalog with COG drivers, FLUXNET2015
+FULLSET-style half-hourly tower CSVs, a site table, truth COGs and the run configuration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from odc.geo.geobox import GeoBox
+from pyproj import Transformer
+from scipy.ndimage import gaussian_filter, uniform_filter
+
+from geoflux.atomic import atomic_path
+from geoflux.cog import RasterSpec, save_catalog, stac_item_for_cog, write_cog
+from geoflux.config import config_from_dict, dump_config
+from geoflux.footprint import disk_weights
+from geoflux.towers.aggregate import UMOL_TO_GC_PER_DAY
+
+CLASSES = {1: "ENF", 2: "DBF", 3: "GRA", 4: "CRO"}
+# class-dependent parameters: light-use efficiency (gC MJ-1 PAR), Rref at 15 degC (gC m-2 d-1),
+# measurement height (m), canopy height (m)
+EPS = {1: 1.15, 2: 1.5, 3: 1.0, 4: 1.7}
+RREF = {1: 1.8, 2: 2.4, 3: 1.9, 4: 2.1}
+HEIGHTS = {1: (30.0, 20.0), 2: (35.0, 25.0), 3: (3.0, 0.3), 4: (3.5, 1.0)}
+E0_K, TREF_K, T0_K = 309.0, 288.15, 227.13  # Lloyd & Taylor (1994)
+
+NEE_UNITS = "gC m-2 d-1"
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Size and placement of a generated world."""
+
+    seed: int = 42
+    nx: int = 256
+    ny: int = 256
+    resolution: float = 250.0
+    crs: str = "EPSG:32632"
+    x0: float = 440_000.0
+    y_top: float = 5_580_000.0
+    start: str = "2021-01-01"
+    n_steps: int = 46
+    step_days: int = 8
+    n_towers: int = 30
+    footprint_radius: float = 300.0
+
+    @property
+    def geobox(self) -> GeoBox:
+        bbox = (
+            self.x0,
+            self.y_top - self.ny * self.resolution,
+            self.x0 + self.nx * self.resolution,
+            self.y_top,
+        )
+        return GeoBox.from_bbox(bbox, self.crs, resolution=self.resolution)
+
+    @property
+    def periods(self) -> pd.DatetimeIndex:
+        return pd.date_range(self.start, periods=self.n_steps, freq=f"{self.step_days}D")
+
+
+WORLD_SIZES: dict[str, WorldSpec] = {
+    "default": WorldSpec(),
+    # small enough for an end-to-end test in seconds; spring–summer so fluxes have range
+    "tiny": WorldSpec(nx=48, ny=48, resolution=500.0, start="2021-03-06", n_steps=16, n_towers=25),
+}
+
+
+@dataclass
+class WorldFields:
+    """All gridded fields of a world. Per-step arrays are (step, y, x); static ones (y, x)."""
+
+    elevation: np.ndarray  # m
+    landcover: np.ndarray  # class code 1..4
+    sw: np.ndarray  # W m-2, daily mean shortwave
+    ta: np.ndarray  # degC
+    vpd: np.ndarray  # hPa
+    precip: np.ndarray  # mm d-1
+    sm: np.ndarray  # relative soil moisture 0..1
+    ndvi: np.ndarray  # -
+    lst: np.ndarray  # degC, daytime land-surface temperature
+    gpp: np.ndarray  # gC m-2 d-1
+    reco: np.ndarray  # gC m-2 d-1
+    nee: np.ndarray  # gC m-2 d-1
+
+
+def _smooth(rng: np.random.Generator, shape: tuple[int, ...], sigma: float | tuple[float, ...]) -> np.ndarray:
+    """Gaussian-filtered white noise scaled to zero mean and unit standard deviation."""
+    f = gaussian_filter(rng.standard_normal(shape), sigma, mode="wrap")
+    return (f - f.mean()) / f.std()
+
+
+def _esat(t: np.ndarray) -> np.ndarray:
+    """Saturation vapour pressure (hPa) at air temperature t (degC), Magnus formula."""
+    return 6.1078 * np.exp(17.27 * t / (t + 237.3))
+
+
+def _clear_sky_sw(lat_deg: float, doy: np.ndarray) -> np.ndarray:
+    """Daily mean clear-sky shortwave (W m-2): 0.75 × extraterrestrial radiation (FAO-56 eq. 21)."""
+    phi = np.deg2rad(lat_deg)
+    dr = 1 + 0.033 * np.cos(2 * np.pi * doy / 365)
+    decl = 0.409 * np.sin(2 * np.pi * doy / 365 - 1.39)
+    ws = np.arccos(np.clip(-np.tan(phi) * np.tan(decl), -1, 1))
+    ra = 1367 / np.pi * dr * (ws * np.sin(phi) * np.sin(decl) + np.cos(phi) * np.cos(decl) * np.sin(ws))
+    return 0.75 * ra
+
+
+def true_fluxes(
+    landcover: np.ndarray, sw: np.ndarray, ta: np.ndarray, vpd: np.ndarray, sm: np.ndarray, ndvi: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """GPP and RECO (gC m-2 d-1) of the generator's process model; arrays broadcast together."""
+    eps = np.select([landcover == k for k in EPS], list(EPS.values()), 0.0)
+    rref = np.select([landcover == k for k in RREF], list(RREF.values()), 0.0)
+    fapar = np.clip(1.24 * ndvi - 0.168, 0.0, 0.95)
+    par = 0.45 * sw * 0.0864  # MJ m-2 d-1
+    f_t = np.where(ta < 18.0, np.clip((ta + 2.0) / 20.0, 0.0, 1.0), np.exp(-(((ta - 18.0) / 14.0) ** 2)))
+    f_vpd = np.clip(1.0 - (vpd - 6.0) / 24.0, 0.0, 1.0)
+    f_sm = 1.0 - np.exp(-sm / 0.22)
+    gpp = eps * fapar * par * f_t * f_vpd * f_sm
+    tk = np.maximum(ta + 273.15, T0_K + 5.0)
+    reco = rref * np.exp(E0_K * (1.0 / (TREF_K - T0_K) - 1.0 / (tk - T0_K))) * (0.3 + 0.7 * f_sm) + 0.15 * gpp
+    return gpp, reco
+
+
+def generate_fields(spec: WorldSpec) -> WorldFields:
+    """Generate every gridded field of the world (pure numpy, deterministic from ``spec.seed``)."""
+    rng = np.random.default_rng(spec.seed)
+    ny, nx, nt = spec.ny, spec.nx, spec.n_steps
+    scale = max(nx, ny)
+    yy, xx = np.mgrid[0:ny, 0:nx] / scale  # 0 at the top/west edge
+
+    elev = (
+        180
+        + 700 * (0.5 + 0.5 * np.tanh(_smooth(rng, (ny, nx), scale / 6)))
+        + 60 * _smooth(rng, (ny, nx), scale / 30)
+    )
+    elev = np.clip(elev + 250 * yy, 50, None)  # rising to the south
+
+    patches = _smooth(rng, (ny, nx), max(1.5, scale / 25))
+    forest = patches + 0.0025 * (elev - elev.mean()) > 0.15
+    crop = ~forest & (_smooth(rng, (ny, nx), max(1.5, scale / 20)) - 0.003 * (elev - elev.mean()) > 0.0)
+    lc = np.where(forest, np.where(elev > np.median(elev[forest]), 1, 2), np.where(crop, 4, 3)).astype(
+        np.uint8
+    )
+
+    periods = spec.periods
+    doy = (periods.day_of_year.to_numpy() + spec.step_days / 2).astype(float)
+    lat_c = 50.0
+    clear = _clear_sky_sw(lat_c, doy)[:, None, None]
+
+    # weather anomalies: spatially smooth, AR(1) in time
+    def anomalies(sigma_space: float, rho: float) -> np.ndarray:
+        raw = _smooth(rng, (nt, ny, nx), (0, sigma_space, sigma_space))
+        out = np.empty_like(raw)
+        out[0] = raw[0]
+        for t in range(1, nt):
+            out[t] = rho * out[t - 1] + np.sqrt(1 - rho**2) * raw[t]
+        return out
+
+    cloud = 1 / (
+        1 + np.exp(-(0.6 * anomalies(scale / 4, 0.3) - 0.2 + 0.8 * xx[None]))
+    )  # cloudier in the west
+    sw = clear * (1 - 0.65 * cloud)
+    season = np.sin(2 * np.pi * (doy - 110) / 365)[:, None, None]
+    ta = (
+        10.5
+        + 9.5 * season
+        - 6.5e-3 * (elev - 200)[None]
+        - 2.0 * yy[None]
+        + 2.2 * anomalies(scale / 3, 0.5)
+        + 0.012 * (sw - clear * 0.7)
+    )
+    rh = np.clip(0.85 - 0.3 * xx[None] * (0.5 + 0.5 * season) - 0.35 * (1 - cloud) - 0.1 * season, 0.2, 0.97)
+    vpd = _esat(ta) * (1 - rh)
+    precip = (
+        np.clip(
+            rng.gamma(1.2, 1.0, size=(nt, 1, 1))
+            * (0.6 + 0.8 * cloud)
+            * (1.4 - 0.6 * xx[None] + elev[None] / 1500)
+            * (1 + 0.3 * anomalies(scale / 5, 0.0)),
+            0,
+            None,
+        )
+        * 1.0
+    )
+    sm = np.empty_like(ta)
+    bucket = np.full((ny, nx), 0.75)
+    for t in range(nt):
+        et = 0.3 + 3.0 * np.clip(sw[t] / 250, 0, 1.3) * np.clip(ta[t] / 18, 0, 1.3)
+        bucket = np.clip(bucket + (precip[t] - et) * spec.step_days / 150.0, 0.03, 1.0)
+        sm[t] = bucket
+
+    t_smooth = uniform_filter(ta, size=(3, 1, 1), mode="nearest")
+    green = 1 / (1 + np.exp(-(t_smooth - 8.0) / 2.0))
+    moist = np.clip(sm / 0.5, 0, 1)
+    crop_cycle = np.exp(-(((doy - 175) / 38) ** 2))[:, None, None]
+    ndvi = np.select(
+        [lc == 1, lc == 2, lc == 3, lc == 4],
+        [
+            0.62 + 0.13 * green,
+            0.22 + 0.62 * green,
+            0.2 + 0.5 * green * moist,
+            0.15 + 0.7 * crop_cycle * moist,
+        ],
+    )
+    ndvi = np.clip(
+        ndvi + 0.03 * _smooth(rng, (ny, nx), 1.0)[None] + 0.015 * rng.standard_normal(ndvi.shape), 0.05, 0.95
+    )
+    lst = ta + 0.025 * sw * (1.1 - ndvi) - 2.0 * moist + 0.5 * rng.standard_normal(ta.shape)
+
+    f32 = np.float32
+    sw, ta, vpd, precip, sm, ndvi, lst = (a.astype(f32) for a in (sw, ta, vpd, precip, sm, ndvi, lst))
+    # the truth is computed from the drivers exactly as stored (after encoding) so the model could learn it
+    ta_q = np.round(ta * 100) / 100
+    ndvi_q = np.round(ndvi * 1e4) / 1e4
+    gpp, reco = true_fluxes(lc[None], sw, ta_q, vpd, sm, ndvi_q)
+    return WorldFields(
+        elevation=elev.astype(f32),
+        landcover=lc,
+        sw=sw,
+        ta=ta,
+        vpd=vpd,
+        precip=precip,
+        sm=sm,
+        ndvi=ndvi,
+        lst=lst,
+        gpp=gpp.astype(f32),
+        reco=reco.astype(f32),
+        nee=(reco - gpp).astype(f32),
+    )
+
+
+def place_towers(spec: WorldSpec, fields: WorldFields) -> pd.DataFrame:
+    """Stratified tower placement: equal numbers per class, in homogeneous patches, away from edges.
+
+    Returns the site table (``SITE_ID, LAT, LON, IGBP, ELEV, HEIGHT_MEAS, HEIGHT_CANOPY``) plus grid
+    ``row``/``col`` (used only by the generator).
+    """
+    rng = np.random.default_rng(spec.seed + 1)
+    lc = fields.landcover
+    margin = max(2, int(np.ceil(spec.footprint_radius / spec.resolution)) + 1)
+    rows_out, cols_out, codes = [], [], []
+    per_class = np.full(len(CLASSES), spec.n_towers // len(CLASSES))
+    per_class[: spec.n_towers % len(CLASSES)] += 1
+    taken = np.zeros(lc.shape, bool)
+    for (code, _), n in zip(CLASSES.items(), per_class, strict=True):
+        same = uniform_filter((lc == code).astype(float), size=3) > 0.99
+        same[:margin], same[-margin:], same[:, :margin], same[:, -margin:] = False, False, False, False
+        cand = np.flatnonzero(same & ~taken)
+        if len(cand) < n:  # fall back to any pixel of the class
+            cand = np.flatnonzero((lc == code) & ~taken)
+            cand = cand[np.isin(cand // lc.shape[1], np.arange(margin, lc.shape[0] - margin))]
+        pick = rng.choice(cand, size=min(n, len(cand)), replace=False)
+        for p in pick:
+            r, c = divmod(int(p), lc.shape[1])
+            taken[max(r - 2, 0) : r + 3, max(c - 2, 0) : c + 3] = True
+            rows_out.append(r)
+            cols_out.append(c)
+            codes.append(code)
+    rows = np.array(rows_out)
+    cols = np.array(cols_out)
+    gb = spec.geobox
+    jitter = rng.uniform(-0.3, 0.3, size=(2, len(rows)))
+    aff = gb.affine
+    x = aff.c + aff.a * (cols + 0.5 + jitter[0])
+    y = aff.f + aff.e * (rows + 0.5 + jitter[1])
+    lon, lat = Transformer.from_crs(gb.crs.to_wkt(), "EPSG:4326", always_xy=True).transform(x, y)
+    sites = pd.DataFrame(
+        {
+            "SITE_ID": [f"XX-D{i + 1:02d}" for i in range(len(rows))],
+            "LAT": np.round(lat, 6),
+            "LON": np.round(lon, 6),
+            "IGBP": [CLASSES[c] for c in codes],
+            "ELEV": np.round(fields.elevation[rows, cols], 1),
+            "HEIGHT_MEAS": [HEIGHTS[c][0] for c in codes],
+            "HEIGHT_CANOPY": [HEIGHTS[c][1] for c in codes],
+        }
+    )
+    return sites
+
+
+def footprint_mean(field: np.ndarray, spec: WorldSpec, lon: float, lat: float) -> np.ndarray:
+    """Footprint-weighted mean of a (step, y, x) or (y, x) field at a tower (the generator's footprint)."""
+    from geoflux.footprint import tower_xy
+
+    gb = spec.geobox
+    fw = disk_weights(gb, *tower_xy(gb, lon, lat), spec.footprint_radius)
+    w = fw.normalized()
+    rows, cols = fw.window
+    return np.tensordot(field[..., rows, cols], w, axes=([-2, -1], [0, 1]))
+
+
+def synthesize_tower(
+    site: pd.Series, fields: WorldFields, spec: WorldSpec, rng: np.random.Generator
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Half-hourly FLUXNET2015 FULLSET-style records for one tower.
+
+    Returns the file's columns and the noise-free per-period truth at the tower (``nee``, ``gpp``, ``reco``
+    in gC m-2 d-1) for tests.
+    """
+    per = {
+        k: footprint_mean(getattr(fields, k), spec, site.LON, site.LAT)
+        for k in ("gpp", "reco", "nee", "sw", "ta", "vpd", "precip")
+    }
+    n_days = spec.n_steps * spec.step_days
+    start = pd.Timestamp(spec.start)
+    t = start + pd.to_timedelta(np.arange(n_days * 48) * 30, unit="min")
+    step = np.arange(n_days * 48) // (48 * spec.step_days)
+    hour = (np.arange(n_days * 48) % 48) / 2 + 0.25  # record centre, local solar ≈ standard time
+    doy = t.day_of_year.to_numpy()
+    phi = np.deg2rad(site.LAT)
+    decl = 0.409 * np.sin(2 * np.pi * doy / 365 - 1.39)
+    sin_elev = np.sin(phi) * np.sin(decl) + np.cos(phi) * np.cos(decl) * np.cos(np.pi * (hour - 12) / 12)
+    shape = np.clip(sin_elev, 0, None).reshape(n_days, 48)
+    shape = (shape / shape.mean(axis=1, keepdims=True)).ravel()
+
+    sw_d, ta_d, vpd_d = per["sw"][step], per["ta"][step], per["vpd"][step]
+    sw = sw_d * shape
+    ta = ta_d + (3.0 + 0.01 * sw_d) * np.sin(2 * np.pi * (hour - 9) / 24)
+    rh = 1 - vpd_d / _esat(ta_d)
+    vpd = np.clip(_esat(ta) * (1 - rh), 0, None)
+    q10 = np.exp(0.0693 * (ta - ta_d)).reshape(n_days, 48)
+    q10 = (q10 / q10.mean(axis=1, keepdims=True)).ravel()
+    gpp = per["gpp"][step] * shape
+    reco = per["reco"][step] * q10
+    nee_true = (reco - gpp) / UMOL_TO_GC_PER_DAY  # umol m-2 s-1
+    sigma = 0.5 + 0.2 * np.abs(nee_true)
+    nee = nee_true + rng.laplace(0, sigma / np.sqrt(2))
+
+    ws = rng.gamma(2.5, 1.1, size=t.size) * (0.7 + 0.3 * shape / shape.max())
+    ustar = np.clip(0.11 * ws * (1 + 0.2 * rng.standard_normal(t.size)), 0.01, None)
+    wd = np.mod(np.rad2deg(rng.vonmises(np.deg2rad(240), 1.2, size=t.size)), 360)
+
+    # gaps: more at night (low turbulence), plus a few multi-day outages
+    night = shape == 0
+    missing = rng.random(t.size) < np.where(night, 0.45, 0.15)
+    missing |= ustar < 0.1
+    for _ in range(rng.integers(1, 4)):
+        g0 = rng.integers(0, t.size)
+        missing[g0 : g0 + int(rng.integers(3, 9)) * 48] = True
+    run_id = np.cumsum(np.r_[True, missing[1:] != missing[:-1]])
+    run_len = np.bincount(run_id)[run_id]
+    qc = np.zeros(t.size, np.int8)
+    qc[missing] = np.select(
+        [run_len[missing] <= 8, run_len[missing] <= 48 * 3], [1, 2], 3
+    )  # MDS quality falls with gap length
+    # gap-filled values: good fills scatter about the truth, poorer ones fall back to the period mean
+    fill1 = nee_true + rng.normal(0, 0.8 * sigma)
+    fill_poor = np.repeat(pd.Series(nee_true).groupby(step).transform("mean").to_numpy(), 1) + rng.normal(
+        0, sigma
+    )
+    nee_out = np.where(qc == 0, nee, np.where(qc == 1, fill1, fill_poor))
+    unfilled = rng.random(t.size) < 0.003
+    nee_out[unfilled] = np.nan
+    qc_out = qc.astype(float)
+    qc_out[unfilled] = np.nan
+
+    p = per["precip"][step] / 48
+
+    def stamp(ts: pd.DatetimeIndex) -> np.ndarray:
+        return ts.strftime("%Y%m%d%H%M").to_numpy()
+
+    df = pd.DataFrame(
+        {
+            "TIMESTAMP_START": stamp(t),
+            "TIMESTAMP_END": stamp(t + pd.Timedelta("30min")),
+            "NEE_VUT_REF": nee_out,
+            "NEE_VUT_REF_QC": qc_out,
+            "TA_F": ta,
+            "SW_IN_F": sw,
+            "VPD_F": vpd,
+            "P_F": p,
+            "USTAR": ustar,
+            "WS": ws,
+            "WD": wd,
+        }
+    )
+    return df, {k: per[k] for k in ("nee", "gpp", "reco")}
+
+
+def tower_file_name(site_id: str, spec: WorldSpec) -> str:
+    y0 = pd.Timestamp(spec.start).year
+    y1 = (spec.periods[-1] + pd.Timedelta(days=spec.step_days - 1)).year
+    return f"FLX_{site_id}_FLUXNET2015_FULLSET_HH_{y0}-{y1}_1-4.csv"
+
+
+# How each driver is stored in its COGs (as real products do: scaled integers, Kelvin, nodata codes).
+# name: (field, dtype, scale, offset, nodata, units, kind, static)
+DRIVER_ENCODING: dict[str, tuple[str, str, float, float, float, str, str, bool]] = {
+    "sw": ("sw", "float32", 1.0, 0.0, -9999.0, "W m-2", "continuous", False),
+    "ta": ("ta", "int16", 0.01, 0.0, -32768, "degC", "continuous", False),
+    "vpd": ("vpd", "float32", 1.0, 0.0, -9999.0, "hPa", "continuous", False),
+    "sm": ("sm", "float32", 1.0, 0.0, -9999.0, "1 (relative soil moisture)", "continuous", False),
+    "ndvi": ("ndvi", "int16", 1e-4, 0.0, -3000, "1", "continuous", False),
+    "lst": ("lst", "uint16", 0.02, -273.15, 0, "degC", "continuous", False),
+    "elevation": ("elevation", "int16", 1.0, 0.0, -32768, "m", "continuous", True),
+    "landcover": ("landcover", "uint8", 1.0, 0.0, 0, "class", "categorical", True),
+}
+
+
+def _encode(values: np.ndarray, dtype: str, scale: float, offset: float) -> np.ndarray:
+    raw = (values - offset) / scale
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(dtype)
+        raw = np.clip(np.round(raw), info.min + 1, info.max)
+    return raw.astype(dtype)
+
+
+def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | None = None) -> Path:
+    """Generate a world and write it under ``out/world``; return the run configuration's path.
+
+    Layout: ``world/catalog.json`` (static STAC, one collection per driver), ``world/cogs/``,
+    ``world/towers/*.csv``, ``world/sites.csv``, ``world/truth/nee_<date>.tif`` and ``out/config.yaml``.
+    """
+    spec = WORLD_SIZES[size] if isinstance(size, str) else size
+    if seed is not None:
+        spec = replace(spec, seed=seed)
+    out = Path(out)
+    world = out / "world"
+    gb = spec.geobox
+    fields = generate_fields(spec)
+    periods = spec.periods
+    step = dt.timedelta(days=spec.step_days)
+    tags = {"generator": "geoflux.demo", "seed": str(spec.seed)}
+
+    collections: dict[str, list] = {}
+    for name, (fld, dtype, scale, offset, nodata, units, kind, static) in DRIVER_ENCODING.items():
+        data = getattr(fields, fld)
+        items = []
+        steps = (
+            [(0, dt.datetime(2000, 1, 1), dt.datetime(2000, 1, 1))]
+            if static
+            else [(i, p.to_pydatetime(), (p + step).to_pydatetime()) for i, p in enumerate(periods)]
+        )
+        for i, t0, t1 in steps:
+            values = data if static else data[i]
+            path = world / "cogs" / name / f"{name}_{t0:%Y%m%d}.tif"
+            write_cog(
+                _encode(values, dtype, scale, offset),
+                gb,
+                RasterSpec(
+                    path,
+                    dtype=dtype,
+                    nodata=nodata,
+                    units=units,
+                    description=name,
+                    tags={**tags, "scale": str(scale), "offset": str(offset)},
+                    resampling="NEAREST" if kind == "categorical" else "AVERAGE",
+                ),
+            )
+            items.append(
+                stac_item_for_cog(
+                    path, gb, f"{name}-{t0:%Y%m%d}", t0, t1, properties={"geoflux:variable": name}
+                )
+            )
+        collections[f"demo-{name}"] = items
+    save_catalog(world, "geoflux-demo-world", "geoflux generated demo world", collections, gb)
+
+    truth_dir = world / "truth"
+    for i, p in enumerate(periods):
+        write_cog(
+            fields.nee[i],
+            gb,
+            RasterSpec(truth_dir / f"nee_{p:%Y%m%d}.tif", units=NEE_UNITS, description="true NEE", tags=tags),
+        )
+
+    sites = place_towers(spec, fields)
+    rng = np.random.default_rng(spec.seed + 2)
+    (world / "towers").mkdir(parents=True, exist_ok=True)
+    for _, site in sites.iterrows():
+        df, _ = synthesize_tower(site, fields, spec, rng)
+        with atomic_path(world / "towers" / tower_file_name(site.SITE_ID, spec)) as tmp:
+            df.to_csv(tmp, index=False, na_rep="-9999", float_format="%.4f")
+    with atomic_path(world / "sites.csv") as tmp:
+        sites.to_csv(tmp, index=False)
+
+    end = periods[-1] + pd.Timedelta(days=spec.step_days - 1)
+    cfg = {
+        "catalog": "world/catalog.json",
+        "variables": [
+            {
+                "name": name,
+                "collection": f"demo-{name}",
+                "asset": "data",
+                "scale": scale,
+                "offset": offset,
+                "nodata": nodata,
+                "units": units,
+                "kind": kind,
+                "static": static,
+                **({"classes": sorted(CLASSES)} if kind == "categorical" else {}),
+            }
+            for name, (_, _, scale, offset, nodata, units, kind, static) in DRIVER_ENCODING.items()
+        ],
+        "towers": {
+            "files": "world/towers/*.csv",
+            "sites": "world/sites.csv",
+            "qc_max": 1,
+            "min_coverage": 0.5,
+        },
+        "grid": {
+            "crs": spec.crs,
+            "resolution": spec.resolution,
+            "bbox": list(gb.boundingbox),
+            "chunk": 128 if max(spec.nx, spec.ny) > 128 else 32,
+        },
+        "time": {"start": f"{periods[0]:%Y-%m-%d}", "end": f"{end:%Y-%m-%d}", "step": f"{spec.step_days}D"},
+        "footprint": {"method": "disk", "radius": spec.footprint_radius},
+        "model": {
+            "kind": "random_forest",
+            "params": {"n_estimators": 200, "min_samples_leaf": 2},
+            "cv_folds": 0,
+            "seed": spec.seed,
+        },
+        "output": ".",
+        "truth": "world/truth/*.tif",
+    }
+    cfg_path = out / "config.yaml"
+    dump_config(config_from_dict(cfg, source=str(cfg_path), base_dir=out.resolve()), cfg_path)
+    return cfg_path

@@ -1,0 +1,39 @@
+"""One exception family per stage, all subclasses of :class:`GeofluxError`.
+
+Messages are one line that names the culprit (file, key, column, item) and says what was expected, so the
+CLI can print ``error: <message>`` and exit non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class GeofluxError(Exception):
+    """Base class of every error geoflux raises on purpose."""
+
+
+class ConfigError(GeofluxError):
+    """The run configuration is malformed (unknown key, wrong type, missing value)."""
+
+
+class TowerFormatError(GeofluxError):
+    """A tower data file or site table cannot be read or fails a check."""
+
+
+class CatalogError(GeofluxError):
+    """A STAC catalog cannot be reached, searched, or lacks a configured collection/asset."""
+
+
+class CubeError(GeofluxError):
+    """Driver rasters cannot be loaded onto the target grid."""
+
+
+class GridError(GeofluxError):
+    """A target grid is invalid, or a tower lies outside it."""
+
+
+class ModelError(GeofluxError):
+    """A model cannot be trained, saved or loaded (e.g. a tampered or foreign file)."""
+
+
+class OutputExistsError(GeofluxError):
+    """An output exists and ``overwrite`` was not requested."""

@@ -1,0 +1,258 @@
+"""The pipeline: the only place that knows the order of the stages.
+
+Each stage reads the previous stage's file from the output folder and writes its own, so stages can be
+run one at a time from the CLI (``geoflux towers|extract|train|map|validate CONFIG``) or all at once
+(:func:`run`). Output layout under ``cfg.output``::
+
+    towers/observations.parquet   aggregated, QC-filtered tower NEE (gC m-2 d-1) and meteorology
+    training/training.parquet     footprint-weighted drivers joined with observations
+    model/model.skops, model.json fitted model + card; cv_predictions.parquet, cv_metrics.json
+    maps/nee_YYYYMMDD.tif         NEE COG per time step (gC m-2 d-1); maps/catalog.json (STAC)
+    validation/metrics.json       truth / cv / towers scores
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+import geoflux
+from geoflux import towers as tw
+from geoflux.atomic import atomic_path
+from geoflux.config import RunConfig
+from geoflux.errors import GeofluxError
+from geoflux.features import feature_names, feature_units
+
+log = logging.getLogger("geoflux")
+
+OBSERVATIONS = "towers/observations.parquet"
+TRAINING = "training/training.parquet"
+MODEL = "model/model.skops"
+CV_PREDICTIONS = "model/cv_predictions.parquet"
+CV_METRICS = "model/cv_metrics.json"
+MAPS = "maps"
+METRICS = "validation/metrics.json"
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return path
+
+
+def _write_json(obj: dict, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+    return path
+
+
+def _read_stage(cfg: RunConfig, rel: str, producer: str) -> Path:
+    path = cfg.out_dir / rel
+    if not path.exists():
+        raise GeofluxError(f"{path}: not found (run 'geoflux {producer}' first)")
+    return path
+
+
+def load_sites(cfg: RunConfig) -> pd.DataFrame:
+    """The site table restricted to sites that have a tower file."""
+    sites = tw.read_sites(cfg.path(cfg.towers.sites))
+    return sites
+
+
+def stage_towers(cfg: RunConfig) -> pd.DataFrame:
+    """Read, QC-filter and aggregate tower files to the model time step; writes the observations table."""
+    sites = load_sites(cfg)
+    records = tw.read_towers(str(cfg.path(cfg.towers.files)), sites)
+    records = tw.qc_filter(records, qc_max=cfg.towers.qc_max)
+    obs = tw.aggregate(records, cfg.periods(), min_coverage=cfg.towers.min_coverage)
+    if obs.empty:
+        raise GeofluxError(
+            f"{cfg.towers.files}: no tower period in {cfg.time.start}..{cfg.time.end} reaches "
+            f"min_coverage={cfg.towers.min_coverage}"
+        )
+    _write_parquet(obs, cfg.out_dir / OBSERVATIONS)
+    return obs
+
+
+def footprints_for(cfg: RunConfig, sites: pd.DataFrame) -> dict:
+    """Footprint weights of the given sites on the run's grid (raises naming a tower outside the grid)."""
+    from geoflux.cube import target_grid
+    from geoflux.extract import tower_footprints
+
+    return tower_footprints(sites, target_grid(cfg.grid), cfg.footprint)
+
+
+def stage_extract(cfg: RunConfig) -> pd.DataFrame:
+    """Footprint-weighted drivers at the towers joined with observations; writes the training table."""
+    from geoflux.cube import cube_from_config
+    from geoflux.extract import extract_drivers, training_table
+
+    obs = pd.read_parquet(_read_stage(cfg, OBSERVATIONS, "towers"))
+    sites = load_sites(cfg).loc[lambda s: s.index.isin(obs["site"].unique())]
+    fps = footprints_for(cfg, sites)
+    cube = cube_from_config(cfg)
+    drivers = extract_drivers(cube, fps, cfg.variables)
+    table = training_table(drivers, obs)
+    if table.empty:
+        raise GeofluxError("extract: no tower observation coincides with driver data (check time range)")
+    _write_parquet(table, cfg.out_dir / TRAINING)
+    return table
+
+
+def stage_train(cfg: RunConfig) -> dict:
+    """Site-grouped cross-validation, then a fit on all sites; writes model, CV predictions and metrics."""
+    from geoflux.model import cross_validate, fit, save_model
+
+    table = pd.read_parquet(_read_stage(cfg, TRAINING, "extract"))
+    features = feature_names(cfg.variables)
+    cv_pred, cv = cross_validate(table, features, cfg.model)
+    _write_parquet(cv_pred, cfg.out_dir / CV_PREDICTIONS)
+    _write_json(cv, cfg.out_dir / CV_METRICS)
+    model = fit(
+        table,
+        features,
+        feature_units(cfg.variables),
+        cfg.model,
+        provenance={"catalog": cfg.catalog, "towers": cfg.towers.files},
+    )
+    save_model(model, cfg.out_dir / MODEL)
+    return cv
+
+
+def map_paths(cfg: RunConfig) -> dict[pd.Timestamp, Path]:
+    """Output map path per period start."""
+    return {p: cfg.out_dir / MAPS / f"nee_{p:%Y%m%d}.tif" for p in cfg.periods()}
+
+
+def stage_map(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> list[Path]:
+    """Predict NEE over the cube chunk by chunk and stream it into one COG per time step.
+
+    Finished maps are skipped unless ``overwrite`` (a re-run resumes); a STAC catalog describes them.
+    """
+    from geoflux.cog import RasterSpec, save_catalog, stac_item_for_cog, write_cogs
+    from geoflux.cube import cube_from_config, target_grid
+    from geoflux.mapping import predict_map
+    from geoflux.model import load_model
+
+    model_path = _read_stage(cfg, MODEL, "train")
+    model = load_model(model_path)
+    geobox = target_grid(cfg.grid)
+    cube = cube_from_config(cfg)
+    nee = predict_map(cube, model, cfg.variables)
+    paths = map_paths(cfg)
+    sha = json.loads(model_path.with_suffix(".json").read_text())["sha256"]
+    tags = {
+        "software": f"geoflux {geoflux.__version__}",
+        "model_sha256": sha,
+        "model_kind": cfg.model.kind,
+        "catalog": cfg.catalog,
+        "variables": ",".join(v.name for v in cfg.variables),
+        "quantity": "net ecosystem exchange (positive = CO2 source to the atmosphere)",
+    }
+    arrays, specs = [], []
+    for i, (p, path) in enumerate(paths.items()):
+        arrays.append(nee.data[i])
+        specs.append(
+            RasterSpec(
+                path,
+                units=model.target_units,
+                description="NEE",
+                tags={**tags, "period_start": f"{p:%Y-%m-%d}", "period": cfg.time.step},
+            )
+        )
+    write_cogs(arrays, geobox, specs, overwrite=overwrite, progress=progress)
+    step = pd.tseries.frequencies.to_offset(cfg.time.step)
+    items = [
+        stac_item_for_cog(
+            path,
+            geobox,
+            f"nee-{p:%Y%m%d}",
+            p.to_pydatetime(),
+            (p + step).to_pydatetime(),
+            properties={"geoflux:units": model.target_units, "geoflux:model_sha256": sha},
+            asset_title=f"NEE ({model.target_units})",
+        )
+        for p, path in paths.items()
+    ]
+    save_catalog(cfg.out_dir / MAPS, "geoflux-maps", "geoflux NEE maps", {"geoflux-nee": items}, geobox)
+    return list(paths.values())
+
+
+def stage_validate(cfg: RunConfig) -> dict:
+    """Score maps against the truth (if configured), the CV results and the towers; writes metrics.json."""
+    from geoflux.validate import tower_scores, truth_scores
+
+    paths = map_paths(cfg)
+    missing = [p for p in paths.values() if not p.exists()]
+    if missing:
+        raise GeofluxError(f"{missing[0]}: map not found (run 'geoflux map' first)")
+    metrics: dict = {"units": "gC m-2 d-1", "created": dt.datetime.now(dt.timezone.utc).isoformat()}
+    if cfg.truth:
+        truths = sorted(glob.glob(str(cfg.path(cfg.truth))))
+        if len(truths) != len(paths):
+            raise GeofluxError(f"{cfg.truth}: {len(truths)} truth rasters for {len(paths)} map time steps")
+        metrics["truth"] = truth_scores(list(paths.values()), [Path(t) for t in truths])
+    cv_path = cfg.out_dir / CV_METRICS
+    if cv_path.exists():
+        metrics["cv"] = json.loads(cv_path.read_text())
+    obs = pd.read_parquet(_read_stage(cfg, OBSERVATIONS, "towers"))
+    sites = load_sites(cfg).loc[lambda s: s.index.isin(obs["site"].unique())]
+    _, metrics["towers"] = tower_scores(paths, footprints_for(cfg, sites), obs)
+    _write_json(metrics, cfg.out_dir / METRICS)
+    return metrics
+
+
+def run(
+    cfg: RunConfig, overwrite: bool = False, progress: bool = True, echo: Callable[[str], None] = log.info
+) -> dict:
+    """Run every stage in order and return the validation metrics.
+
+    Inputs are checked before anything is written (tower files, site table, towers inside the grid), so
+    a bad input leaves no partial output.
+    """
+    sites = load_sites(cfg)
+    files = sorted(glob.glob(str(cfg.path(cfg.towers.files))))
+    if not files:
+        raise GeofluxError(f"{cfg.path(cfg.towers.files)}: no tower files match")
+    records = tw.read_towers(files, sites)
+    footprints_for(cfg, sites.loc[sites.index.isin(records["site"].unique())])
+    echo(f"towers: {len(files)} files")
+    stage_towers(cfg)
+    echo("extract: footprint-weighted drivers at towers")
+    stage_extract(cfg)
+    echo("train: site-grouped cross-validation and fit")
+    stage_train(cfg)
+    echo("map: chunk-wise prediction to COGs")
+    stage_map(cfg, overwrite=overwrite, progress=progress)
+    echo("validate")
+    return stage_validate(cfg)
+
+
+def summarize_metrics(metrics: dict) -> str:
+    """A short human summary of metrics.json."""
+    lines = [f"NEE maps validated (units {metrics.get('units', '?')}):"]
+    if "truth" in metrics:
+        t = metrics["truth"]
+        lines.append(
+            f"  map vs true field : R2 {t['r2']:.3f}  RMSE {t['rmse']:.3f}  bias {t['bias']:+.3f}"
+            f"  (n={t['n']} pixel-steps)"
+        )
+    if "cv" in metrics:
+        c = metrics["cv"]
+        lines.append(
+            f"  {c['scheme']} CV: R2 {c['r2']:.3f}  RMSE {c['rmse']:.3f}  "
+            f"median site NSE {c['nse_site_median']:.3f}  ({c['n_sites']} sites)"
+        )
+    if "towers" in metrics and "r2" in metrics["towers"]:
+        w = metrics["towers"]
+        lines.append(
+            f"  map vs towers (footprint-weighted): R2 {w['r2']:.3f}  RMSE {w['rmse']:.3f}  "
+            f"bias {w['bias']:+.3f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""The command line: help texts, and one-line errors for bad input with nothing half-written."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from cli.main import cli
+
+SUBCOMMANDS = ["demo", "run", "towers", "cube", "extract", "train", "map", "validate"]
+
+
+@pytest.mark.parametrize("cmd", [[], *[[c] for c in SUBCOMMANDS]])
+def test_help_explains(cmd):
+    res = CliRunner().invoke(cli, [*cmd, "--help"])
+    assert res.exit_code == 0
+    assert "Usage:" in res.output
+    if cmd in (["map"], ["towers"], []):
+        assert "gC m-2 d-1" in res.output  # units are stated where outputs are described
+
+
+def _edit_config(world, change):
+    path = world / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    change(cfg)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _one_line_error(res):
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    return lines[-1]
+
+
+def test_unknown_key_is_named(tiny_world):
+    path = _edit_config(tiny_world, lambda c: c["grid"].update(resolutoin=10))
+    msg = _one_line_error(CliRunner().invoke(cli, ["run", str(path)]))
+    assert "grid.resolutoin" in msg and "unknown key" in msg
+    assert not (tiny_world / "maps").exists()
+
+
+def test_wrong_type_is_named(tiny_world):
+    path = _edit_config(tiny_world, lambda c: c["grid"].update(resolution="fine"))
+    msg = _one_line_error(CliRunner().invoke(cli, ["run", str(path)]))
+    assert "grid.resolution" in msg
+
+
+def test_missing_tower_file_is_named(tiny_world):
+    path = _edit_config(tiny_world, lambda c: c["towers"].update(files="world/towers/FLX_NONE_*.csv"))
+    msg = _one_line_error(CliRunner().invoke(cli, ["run", str(path)]))
+    assert "FLX_NONE_" in msg
+    assert not (tiny_world / "maps").exists()
+
+
+def test_tower_outside_grid_is_named_and_nothing_written(tiny_world):
+    sites = pd.read_csv(tiny_world / "world" / "sites.csv")
+    sites.loc[3, "LAT"] += 1.0  # ~110 km north of the tiny world
+    sites.to_csv(tiny_world / "world" / "sites.csv", index=False)
+    res = CliRunner().invoke(cli, ["run", str(tiny_world / "config.yaml")])
+    msg = _one_line_error(res)
+    assert sites.loc[3, "SITE_ID"] in msg and "outside the grid" in msg
+    for stage in ("towers", "training", "model", "maps", "validation"):
+        assert not (tiny_world / stage).exists(), stage
+
+
+def test_stage_order_is_explained(tiny_world):
+    msg = _one_line_error(CliRunner().invoke(cli, ["train", str(tiny_world / "config.yaml")]))
+    assert "geoflux extract" in msg
+
+
+def test_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("catalog: [unclosed\n")
+    msg = _one_line_error(CliRunner().invoke(cli, ["run", str(bad)]))
+    assert str(bad) in msg and "YAML" in msg
