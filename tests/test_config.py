@@ -35,7 +35,7 @@ def test_valid_config_and_periods():
     cfg = config_from_dict(BASE, base_dir="/data/run")
     assert cfg.path(cfg.catalog) == Path("/data/run/world/catalog.json")
     periods = cfg.periods()
-    assert periods[0].dayofyear == 1 and periods[1].dayofyear == 9 and len(periods) == 46
+    assert periods[0].day_of_year == 1 and periods[1].day_of_year == 9 and len(periods) == 46
 
 
 @pytest.mark.parametrize(
