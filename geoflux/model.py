@@ -43,9 +43,18 @@ class TrainedModel:
     domain: dict[str, list[float]] = field(default_factory=dict)  # feature → [min, max] seen in training
     provenance: dict = field(default_factory=dict)
 
+    bands: tuple[str, ...] = ("NEE",)  # output bands of predict_bands, NEE first
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predict NEE (gC m-2 d-1) for a (n, n_features) float array."""
         return self.estimator.predict(x)
+
+    def predict_bands(self, x: np.ndarray) -> np.ndarray:
+        """All output bands for a (n, n_features) array: (n, len(bands)) float32, NEE in column 0.
+
+        The plain model has only NEE; models with uncertainty or an area of applicability add bands.
+        """
+        return np.asarray(self.predict(x), dtype=np.float32)[:, None]
 
 
 def make_estimator(spec: ModelSpec) -> RegressorMixin:

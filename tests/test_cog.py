@@ -15,8 +15,9 @@ from geoflux.cog import RasterSpec, is_valid_cog, write_cog, write_cogs
 @pytest.fixture()
 def grid() -> GeoBox:
     # a UTM grid far from the origin, 700 x 600 px at 30 m: several COG tiles and overview levels
-    return GeoBox.from_bbox((300_000, 4_000_000, 300_000 + 700 * 30, 4_000_000 + 600 * 30), "EPSG:32633",
-                            resolution=30)
+    return GeoBox.from_bbox(
+        (300_000, 4_000_000, 300_000 + 700 * 30, 4_000_000 + 600 * 30), "EPSG:32633", resolution=30
+    )
 
 
 def test_write_cog_in_memory(tmp_path, grid):
@@ -45,8 +46,10 @@ def test_write_cogs_streams_dask_chunks(tmp_path, grid):
         cols = np.arange(block.shape[1])[None, :] + c0
         return (rows * 1000 + cols).astype("float32")
 
-    arrays = [da.zeros(tuple(grid.shape), chunks=128, dtype="float32").map_blocks(make, dtype="float32") + k
-              for k in range(2)]
+    arrays = [
+        da.zeros(tuple(grid.shape), chunks=128, dtype="float32").map_blocks(make, dtype="float32") + k
+        for k in range(2)
+    ]
     specs = [RasterSpec(tmp_path / f"m{k}.tif", units="u") for k in range(2)]
     with dask.config.set(scheduler="threads"):
         write_cogs(arrays, grid, specs)
