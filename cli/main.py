@@ -52,7 +52,7 @@ def cli(verbose: int) -> None:
     Stages, each reading the previous stage's file from the config's output folder:
 
     \b
-      towers    tower files → towers/observations.parquet (NEE gC m-2 d-1)
+      towers aggregate  tower files → towers/observations.parquet (NEE gC m-2 d-1)
       extract   drivers in each tower footprint → training/training.parquet
       train     site-grouped CV + fit → model/model.skops, model/cv_metrics.json
       map       chunk-wise prediction → maps/nee_YYYYMMDD.tif (COG, gC m-2 d-1)
@@ -117,10 +117,15 @@ def run(config: Path, overwrite: bool) -> None:
     _run(config, overwrite)
 
 
-@cli.command()
+@cli.group()
+def towers() -> None:
+    """Tower data: aggregate for the pipeline, summarize files, analyze site carbon dynamics."""
+
+
+@towers.command("aggregate")
 @config_arg
 @_fail_cleanly
-def towers(config: Path) -> None:
+def towers_aggregate(config: Path) -> None:
     """Read tower files, keep QC-passed NEE, aggregate to the time step → towers/observations.parquet.
 
     NEE is converted to gC m-2 d-1; periods below towers.min_coverage are dropped.
@@ -132,6 +137,58 @@ def towers(config: Path) -> None:
         periods=("time", "size"), coverage=("NEE_coverage", "mean"), nee_mean=("NEE", "mean")
     )
     click.echo(summary.round(3).to_string())
+
+
+@towers.command("summary")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@_fail_cleanly
+def towers_summary(files: tuple[Path, ...]) -> None:
+    """Per-site years, record counts, NEE coverage and gaps of tower FILES (any supported format)."""
+    import pandas as pd
+
+    from geoflux.towers import read_tower_file, summarize
+
+    table = pd.concat([summarize(read_tower_file(f)) for f in files], ignore_index=True)
+    click.echo(table.to_string(index=False))
+
+
+@towers.command("analyze")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder for tables (parquet/CSV), PNG plots and summary.json.")
+@click.option("--site", default=None, help="Site ID (default: from the file name, e.g. FLX_<SITE>_...).")
+@click.option("--ustar", default="auto", show_default=True,
+              help="u* threshold: 'auto' (moving-point test), 'none', or a value in m s-1.")
+@click.option("--no-daytime", is_flag=True, help="Skip day-time (Lasslop 2010) partitioning.")
+@click.option("--no-despike", is_flag=True, help="Skip spike detection.")
+@click.option("--csv", "as_csv", is_flag=True, help="Write record tables as CSV instead of parquet.")
+@_fail_cleanly
+def towers_analyze(file: Path, out: Path, site: str | None, ustar: str, no_daytime: bool,
+                   no_despike: bool, as_csv: bool) -> None:
+    """Site carbon dynamics of one half-hourly tower FILE (not gap-filled data welcome).
+
+    u* filtering (Papale 2006), MDS gap-filling (Reichstein 2005), night-time (Reichstein 2005) and day-time
+    (Lasslop 2010) partitioning; writes diurnal/seasonal cycles, fingerprint, cumulative NEE, annual
+    NEE/GPP/RECO budgets (gC m-2 yr-1) with uncertainty, light and temperature responses, and prints the
+    budget. Fluxes in the tables are umol CO2 m-2 s-1.
+    """
+    from geoflux.towers import read_tower_file
+    from geoflux.towers.processing import analyze_site
+
+    try:
+        ustar_opt: str | float | None = {"auto": "auto", "none": None}[ustar.lower()]
+    except KeyError:
+        try:
+            ustar_opt = float(ustar)
+        except ValueError:
+            raise click.BadParameter(f"'{ustar}' (expected auto, none or a number)", param_hint="--ustar") from None
+    records = read_tower_file(file, site=site)
+    summary = analyze_site(records, out, table_format="csv" if as_csv else "parquet", ustar=ustar_opt,
+                           daytime=not no_daytime, despike=not no_despike)
+    keys = ("site", "budgets", "ustar_threshold", "e0", "q10", "alpha_max", "warnings")
+    click.echo(json.dumps({k: summary[k] for k in keys if k in summary},
+                          indent=2, default=str))
+    click.echo(f"tables and plots: {out}", err=True)
 
 
 @cli.command()

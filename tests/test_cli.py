@@ -10,14 +10,15 @@ from click.testing import CliRunner
 from cli.main import cli
 
 SUBCOMMANDS = ["demo", "run", "towers", "cube", "extract", "train", "map", "validate"]
+TOWER_VERBS = ["aggregate", "summary", "analyze"]
 
 
-@pytest.mark.parametrize("cmd", [[], *[[c] for c in SUBCOMMANDS]])
+@pytest.mark.parametrize("cmd", [[], *[[c] for c in SUBCOMMANDS], *[["towers", v] for v in TOWER_VERBS]])
 def test_help_explains(cmd):
     res = CliRunner().invoke(cli, [*cmd, "--help"])
     assert res.exit_code == 0
     assert "Usage:" in res.output
-    if cmd in (["map"], ["towers"], []):
+    if cmd in (["map"], ["towers", "aggregate"], []):
         assert "gC m-2 d-1" in res.output  # units are stated where outputs are described
 
 
@@ -78,3 +79,29 @@ def test_malformed_yaml(tmp_path):
     bad.write_text("catalog: [unclosed\n")
     msg = _one_line_error(CliRunner().invoke(cli, ["run", str(bad)]))
     assert str(bad) in msg and "YAML" in msg
+
+
+def test_towers_summary_and_analyze_on_real_detha(realdata, tmp_path):
+    import json
+
+    detha = realdata / "towers" / "Example_DETha98.txt"
+    res = CliRunner().invoke(cli, ["towers", "summary", str(detha)])
+    assert res.exit_code == 0, res.output
+    assert "1998" in res.output
+    out = tmp_path / "detha"
+    res = CliRunner().invoke(cli, ["towers", "analyze", str(detha), "--out", str(out), "--site", "DE-Tha",
+                                   "--no-daytime", "--csv"])
+    assert res.exit_code == 0, res.stderr
+    printed = json.loads(res.stdout)
+    nee = printed["budgets"][0]["NEE"]
+    assert -800 < nee < -450  # DE-Tha 1998 is a strong sink (hesseflux reference: -644 gC m-2 yr-1)
+    assert 0.2 < printed["ustar_threshold"] < 0.5
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) >= 5 and any("fingerprint" in p for p in pngs)
+    assert json.loads((out / "summary.json").read_text())["site"] == "DE-Tha"
+
+
+def test_towers_analyze_bad_ustar_is_one_line(realdata, tmp_path):
+    detha = realdata / "towers" / "Example_DETha98.txt"
+    res = CliRunner().invoke(cli, ["towers", "analyze", str(detha), "--out", str(tmp_path), "--ustar", "x"])
+    assert res.exit_code == 2 and "--ustar" in res.stderr
