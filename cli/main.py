@@ -181,7 +181,8 @@ def towers_analyze(file: Path, out: Path, site: str | None, ustar: str, no_dayti
         try:
             ustar_opt = float(ustar)
         except ValueError:
-            raise click.BadParameter(f"'{ustar}' (expected auto, none or a number)", param_hint="--ustar") from None
+            msg = f"'{ustar}' (expected auto, none or a number)"
+            raise click.BadParameter(msg, param_hint="--ustar") from None
     records = read_tower_file(file, site=site)
     summary = analyze_site(records, out, table_format="csv" if as_csv else "parquet", ustar=ustar_opt,
                            daytime=not no_daytime, despike=not no_despike)
