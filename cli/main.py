@@ -197,15 +197,9 @@ def towers_analyze(file: Path, out: Path, site: str | None, ustar: str, no_dayti
 @_fail_cleanly
 def cube(config: Path) -> None:
     """Build the driver cube on the target grid and write it to cube.zarr (for inspection and reuse)."""
-    from geoflux.atomic import atomic_path
-    from geoflux.cube import cube_from_config
-    from geoflux.progress import progress_bar
+    from geoflux import pipeline
 
-    cfg = _load(config)
-    ds = cube_from_config(cfg)
-    path = cfg.out_dir / "cube.zarr"
-    with atomic_path(path) as tmp, progress_bar("cube"):
-        ds.to_zarr(tmp, mode="w", consolidated=True)
+    path = pipeline.stage_cube(_load(config))
     click.echo(str(path))
 
 

@@ -32,6 +32,7 @@ from geoflux.features import feature_names, feature_units
 log = logging.getLogger("geoflux")
 
 OBSERVATIONS = "towers/observations.parquet"
+CUBE = "cube.zarr"
 TRAINING = "training/training.parquet"
 MODEL = "model/model.skops"
 CV_PREDICTIONS = "model/cv_predictions.parquet"
@@ -86,6 +87,22 @@ def footprints_for(cfg: RunConfig, sites: pd.DataFrame) -> dict:
     from geoflux.extract import tower_footprints
 
     return tower_footprints(sites, target_grid(cfg.grid), cfg.footprint)
+
+
+def stage_cube(cfg: RunConfig, progress: bool = True) -> Path:
+    """Build the driver cube and write it to ``cube.zarr`` in the output folder (for inspection and reuse)."""
+    from geoflux.cube import cube_from_config
+    from geoflux.progress import progress_bar
+
+    ds = cube_from_config(cfg)
+    path = cfg.out_dir / CUBE
+    with atomic_path(path) as tmp:
+        if progress:
+            with progress_bar("cube"):
+                ds.to_zarr(tmp, mode="w")
+        else:
+            ds.to_zarr(tmp, mode="w")
+    return path
 
 
 def stage_extract(cfg: RunConfig) -> pd.DataFrame:

@@ -105,3 +105,14 @@ def test_towers_analyze_bad_ustar_is_one_line(realdata, tmp_path):
     detha = realdata / "towers" / "Example_DETha98.txt"
     res = CliRunner().invoke(cli, ["towers", "analyze", str(detha), "--out", str(tmp_path), "--ustar", "x"])
     assert res.exit_code == 2 and "--ustar" in res.stderr
+
+
+def test_cube_command_writes_zarr(tiny_world):
+    import xarray as xr
+
+    res = CliRunner().invoke(cli, ["cube", str(tiny_world / "config.yaml")])
+    assert res.exit_code == 0, res.stderr
+    ds = xr.open_zarr(tiny_world / "cube.zarr")
+    assert set(ds.data_vars) >= {"ta", "ndvi", "landcover"}
+    assert ds["ta"].dims == ("time", "y", "x") and ds.sizes["time"] == 16
+    assert float(ds["ndvi"].max()) <= 1.0  # decoded (raw int16 would be thousands)
