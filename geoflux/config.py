@@ -96,10 +96,19 @@ class TimeSpec(_Strict):
 
 
 class FootprintSpec(_Strict):
-    """How a tower's source area is weighted onto the grid."""
+    """How a tower's source area is weighted onto the grid.
 
-    method: Literal["disk"] = "disk"
-    radius: float = Field(default=300.0, gt=0, description="disk radius, m")
+    ``ffp``: the Kljun et al. (2015) footprint climatology of the tower's own half-hourly records (u*, wind
+    speed and direction, Obukhov length and sigma_v where the file has them, neutral estimates where not),
+    measurement height and canopy height from the site table; ``disk``: a uniform disk of ``radius``. A site
+    without usable records or heights falls back to the disk; the method used is recorded per site.
+    """
+
+    method: Literal["ffp", "disk"] = "ffp"
+    radius: float = Field(default=300.0, gt=0, description="disk radius (and FFP fallback), m")
+    max_records: int = Field(default=500, ge=10, description="records sampled for a site's FFP climatology")
+    boundary_layer_height: float = Field(default=1000.0, gt=0, description="h for FFP when not measured, m")
+    seed: int = Field(default=0, description="seed of the record sample")
 
 
 class ModelSpec(_Strict):

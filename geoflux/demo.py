@@ -27,8 +27,8 @@ from scipy.ndimage import gaussian_filter, uniform_filter
 
 from geoflux.atomic import atomic_path
 from geoflux.cog import RasterSpec, save_catalog, stac_item_for_cog, write_cog
-from geoflux.config import config_from_dict, dump_config
-from geoflux.footprint import disk_weights
+from geoflux.config import FootprintSpec, config_from_dict, dump_config
+from geoflux.footprint import FootprintWeights, tower_footprint, tower_xy
 from geoflux.towers.aggregate import UMOL_TO_GC_PER_DAY
 
 CLASSES = {1: "ENF", 2: "DBF", 3: "GRA", 4: "CRO"}
@@ -36,7 +36,7 @@ CLASSES = {1: "ENF", 2: "DBF", 3: "GRA", 4: "CRO"}
 # measurement height (m), canopy height (m)
 EPS = {1: 1.15, 2: 1.5, 3: 1.0, 4: 1.7}
 RREF = {1: 1.8, 2: 2.4, 3: 1.9, 4: 2.1}
-HEIGHTS = {1: (30.0, 20.0), 2: (35.0, 25.0), 3: (3.0, 0.3), 4: (3.5, 1.0)}
+HEIGHTS = {1: (40.0, 18.0), 2: (42.0, 22.0), 3: (3.0, 0.3), 4: (3.5, 1.0)}
 E0_K, TREF_K, T0_K = 309.0, 288.15, 227.13  # Lloyd & Taylor (1994)
 
 NEE_UNITS = "gC m-2 d-1"
@@ -294,15 +294,10 @@ def place_towers(spec: WorldSpec, fields: WorldFields) -> pd.DataFrame:
     return sites
 
 
-def footprint_mean(field: np.ndarray, spec: WorldSpec, lon: float, lat: float) -> np.ndarray:
-    """Footprint-weighted mean of a (step, y, x) or (y, x) field at a tower (the generator's footprint)."""
-    from geoflux.footprint import tower_xy
-
-    gb = spec.geobox
-    fw = disk_weights(gb, *tower_xy(gb, lon, lat), spec.footprint_radius)
-    w = fw.normalized()
+def footprint_mean(field: np.ndarray, fw: FootprintWeights) -> np.ndarray:
+    """Footprint-weighted mean of a (step, y, x) or (y, x) field."""
     rows, cols = fw.window
-    return np.tensordot(field[..., rows, cols], w, axes=([-2, -1], [0, 1]))
+    return np.tensordot(field[..., rows, cols], fw.normalized(), axes=([-2, -1], [0, 1]))
 
 
 def synthesize_tower(
@@ -310,13 +305,17 @@ def synthesize_tower(
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Half-hourly FLUXNET2015 FULLSET-style records for one tower.
 
+    Meteorology is measured at the tower (its pixel); the fluxes are the truth weighted by the tower's FFP
+    footprint climatology, computed from the tower's own wind and u* records exactly as the pipeline will
+    (:func:`geoflux.footprint.tower_footprint` with the default :class:`~geoflux.config.FootprintSpec`).
+
     Returns the file's columns and the noise-free per-period truth at the tower (``nee``, ``gpp``, ``reco``
-    in gC m-2 d-1) for tests.
+    in gC m-2 d-1) plus the footprint (``footprint``) for tests.
     """
-    per = {
-        k: footprint_mean(getattr(fields, k), spec, site.LON, site.LAT)
-        for k in ("gpp", "reco", "nee", "sw", "ta", "vpd", "precip")
-    }
+    gb = spec.geobox
+    x, y = tower_xy(gb, site.LON, site.LAT)
+    row, col = int((y - gb.affine.f) / gb.affine.e), int((x - gb.affine.c) / gb.affine.a)
+    met = {k: getattr(fields, k)[:, row, col] for k in ("sw", "ta", "vpd", "precip")}
     n_days = spec.n_steps * spec.step_days
     start = pd.Timestamp(spec.start)
     t = start + pd.to_timedelta(np.arange(n_days * 48) * 30, unit="min")
@@ -329,8 +328,27 @@ def synthesize_tower(
     shape = np.clip(sin_elev, 0, None).reshape(n_days, 48)
     shape = (shape / shape.mean(axis=1, keepdims=True)).ravel()
 
-    sw_d, ta_d, vpd_d = per["sw"][step], per["ta"][step], per["vpd"][step]
-    sw = sw_d * shape
+    # values are rounded as they will be written, so the pipeline sees the same inputs
+    sw_d, ta_d, vpd_d = met["sw"][step], met["ta"][step], met["vpd"][step]
+    sw = np.round(sw_d * shape, 4)
+    ws = np.round(rng.gamma(2.5, 1.1, size=t.size) * (0.7 + 0.3 * shape / shape.max()), 4)
+    ustar = np.round(np.clip(0.11 * ws * (1 + 0.2 * rng.standard_normal(t.size)), 0.01, None), 4)
+    wd = np.round(np.mod(np.rad2deg(rng.vonmises(np.deg2rad(240), 1.2, size=t.size)), 360), 4)
+    wind = pd.DataFrame({"USTAR": ustar, "WS": ws, "WD": wd, "SW_IN": sw})
+    wind.attrs["resolution"] = "HH"
+    fp = FootprintSpec()
+    fw = tower_footprint(
+        gb,
+        site,
+        wind,
+        method=fp.method,
+        radius=spec.footprint_radius,
+        max_records=fp.max_records,
+        boundary_layer_height=fp.boundary_layer_height,
+        seed=fp.seed,
+    )
+    per = {k: footprint_mean(getattr(fields, k), fw) for k in ("gpp", "reco", "nee")}
+
     ta = ta_d + (3.0 + 0.01 * sw_d) * np.sin(2 * np.pi * (hour - 9) / 24)
     rh = 1 - vpd_d / _esat(ta_d)
     vpd = np.clip(_esat(ta) * (1 - rh), 0, None)
@@ -341,10 +359,6 @@ def synthesize_tower(
     nee_true = (reco - gpp) / UMOL_TO_GC_PER_DAY  # umol m-2 s-1
     sigma = 0.5 + 0.2 * np.abs(nee_true)
     nee = nee_true + rng.laplace(0, sigma / np.sqrt(2))
-
-    ws = rng.gamma(2.5, 1.1, size=t.size) * (0.7 + 0.3 * shape / shape.max())
-    ustar = np.clip(0.11 * ws * (1 + 0.2 * rng.standard_normal(t.size)), 0.01, None)
-    wd = np.mod(np.rad2deg(rng.vonmises(np.deg2rad(240), 1.2, size=t.size)), 360)
 
     # gaps: more at night (low turbulence), plus a few multi-day outages
     night = shape == 0
@@ -370,7 +384,7 @@ def synthesize_tower(
     qc_out = qc.astype(float)
     qc_out[unfilled] = np.nan
 
-    p = per["precip"][step] / 48
+    p = met["precip"][step] / 48
 
     def stamp(ts: pd.DatetimeIndex) -> np.ndarray:
         return ts.strftime("%Y%m%d%H%M").to_numpy()
@@ -390,7 +404,7 @@ def synthesize_tower(
             "WD": wd,
         }
     )
-    return df, {k: per[k] for k in ("nee", "gpp", "reco")}
+    return df, {**{k: per[k] for k in ("nee", "gpp", "reco")}, "footprint": fw}
 
 
 def tower_file_name(site_id: str, spec: WorldSpec) -> str:
@@ -520,7 +534,7 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
             "chunk": 128 if max(spec.nx, spec.ny) > 128 else 32,
         },
         "time": {"start": f"{periods[0]:%Y-%m-%d}", "end": f"{end:%Y-%m-%d}", "step": f"{spec.step_days}D"},
-        "footprint": {"method": "disk", "radius": spec.footprint_radius},
+        "footprint": {**FootprintSpec().model_dump(), "radius": spec.footprint_radius},
         "model": {
             "kind": "random_forest",
             "params": {"n_estimators": 200, "min_samples_leaf": 2},

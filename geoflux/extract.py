@@ -15,27 +15,42 @@ from odc.geo.geobox import GeoBox
 
 from geoflux.config import FootprintSpec, VariableSpec
 from geoflux.features import feature_names, pixel_features
-from geoflux.footprint import FootprintWeights, disk_weights, tower_xy
+from geoflux.footprint import FootprintWeights, tower_footprint
 
 
-def tower_footprints(sites: pd.DataFrame, geobox: GeoBox, spec: FootprintSpec) -> dict[str, FootprintWeights]:
+def tower_footprints(
+    sites: pd.DataFrame, geobox: GeoBox, spec: FootprintSpec, records: pd.DataFrame | None = None
+) -> dict[str, FootprintWeights]:
     """Footprint weights of every site on the grid.
 
     Parameters
     ----------
-    sites : site table indexed by SITE_ID with LAT/LON (degrees).
+    sites : site table indexed by SITE_ID with LAT/LON (degrees), HEIGHT_MEAS/HEIGHT_CANOPY (m) for FFP.
     geobox : target grid.
     spec : footprint method and parameters.
+    records : tidy half-hourly records of the sites (wind, u*) for FFP climatologies; None → disks.
 
     Raises
     ------
     GridError
         naming the site if a tower lies outside the grid.
     """
+    by_site = dict(tuple(records.groupby("site", sort=False))) if records is not None else {}
     out = {}
     for site, row in sites.iterrows():
-        x, y = tower_xy(geobox, float(row["LON"]), float(row["LAT"]))
-        out[str(site)] = disk_weights(geobox, x, y, spec.radius, site=str(site))
+        recs = by_site.get(site)
+        if recs is not None:
+            recs.attrs = dict(records.attrs)
+        out[str(site)] = tower_footprint(
+            geobox,
+            row,
+            recs,
+            method=spec.method,
+            radius=spec.radius,
+            max_records=spec.max_records,
+            boundary_layer_height=spec.boundary_layer_height,
+            seed=spec.seed,
+        )
     return out
 
 

@@ -5,6 +5,7 @@ run one at a time from the CLI (``geoflux towers|extract|train|map|validate CONF
 (:func:`run`). Output layout under ``cfg.output``::
 
     towers/observations.parquet   aggregated, QC-filtered tower NEE (gC m-2 d-1) and meteorology
+    towers/footprints.npz, .json  footprint weights of each tower on the grid (method per site)
     training/training.parquet     footprint-weighted drivers joined with observations
     model/model.skops, model.json fitted model + card; cv_predictions.parquet, cv_metrics.json
     maps/nee_YYYYMMDD.tif         NEE COG per time step (gC m-2 d-1); maps/catalog.json (STAC)
@@ -32,6 +33,7 @@ from geoflux.features import feature_names, feature_units
 log = logging.getLogger("geoflux")
 
 OBSERVATIONS = "towers/observations.parquet"
+FOOTPRINTS = "towers/footprints.npz"
 CUBE = "cube.zarr"
 TRAINING = "training/training.parquet"
 MODEL = "model/model.skops"
@@ -67,26 +69,37 @@ def load_sites(cfg: RunConfig) -> pd.DataFrame:
 
 
 def stage_towers(cfg: RunConfig) -> pd.DataFrame:
-    """Read, QC-filter and aggregate tower files to the model time step; writes the observations table."""
+    """Read, QC-filter and aggregate tower files to the model time step, and compute each tower's footprint.
+
+    Everything is checked (files, site table, towers inside the grid) before anything is written; then the
+    observations table and the footprints are written.
+    """
+    from geoflux.cube import target_grid
+    from geoflux.extract import tower_footprints
+    from geoflux.footprint import save_footprints
+
     sites = load_sites(cfg)
     records = tw.read_towers(str(cfg.path(cfg.towers.files)), sites)
-    records = tw.qc_filter(records, qc_max=cfg.towers.qc_max)
-    obs = tw.aggregate(records, cfg.periods(), min_coverage=cfg.towers.min_coverage)
+    fps = tower_footprints(sites.loc[sites.index.isin(records["site"].unique())], target_grid(cfg.grid),
+                           cfg.footprint, records=records)
+    filtered = tw.qc_filter(records, qc_max=cfg.towers.qc_max)
+    obs = tw.aggregate(filtered, cfg.periods(), min_coverage=cfg.towers.min_coverage)
     if obs.empty:
         raise GeofluxError(
             f"{cfg.towers.files}: no tower period in {cfg.time.start}..{cfg.time.end} reaches "
             f"min_coverage={cfg.towers.min_coverage}"
         )
     _write_parquet(obs, cfg.out_dir / OBSERVATIONS)
+    save_footprints(fps, cfg.out_dir / FOOTPRINTS)
     return obs
 
 
 def footprints_for(cfg: RunConfig, sites: pd.DataFrame) -> dict:
-    """Footprint weights of the given sites on the run's grid (raises naming a tower outside the grid)."""
-    from geoflux.cube import target_grid
-    from geoflux.extract import tower_footprints
+    """Footprint weights (written by the towers stage) of the given sites."""
+    from geoflux.footprint import load_footprints
 
-    return tower_footprints(sites, target_grid(cfg.grid), cfg.footprint)
+    fps = load_footprints(_read_stage(cfg, FOOTPRINTS, "towers aggregate"))
+    return {s: fw for s, fw in fps.items() if s in sites.index}
 
 
 def stage_cube(cfg: RunConfig, progress: bool = True) -> Path:
@@ -230,16 +243,10 @@ def run(
 ) -> dict:
     """Run every stage in order and return the validation metrics.
 
-    Inputs are checked before anything is written (tower files, site table, towers inside the grid), so
-    a bad input leaves no partial output.
+    The towers stage checks its inputs (tower files, site table, towers inside the grid) before it writes
+    anything, so a bad input leaves no partial output.
     """
-    sites = load_sites(cfg)
-    files = sorted(glob.glob(str(cfg.path(cfg.towers.files))))
-    if not files:
-        raise GeofluxError(f"{cfg.path(cfg.towers.files)}: no tower files match")
-    records = tw.read_towers(files, sites)
-    footprints_for(cfg, sites.loc[sites.index.isin(records["site"].unique())])
-    echo(f"towers: {len(files)} files")
+    echo("towers: QC, aggregation and footprints")
     stage_towers(cfg)
     echo("extract: footprint-weighted drivers at towers")
     stage_extract(cfg)

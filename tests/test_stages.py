@@ -253,9 +253,14 @@ def test_tower_truth_matches_footprint_weighted_truth(cfg, tiny_world_pristine):
     from geoflux.validate import footprint_map_values
 
     sites = tw.read_sites(cfg.path(cfg.towers.sites))
-    obs = tw.aggregate(tw.qc_filter(tw.read_towers(str(cfg.path(cfg.towers.files)), sites)), cfg.periods())
+    records = tw.read_towers(str(cfg.path(cfg.towers.files)), sites)
+    obs = tw.aggregate(tw.qc_filter(records), cfg.periods())
     truths = {p: cfg.path(f"world/truth/nee_{p:%Y%m%d}.tif") for p in cfg.periods()}
-    vals = footprint_map_values(truths, tower_footprints(sites, target_grid(cfg.grid), cfg.footprint))
+    fps = tower_footprints(sites, target_grid(cfg.grid), cfg.footprint, records=records)
+    # demo files carry u*, wind speed and direction but no Obukhov length: neutral FFP for every tower
+    assert {fw.method for fw in fps.values()} == {"ffp-neutral"}
+    assert min(fw.coverage for fw in fps.values()) > 0.9
+    vals = footprint_map_values(truths, fps)
     pairs = vals.merge(obs, on=["site", "time"])
     diff = pairs["NEE"] - pairs["map"]
     # half-hourly Laplace noise sigma ~0.5-1 umol m-2 s-1 averaged over ~300 records per 8 days,
