@@ -106,7 +106,7 @@ class FootprintSpec(_Strict):
 
     method: Literal["ffp", "disk"] = "ffp"
     radius: float = Field(default=300.0, gt=0, description="disk radius (and FFP fallback), m")
-    max_records: int = Field(default=500, ge=10, description="records sampled for a site's FFP climatology")
+    max_records: int = Field(default=200, ge=10, description="records sampled for a site's FFP climatology")
     boundary_layer_height: float = Field(default=1000.0, gt=0, description="h for FFP when not measured, m")
     seed: int = Field(default=0, description="seed of the record sample")
 

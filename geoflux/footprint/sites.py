@@ -43,7 +43,7 @@ def tower_footprint(
     records: pd.DataFrame | None,
     method: str = "ffp",
     radius: float = 300.0,
-    max_records: int = 500,
+    max_records: int = 200,
     boundary_layer_height: float = 1000.0,
     seed: int = 0,
 ) -> FootprintWeights:
