@@ -8,7 +8,7 @@ travel with its data.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import yaml
@@ -39,6 +39,47 @@ class VariableSpec(_Strict):
         default=None, description="class codes of a categorical driver (one feature per class fraction)"
     )
     static: bool = Field(default=False, description="one item for all times (e.g. elevation, land cover)")
+    # Optional fields below come from catalog definitions (catalogs/*.yaml, geoflux.catalog_defs); their
+    # defaults reproduce the plain behaviour (one asset, no QA, mean composite, no gap filling).
+    catalog: str | None = Field(
+        default=None,
+        description="this driver's catalog (static catalog path or STAC API URL); default: run's",
+    )
+    signing: Literal["planetary-computer"] | None = Field(
+        default=None, description="sign asset hrefs at read time (only the provider's own storage hrefs)"
+    )
+    query: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="STAC API query-extension filter, e.g. {'eo:cloud_cover': {'lt': 60}}"
+    )
+    filter: dict[str, Any] | None = Field(default=None, description="CQL2-JSON filter for STAC API searches")
+    valid_range: tuple[float, float] | None = Field(
+        default=None, description="physical values outside [min, max] (after scale/offset) are missing"
+    )
+    qa_asset: str | None = Field(
+        default=None, description="asset of the same item holding the QA/cloud layer"
+    )
+    qa_mask: int | None = Field(
+        default=None, ge=0, description="bits of the QA value that are tested (None: the whole value)"
+    )
+    qa_keep: list[int] | None = Field(
+        default=None, description="values of (QA & qa_mask) that mark a usable pixel; others are masked"
+    )
+    aggregation: Literal["mean", "median", "max", "min", "sum"] = Field(
+        default="mean", description="how scenes within one model time step are combined"
+    )
+    resampling: Literal["nearest", "mode", "bilinear", "cubic", "average", "min", "max", "med"] | None = (
+        Field(default=None, description="resampling onto the grid; default nearest (categorical) / bilinear")
+    )
+    max_gap: int = Field(
+        default=0, ge=0, description="fill runs of up to this many missing time steps by linear interpolation"
+    )
+    derive: Literal["ndvi", "nirv", "vpd"] | None = Field(
+        default=None, description="compute the driver from several assets of the same item (see inputs)"
+    )
+    inputs: dict[str, str] | None = Field(
+        default=None,
+        description="role -> asset for derived drivers: ndvi/nirv need red, nir; vpd needs t, td (degC)",
+    )
 
     @model_validator(mode="after")
     def _categorical_needs_classes(self) -> VariableSpec:
@@ -46,6 +87,29 @@ class VariableSpec(_Strict):
             raise ValueError(
                 f"variable '{self.name}' is categorical and needs 'classes' (list of class codes)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _consistent_options(self) -> VariableSpec:
+        if self.kind == "categorical" and self.resampling not in (None, "nearest", "mode"):
+            raise ValueError(
+                f"variable '{self.name}' is categorical: resampling must be nearest or mode, "
+                f"not {self.resampling} (class codes must never be interpolated)"
+            )
+        if (self.qa_asset is None) != (self.qa_keep is None):
+            raise ValueError(f"variable '{self.name}': qa_asset and qa_keep go together")
+        if self.valid_range is not None and self.valid_range[0] > self.valid_range[1]:
+            raise ValueError(f"variable '{self.name}': valid_range must be [min, max]")
+        if self.derive is not None:
+            roles = {"ndvi": {"red", "nir"}, "nirv": {"red", "nir"}, "vpd": {"t", "td"}}[self.derive]
+            if not self.inputs or set(self.inputs) != roles:
+                raise ValueError(
+                    f"variable '{self.name}': derive={self.derive} needs inputs with roles {sorted(roles)}"
+                )
+            if self.asset not in self.inputs.values():
+                raise ValueError(f"variable '{self.name}': asset must be one of the derived inputs")
+        elif self.inputs is not None:
+            raise ValueError(f"variable '{self.name}': inputs need derive")
         return self
 
 
