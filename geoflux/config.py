@@ -249,6 +249,17 @@ def config_from_dict(data: dict, source: str = "<config>", base_dir: str | Path 
         raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
     if "base_dir" in data:
         raise ConfigError(f"{source}: base_dir: unknown key (it is set from the file's location)")
+    if isinstance(data.get("variables"), list) and any(
+        isinstance(v, dict) and "definition" in v for v in data["variables"]
+    ):
+        # entries naming a shipped catalog definition (catalogs/*.yaml) expand to full variable specs
+        from geoflux.catalog_defs import expand_variables
+        from geoflux.errors import CatalogError
+
+        try:
+            data = {**data, "variables": expand_variables(data["variables"])}
+        except CatalogError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     try:
         return RunConfig.model_validate({**data, "base_dir": str(base_dir)})
     except ValidationError as err:
