@@ -178,10 +178,27 @@ class FootprintSpec(_Strict):
 class ModelSpec(_Strict):
     """The regressor and how it is validated (always grouped by site)."""
 
-    kind: Literal["random_forest", "hist_gradient_boosting"] = "random_forest"
+    kind: Literal["random_forest", "hist_gradient_boosting", "lightgbm", "xgboost"] = "random_forest"
     params: dict[str, int | float | str | bool | None] = Field(default_factory=dict)
-    cv_folds: int = Field(default=0, ge=0, description="0 = leave-one-site-out; k > 1 = GroupKFold(k)")
+    cv_folds: int = Field(
+        default=0, ge=0, description="0 = leave-one-group-out; k > 1 = GroupKFold(k) over the cv groups"
+    )
     seed: int = 0
+    cv: Literal["site", "spatial_block", "climate", "temporal"] = Field(
+        default="site",
+        description="validation groups: site (default), spatial_block (square blocks of cv_block_km), "
+        "climate (sites binned by their mean cv_climate_var: the extreme bins are extrapolation), "
+        "temporal (alternate blocks of cv_block_days; a within-site hold-out, not a test of new sites)",
+    )
+    cv_block_km: float = Field(default=50.0, gt=0, description="spatial block edge, km")
+    cv_block_days: int = Field(default=8, ge=1, description="temporal block length, days")
+    cv_climate_var: str = Field(default="ta", description="feature whose site mean orders the climate split")
+    uncertainty: Literal["quantile", "none"] = Field(
+        default="quantile",
+        description="quantile: conformalized quantile regression band calibrated on the grouped CV",
+    )
+    interval: float = Field(default=0.9, gt=0.0, lt=1.0, description="nominal coverage of the band")
+    aoa: bool = Field(default=True, description="dissimilarity index and area of applicability bands")
 
 
 class RunConfig(_Strict):

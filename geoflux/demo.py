@@ -36,7 +36,7 @@ CLASSES = {1: "ENF", 2: "DBF", 3: "GRA", 4: "CRO"}
 # measurement height (m), canopy height (m)
 EPS = {1: 1.15, 2: 1.5, 3: 1.0, 4: 1.7}
 RREF = {1: 1.8, 2: 2.4, 3: 1.9, 4: 2.1}
-HEIGHTS = {1: (40.0, 18.0), 2: (42.0, 22.0), 3: (3.0, 0.3), 4: (3.5, 1.0)}
+HEIGHTS = {1: (32.0, 18.0), 2: (35.0, 22.0), 3: (3.0, 0.3), 4: (3.5, 1.0)}
 E0_K, TREF_K, T0_K = 309.0, 288.15, 227.13  # Lloyd & Taylor (1994)
 
 NEE_UNITS = "gC m-2 d-1"
@@ -334,7 +334,12 @@ def synthesize_tower(
     ws = np.round(rng.gamma(2.5, 1.1, size=t.size) * (0.7 + 0.3 * shape / shape.max()), 4)
     ustar = np.round(np.clip(0.11 * ws * (1 + 0.2 * rng.standard_normal(t.size)), 0.01, None), 4)
     wd = np.round(np.mod(np.rad2deg(rng.vonmises(np.deg2rad(240), 1.2, size=t.size)), 360), 4)
-    wind = pd.DataFrame({"USTAR": ustar, "WS": ws, "WD": wd, "SW_IN": sw})
+    # Obukhov length from a sensible heat flux ~0.3 SW by day (unstable, L < 0) and a weakly stable night
+    heat = np.where(sw > 0, 0.3 * sw, -15.0)  # W m-2
+    ol = -(ustar**3) * 300.0 * 1.2 * 1005.0 / (0.41 * 9.81 * heat)
+    ol = np.round(np.clip(ol, -5000.0, 5000.0), 2)
+    sigmav = np.round(ustar * (1.9 + 0.6 * rng.random(t.size)), 4)
+    wind = pd.DataFrame({"USTAR": ustar, "WS": ws, "WD": wd, "SW_IN": sw, "MO_LENGTH": ol, "V_SIGMA": sigmav})
     wind.attrs["resolution"] = "HH"
     fp = FootprintSpec()
     fw = tower_footprint(
@@ -402,6 +407,8 @@ def synthesize_tower(
             "USTAR": ustar,
             "WS": ws,
             "WD": wd,
+            "MO_LENGTH": ol,
+            "V_SIGMA": sigmav,
         }
     )
     return df, {**{k: per[k] for k in ("nee", "gpp", "reco")}, "footprint": fw}

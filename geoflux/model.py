@@ -1,35 +1,80 @@
-"""Model stage: fit a scikit-learn regressor on the training table, validate it by site, save/load safely.
+"""Model stage: fit a regressor on the training table, validate it by group, save/load safely.
 
-Validation is always grouped by site (leave-one-site-out or GroupKFold): random-row splits leak a site's
-own data into its test fold and overstate skill.
+Validation is always grouped (by site by default; or spatial blocks, climate bins, or temporal blocks):
+random-row splits leak a site's own data into its test fold and overstate skill.
 
-Model files are written with skops (no code runs on load) next to a JSON card holding the feature list,
-units, training domain, provenance and the SHA-256 of the estimator file; loading refuses a file whose
-hash does not match or that contains types other than the expected scikit-learn ones.
+Besides NEE, a fitted model can give
+
+* an uncertainty band (``NEE_q05``/``NEE_q95`` for a 90 % band): conformalized quantile regression
+  (Romano et al. 2019) — two gradient-boosting quantile regressors, widened by a margin taken from the
+  grouped-CV held-out scores so that the band holds its nominal coverage on sites the model has not seen;
+* the area of applicability (Meyer & Pebesma 2021): the dissimilarity index ``DI`` (distance to the nearest
+  training sample in importance-weighted standardized predictor space, divided by the mean distance between
+  training samples) and ``AOA`` (1 where DI is at most the threshold derived from the cross-validated
+  training DI, else 0). DI is computed per chunk with a KD-tree rebuilt from the stored training points.
+
+Model files are written with skops (no code runs on load): one file holding a dict of the estimators and
+arrays, next to a JSON card with the feature list, units, training domain, provenance and the SHA-256 of the
+skops file. Loading refuses a file whose hash does not match or that contains types outside the expected
+libraries (scikit-learn, numpy, LightGBM, XGBoost).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import skops.io as sio
+from scipy.spatial import cKDTree
+from scipy.spatial.distance import pdist
 from sklearn.base import RegressorMixin
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+from sklearn.inspection import permutation_importance
 from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
+from threadpoolctl import threadpool_limits
 
 import geoflux
 from geoflux.atomic import atomic_path
 from geoflux.config import ModelSpec
 from geoflux.errors import ModelError
-from geoflux.metrics import per_site_scores, summary
+from geoflux.metrics import per_site_scores, scores, summary
 
 TARGET_UNITS = "gC m-2 d-1"
-_TRUSTED_PREFIXES = ("sklearn.", "numpy.")
+_TRUSTED_PREFIXES = ("sklearn.", "numpy.", "lightgbm.", "xgboost.", "collections.OrderedDict")
+_FORMAT_VERSION = 2  # 1: the skops file is the bare estimator; 2: a dict of estimators and arrays
+
+
+@dataclass
+class AOA:
+    """What the area of applicability needs at prediction time (all in the model's feature order).
+
+    ``points`` are the training samples in weighted standardized space, ``(x - center) / scale * weights``;
+    ``dbar`` is the mean distance between them and ``threshold`` the DI above which a prediction is outside.
+    """
+
+    center: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    points: np.ndarray
+    dbar: float
+    threshold: float
+    _tree: cKDTree | None = field(default=None, repr=False, compare=False)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.center) / self.scale * self.weights
+
+    def di(self, x: np.ndarray) -> np.ndarray:
+        """Dissimilarity index (dimensionless) of each row of ``x``."""
+        if self._tree is None:  # rebuilt on first use after load: the tree itself is never serialized
+            self._tree = cKDTree(self.points)
+        dist, _ = self._tree.query(self.transform(x), k=1)
+        return dist / self.dbar
 
 
 @dataclass
@@ -44,69 +89,344 @@ class TrainedModel:
     provenance: dict = field(default_factory=dict)
 
     bands: tuple[str, ...] = ("NEE",)  # output bands of predict_bands, NEE first
+    quantile_models: tuple[RegressorMixin, RegressorMixin] | None = None  # lower, upper quantile
+    interval: float = 0.9  # nominal coverage of the band
+    conformal_margin: float = 0.0  # gC m-2 d-1 added on both sides (from grouped-CV scores)
+    aoa: AOA | None = None
+    train_di: np.ndarray | None = field(default=None, repr=False)  # cross-validated DI of training rows
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predict NEE (gC m-2 d-1) for a (n, n_features) float array."""
         return self.estimator.predict(x)
 
+    def predict_interval(self, x: np.ndarray, nee: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bound (gC m-2 d-1) of the ``interval`` band; raises if the model has none."""
+        if self.quantile_models is None:
+            raise ModelError("model was trained without uncertainty (model.uncertainty: none)")
+        nee = self.predict(x) if nee is None else nee
+        lo, hi = (m.predict(x) for m in self.quantile_models)
+        return _band(nee, lo, hi, self.conformal_margin)
+
     def predict_bands(self, x: np.ndarray) -> np.ndarray:
         """All output bands for a (n, n_features) array: (n, len(bands)) float32, NEE in column 0.
 
-        The plain model has only NEE; models with uncertainty or an area of applicability add bands.
+        Bands (as listed in :attr:`bands`): ``NEE`` (gC m-2 d-1); with uncertainty the lower and upper
+        bound of the band (gC m-2 d-1, e.g. ``NEE_q05``, ``NEE_q95``); with an area of applicability ``DI``
+        (dimensionless) and ``AOA`` (1 inside, 0 outside).
         """
-        return np.asarray(self.predict(x), dtype=np.float32)[:, None]
+        x = np.asarray(x, dtype=np.float32)
+        nee = self.predict(x)
+        cols = [nee]
+        if self.quantile_models is not None:
+            cols.extend(self.predict_interval(x, nee))
+        if self.aoa is not None:
+            di = self.aoa.di(x)
+            cols.extend([di, (di <= self.aoa.threshold).astype(np.float64)])
+        return np.column_stack(cols).astype(np.float32)
+
+
+def _band(nee: np.ndarray, lo: np.ndarray, hi: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    # Independently fitted quantile models can cross each other or miss the point prediction; the band is
+    # kept ordered and around NEE so a map never shows a lower bound above its own NEE.
+    lo2 = np.minimum(np.minimum(lo, hi) - margin, nee)
+    hi2 = np.maximum(np.maximum(lo, hi) + margin, nee)
+    return lo2, hi2
+
+
+def band_names(spec: ModelSpec) -> tuple[str, ...]:
+    """Output bands a model trained with ``spec`` will have."""
+    names = ["NEE"]
+    if spec.uncertainty != "none":
+        lo, hi = _quantile_levels(spec.interval)
+        names += [f"NEE_q{lo * 100:02.0f}", f"NEE_q{hi * 100:02.0f}"]
+    if spec.aoa:
+        names += ["DI", "AOA"]
+    return tuple(names)
+
+
+def _quantile_levels(interval: float) -> tuple[float, float]:
+    return (1 - interval) / 2, 1 - (1 - interval) / 2
 
 
 def make_estimator(spec: ModelSpec) -> RegressorMixin:
-    """The configured regressor; ``spec.params`` override the defaults."""
+    """The configured regressor; ``spec.params`` override the defaults.
+
+    LightGBM and XGBoost are optional extras (``pip install geoflux[boost]``); a clear error says so when the
+    configured one is not installed.
+    """
     params = dict(spec.params)
     try:
         if spec.kind == "random_forest":
             return RandomForestRegressor(
                 **{"n_estimators": 200, "n_jobs": -1, "random_state": spec.seed, **params}
             )
+        if spec.kind == "lightgbm":
+            lgb = _optional("lightgbm")
+            return lgb.LGBMRegressor(
+                **{
+                    "n_estimators": 300,
+                    "learning_rate": 0.05,
+                    "random_state": spec.seed,
+                    "verbose": -1,
+                    **params,
+                }
+            )
+        if spec.kind == "xgboost":
+            xgb = _optional("xgboost")
+            return xgb.XGBRegressor(
+                **{"n_estimators": 300, "learning_rate": 0.05, "random_state": spec.seed, **params}
+            )
         return HistGradientBoostingRegressor(**{"random_state": spec.seed, **params})
     except TypeError as exc:
         raise ModelError(f"model.params: {exc}") from None
 
 
-def _check_table(table: pd.DataFrame, features: list[str]) -> None:
+def _optional(name: str) -> Any:
+    if importlib.util.find_spec(name) is None:
+        raise ModelError(f"model.kind: {name} is not installed (pip install {name}, or use random_forest)")
+    return importlib.import_module(name)
+
+
+def _quantile_estimator(spec: ModelSpec, q: float) -> RegressorMixin:
+    # Gradient boosting with the pinball loss whatever the point model is: scikit-learn's random forest
+    # has no quantile mode, and boosting quantiles are cheap to predict per map chunk.
+    return HistGradientBoostingRegressor(loss="quantile", quantile=q, random_state=spec.seed)
+
+
+def _fit_quantiles(spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> tuple[RegressorMixin, RegressorMixin]:
+    """The lower and upper quantile regressors of the ``spec.interval`` band, fitted on (x, y)."""
+    q_lo, q_hi = _quantile_levels(spec.interval)
+    # One OpenMP thread: on small tables the thread start-up and spin-waiting cost more than they save,
+    # many times over when other processes share the cores.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return (
+            _quantile_estimator(spec, q_lo).fit(x, y),
+            _quantile_estimator(spec, q_hi).fit(x, y),
+        )
+
+
+def _check_table(table: pd.DataFrame, features: list[str], spec: ModelSpec) -> None:
     missing = [c for c in [*features, "site", "NEE"] if c not in table.columns]
     if missing:
         raise ModelError(f"training table lacks column(s) {missing}")
-    if table["site"].nunique() < 2:
+    # a temporal hold-out is the only scheme that can validate a single site (e.g. one real tower)
+    if spec.cv != "temporal" and table["site"].nunique() < 2:
         raise ModelError("training table has fewer than 2 sites: site-grouped validation is impossible")
 
 
-def cross_validate(table: pd.DataFrame, features: list[str], spec: ModelSpec) -> tuple[pd.DataFrame, dict]:
-    """Site-grouped cross-validation.
+def _site_xy_km(sites: pd.DataFrame, ids: np.ndarray) -> np.ndarray:
+    # A local equirectangular projection is enough to cut blocks of tens of km; blocks only group sites.
+    missing = sorted(set(map(str, ids)) - set(map(str, sites.index)))
+    if missing:
+        raise ModelError(
+            f"model.cv: spatial_block needs coordinates of site(s) {missing[:3]} in the site table"
+        )
+    s = sites.set_axis(sites.index.map(str)).loc[[str(i) for i in ids]]
+    lat0 = np.deg2rad(float(s["LAT"].mean()))
+    return np.column_stack([s["LON"].to_numpy() * 111.32 * np.cos(lat0), s["LAT"].to_numpy() * 110.57])
+
+
+def cv_groups(
+    table: pd.DataFrame, spec: ModelSpec, sites: pd.DataFrame | None = None
+) -> tuple[np.ndarray, str]:
+    """Group label of each row for the configured validation scheme, and a description of the scheme.
+
+    Parameters
+    ----------
+    table : training table with ``site`` and ``time``.
+    spec : ``cv`` picks the scheme: ``site``; ``spatial_block`` (square blocks of ``cv_block_km`` km, needs
+        ``sites`` with ``LAT``/``LON`` in degrees, indexed by site); ``climate`` (sites ordered by their mean
+        ``cv_climate_var`` and cut into ``cv_folds`` (default 5) equal-count bins); ``temporal`` (blocks of
+        ``cv_block_days`` days alternating between ``max(cv_folds, 2)`` folds).
+    sites : site table for ``spatial_block``.
+    """
+    site = table["site"].astype(str).to_numpy()
+    if spec.cv == "site":
+        return site, "site"
+    if spec.cv == "spatial_block":
+        if sites is None:
+            raise ModelError("model.cv: spatial_block needs the site table (LAT, LON)")
+        ids = np.unique(site)
+        xy = _site_xy_km(sites, ids)
+        block = np.floor(xy / spec.cv_block_km).astype(int)
+        label = {i: f"{bx}_{by}" for i, (bx, by) in zip(ids, block, strict=True)}
+        return np.array([label[s] for s in site]), f"spatial blocks of {spec.cv_block_km:g} km"
+    if spec.cv == "climate":
+        var = spec.cv_climate_var
+        if var not in table.columns:
+            raise ModelError(f"model.cv_climate_var: '{var}' is not a column of the training table")
+        means = table.groupby(site)[var].mean().sort_values()
+        n_bins = spec.cv_folds if spec.cv_folds > 1 else 5
+        bins = np.array_split(means.index.to_numpy(), min(n_bins, len(means)))
+        label = {s: f"{var}_bin{k}" for k, b in enumerate(bins) for s in b}
+        return np.array([label[s] for s in site]), f"climate bins of site-mean {var} ({len(bins)} bins)"
+    t = pd.to_datetime(table["time"])
+    days = ((t - t.min()) / pd.Timedelta("1D")).to_numpy()
+    n = max(spec.cv_folds, 2)
+    block = (np.floor(days / spec.cv_block_days).astype(int)) % n
+    return block.astype(str), f"temporal: alternate {spec.cv_block_days}-day blocks in {n} folds"
+
+
+def cv_splits(
+    table: pd.DataFrame, spec: ModelSpec, sites: pd.DataFrame | None = None
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """Train/test row indices of the grouped validation, and the scheme's name (never random rows)."""
+    groups, desc = cv_groups(table, spec, sites)
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise ModelError(f"model.cv: '{spec.cv}' gives only {n_groups} group: validation is impossible")
+    if spec.cv == "temporal" or spec.cv == "climate" or spec.cv_folds == 0:
+        splitter = LeaveOneGroupOut()
+        name = f"leave-one-group-out ({desc})" if spec.cv != "site" else "leave-one-site-out"
+    else:
+        k = min(spec.cv_folds, n_groups)
+        splitter = GroupKFold(n_splits=k)
+        name = f"GroupKFold({k}) ({desc})"
+    x = np.zeros((len(table), 1))
+    return list(splitter.split(x, groups=groups)), name
+
+
+def _conformal_quantile(scores_: np.ndarray, interval: float) -> float:
+    """The finite-sample conformal quantile ⌈(n+1)·interval⌉/n of the conformity scores."""
+    s = np.sort(scores_[np.isfinite(scores_)])
+    if s.size == 0:
+        return 0.0
+    k = min(int(np.ceil((s.size + 1) * interval)), s.size)
+    return float(s[k - 1])
+
+
+def cross_validate(
+    table: pd.DataFrame, features: list[str], spec: ModelSpec, sites: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """Grouped cross-validation (by site unless ``spec.cv`` says otherwise).
 
     Parameters
     ----------
     table : training table with ``site``, ``time``, feature columns and ``NEE`` (gC m-2 d-1).
     features : feature columns.
-    spec : model spec; ``cv_folds`` 0 = leave-one-site-out, k > 1 = GroupKFold(k).
+    spec : model spec; ``cv_folds`` 0 = leave-one-group-out, k > 1 = GroupKFold(k); ``cv`` the grouping.
+    sites : site table (``LAT``, ``LON`` by site), needed only for ``cv: spatial_block``.
 
     Returns
     -------
-    Held-out predictions (``site``, ``time``, ``obs``, ``pred``) and a summary: pooled ``r2``, ``rmse``,
-    ``bias``, per-site median ``nse`` (``nse_site_median``) and the per-site table.
+    Held-out predictions (``site``, ``time``, ``obs``, ``pred``, ``fold``; with uncertainty also ``lo_raw``
+    and ``hi_raw`` (the uncalibrated quantile predictions) and ``lo``/``hi``, the calibrated band where each
+    fold's margin comes only from the *other* folds' scores) and a summary: pooled ``r2``, ``rmse``,
+    ``bias`` (gC m-2 d-1), per-site ``nse_site_median``/``nse_site_p10``, the per-site table, per-fold
+    scores and, with uncertainty, ``uncertainty`` = {nominal, coverage, coverage_uncalibrated, margin,
+    mean_width, coverage_site_median, coverage_site_p10}.
     """
-    _check_table(table, features)
+    _check_table(table, features, spec)
     x = table[features].to_numpy(np.float32)
-    y = table["NEE"].to_numpy()
-    groups = table["site"].to_numpy()
-    n_sites = len(np.unique(groups))
-    splitter = LeaveOneGroupOut() if spec.cv_folds == 0 else GroupKFold(n_splits=min(spec.cv_folds, n_sites))
+    y = table["NEE"].to_numpy(np.float64)
+    folds, scheme = cv_splits(table, spec, sites)
     pred = np.full(len(y), np.nan)
-    for train, test in splitter.split(x, y, groups):
+    fold_id = np.full(len(y), -1)
+    with_unc = spec.uncertainty != "none"
+    lo_raw, hi_raw = np.full(len(y), np.nan), np.full(len(y), np.nan)
+    q_lo, q_hi = _quantile_levels(spec.interval)
+    for k, (train, test) in enumerate(folds):
         est = make_estimator(spec).fit(x[train], y[train])
         pred[test] = est.predict(x[test])
-    out = table[["site", "time"]].assign(obs=y, pred=pred)
-    result = summary(out)
-    result["scheme"] = "leave-one-site-out" if spec.cv_folds == 0 else f"GroupKFold({spec.cv_folds})"
+        fold_id[test] = k
+        if with_unc:
+            lo, hi = _fit_quantiles(spec, x[train], y[train])
+            lo_raw[test], hi_raw[test] = lo.predict(x[test]), hi.predict(x[test])
+    keys = [c for c in ("site", "time") if c in table.columns]
+    out = table[keys].assign(obs=y, pred=pred, fold=fold_id)
+    result: dict[str, Any] = summary(out)
+    result["scheme"] = scheme
     result["per_site"] = per_site_scores(out).to_dict(orient="records")
+    result["folds"] = [
+        {"fold": k, "n_test_sites": int(out.loc[test, "site"].nunique()), **scores(y[test], pred[test])}
+        for k, (_, test) in enumerate(folds)
+    ]
+    if with_unc:
+        out["lo_raw"], out["hi_raw"] = lo_raw, hi_raw
+        conf = np.maximum(lo_raw - y, y - hi_raw)  # CQR conformity score
+        lo, hi = np.empty_like(y), np.empty_like(y)
+        for k in range(len(folds)):
+            # the held-out fold's margin comes from the other folds only: the reported coverage is that of
+            # the calibrated band on data that took no part in fitting or calibrating it
+            m = fold_id == k
+            margin_k = _conformal_quantile(conf[~m], spec.interval)
+            lo[m], hi[m] = _band(pred[m], lo_raw[m], hi_raw[m], margin_k)
+        out["lo"], out["hi"] = lo, hi
+        result["uncertainty"] = interval_summary(out, spec.interval)
+        result["uncertainty"]["margin"] = _conformal_quantile(conf, spec.interval)
+        raw_lo, raw_hi = _band(pred, lo_raw, hi_raw, 0.0)
+        result["uncertainty"]["coverage_uncalibrated"] = float(np.mean((y >= raw_lo) & (y <= raw_hi)))
+        result["uncertainty"]["method"] = (
+            f"conformalized quantile regression (gradient-boosting q{q_lo:.2f}/q{q_hi:.2f}), margin from "
+            "the other folds' held-out scores"
+        )
     return out, result
+
+
+def interval_summary(df: pd.DataFrame, interval: float) -> dict[str, float]:
+    """Coverage of a band (``lo``, ``hi`` columns) over observations ``obs``, pooled and per site."""
+    inside = (df["obs"] >= df["lo"]) & (df["obs"] <= df["hi"])
+    per_site = inside.groupby(df["site"]).mean()
+    return {
+        "nominal": float(interval),
+        "coverage": float(inside.mean()),
+        "coverage_site_median": float(per_site.median()),
+        "coverage_site_p10": float(per_site.quantile(0.1)),
+        "mean_width": float((df["hi"] - df["lo"]).mean()),
+    }
+
+
+def _importance_weights(est: RegressorMixin, x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    # Meyer & Pebesma weight each standardized predictor by its importance so that dissimilarity in
+    # drivers the model ignores does not push pixels out of the area of applicability.
+    r = permutation_importance(
+        est, x, y, n_repeats=3, random_state=seed, max_samples=min(len(y), 2000), scoring="r2"
+    )
+    w = np.clip(r.importances_mean, 0.0, None)
+    return w if w.sum() > 0 else np.ones(x.shape[1])
+
+
+def fit_aoa(
+    est: RegressorMixin,
+    x: np.ndarray,
+    y: np.ndarray,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    seed: int = 0,
+) -> tuple[AOA, np.ndarray]:
+    """Area of applicability of a fitted estimator (Meyer & Pebesma 2021).
+
+    Parameters
+    ----------
+    est : the fitted estimator (its permutation importance weights the predictors).
+    x, y : training features and target.
+    folds : the grouped CV folds; a training sample's DI is its distance to the nearest training sample
+        of *another* fold, as in cross-validation.
+    seed : for the permutation importance and the subsample of the mean distance.
+
+    Returns
+    -------
+    The :class:`AOA` and the cross-validated training DI of every row.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    center = np.nanmean(x, axis=0)
+    scale = np.nanstd(x, axis=0)
+    scale[~(scale > 0)] = 1.0  # a constant predictor contributes no distance
+    weights = _importance_weights(est, x, y, seed)
+    z = (x - center) / scale * weights
+    rng = np.random.default_rng(seed)
+    sub = z if len(z) <= 3000 else z[rng.choice(len(z), 3000, replace=False)]
+    dbar = float(pdist(sub).mean())
+    if not dbar > 0:
+        raise ModelError("training samples are all identical in predictor space: no area of applicability")
+    train_di = np.full(len(z), np.nan)
+    for train, test in folds:
+        dist, _ = cKDTree(z[train]).query(z[test], k=1)
+        train_di[test] = dist / dbar
+    q1, q3 = np.nanpercentile(train_di, [25, 75])
+    # the upper whisker of the training DI's boxplot, as in CAST::aoa
+    threshold = float(np.nanmax(train_di[train_di <= q3 + 1.5 * (q3 - q1)]))
+    aoa = AOA(center, scale, weights, z.astype(np.float64), dbar, threshold)
+    return aoa, train_di
 
 
 def fit(
@@ -115,13 +435,26 @@ def fit(
     feature_units: dict[str, str],
     spec: ModelSpec,
     provenance: dict | None = None,
+    *,
+    cv_predictions: pd.DataFrame | None = None,
+    sites: pd.DataFrame | None = None,
 ) -> TrainedModel:
-    """Fit the configured regressor on all rows of the training table."""
-    _check_table(table, features)
+    """Fit the configured regressor on all rows of the training table, plus uncertainty and AOA.
+
+    Parameters
+    ----------
+    table, features, feature_units, spec : as for :func:`cross_validate`; units are recorded in the model.
+    provenance : extra entries for the model card (catalog, tower files, ...).
+    cv_predictions : the output of :func:`cross_validate` on the same table and spec; its held-out quantile
+        predictions calibrate the band. When missing and the spec asks for uncertainty, the CV is run here.
+    sites : site table, for ``cv: spatial_block``.
+    """
+    _check_table(table, features, spec)
     x = table[features].to_numpy(np.float32)
-    est = make_estimator(spec).fit(x, table["NEE"].to_numpy())
+    y = table["NEE"].to_numpy(np.float64)
+    est = make_estimator(spec).fit(x, y)
     domain = {f: [float(np.nanmin(table[f])), float(np.nanmax(table[f]))] for f in features}
-    prov = {
+    prov: dict[str, Any] = {
         "geoflux_version": geoflux.__version__,
         "kind": spec.kind,
         "params": dict(spec.params),
@@ -129,24 +462,112 @@ def fit(
         "sites": sorted(map(str, table["site"].unique())),
         **(provenance or {}),
     }
-    return TrainedModel(est, list(features), dict(feature_units), TARGET_UNITS, domain, prov)
+    model = TrainedModel(est, list(features), dict(feature_units), TARGET_UNITS, domain, prov)
+    model.bands = band_names(spec)
+    model.interval = spec.interval
+    folds, scheme = cv_splits(table, spec, sites)
+    prov["cv_scheme"] = scheme
+    if spec.uncertainty != "none":
+        model.quantile_models = _fit_quantiles(spec, x, y)
+        cv = cv_predictions
+        if cv is None or len(cv) != len(table) or "lo_raw" not in cv:
+            cv, _ = cross_validate(table, features, spec, sites)
+        conf = np.maximum(cv["lo_raw"].to_numpy() - y, y - cv["hi_raw"].to_numpy())
+        model.conformal_margin = _conformal_quantile(conf, spec.interval)
+        prov["uncertainty"] = {"interval": spec.interval, "conformal_margin": model.conformal_margin}
+    if spec.aoa:
+        model.aoa, train_di = fit_aoa(est, x, y, folds, spec.seed)
+        prov["aoa"] = {
+            "threshold": model.aoa.threshold,
+            "dbar": model.aoa.dbar,
+            "weights": dict(zip(features, map(float, model.aoa.weights), strict=True)),
+            "train_di_inside": float(np.mean(train_di <= model.aoa.threshold)),
+        }
+        model.train_di = train_di  # for train()'s CV summary; not saved
+    return model
+
+
+def train(
+    table: pd.DataFrame,
+    features: list[str],
+    feature_units: dict[str, str],
+    spec: ModelSpec,
+    provenance: dict | None = None,
+    sites: pd.DataFrame | None = None,
+) -> tuple[TrainedModel, pd.DataFrame, dict]:
+    """Grouped CV, then the fit on all rows; what ``geoflux train`` runs.
+
+    Returns
+    -------
+    The model, the held-out predictions (with the band ``lo``/``hi`` and the cross-validated training
+    ``DI``/``AOA`` when configured) and the CV summary (see :func:`cross_validate`), to which an ``aoa``
+    entry adds the threshold, the fraction of held-out samples inside and the CV scores inside and outside.
+    """
+    cv_pred, cv = cross_validate(table, features, spec, sites)
+    model = fit(table, features, feature_units, spec, provenance, cv_predictions=cv_pred, sites=sites)
+    if model.aoa is not None:
+        di = model.train_di
+        cv_pred["DI"] = di
+        cv_pred["AOA"] = (di <= model.aoa.threshold).astype(int)
+        inside = cv_pred["AOA"] == 1
+        cv["aoa"] = {
+            "threshold": model.aoa.threshold,
+            "fraction_inside": float(inside.mean()),
+            "cv_inside": scores(cv_pred.loc[inside, "obs"], cv_pred.loc[inside, "pred"]),
+            "cv_outside": scores(cv_pred.loc[~inside, "obs"], cv_pred.loc[~inside, "pred"]),
+            "weights": model.provenance["aoa"]["weights"],
+        }
+    cv["bands"] = list(model.bands)
+    return model, cv_pred, cv
 
 
 def _card_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def _payload(model: TrainedModel) -> dict:
+    # Everything prediction depends on goes into the hashed skops file; the card repeats it for humans.
+    p: dict[str, Any] = {"format_version": _FORMAT_VERSION, "estimator": model.estimator}
+    if model.quantile_models is not None:
+        p["quantile_lower"], p["quantile_upper"] = model.quantile_models
+        p["conformal_margin"] = float(model.conformal_margin)
+        p["interval"] = float(model.interval)
+    if model.aoa is not None:
+        a = model.aoa
+        p["aoa"] = {
+            "center": a.center,
+            "scale": a.scale,
+            "weights": a.weights,
+            "points": a.points,
+            "dbar": float(a.dbar),
+            "threshold": float(a.threshold),
+        }
+    p["bands"] = list(model.bands)
+    return p
+
+
 def save_model(model: TrainedModel, path: str | Path) -> Path:
-    """Write ``path`` (skops estimator) and ``path.with_suffix('.json')`` (card with the estimator's hash)."""
+    """Write ``path`` (skops estimators and arrays) and ``path.with_suffix('.json')`` (card with its hash)."""
     path = Path(path)
-    blob = sio.dumps(model.estimator)
-    card = {k: v for k, v in asdict(model).items() if k != "estimator"}
-    card["sha256"] = hashlib.sha256(blob).hexdigest()
-    card["format"] = "skops"
+    blob = sio.dumps(_payload(model))
+    card = {
+        "features": list(model.features),
+        "feature_units": dict(model.feature_units),
+        "target_units": model.target_units,
+        "domain": model.domain,
+        "provenance": model.provenance,
+        "bands": list(model.bands),
+        "interval": model.interval if model.quantile_models is not None else None,
+        "conformal_margin": model.conformal_margin if model.quantile_models is not None else None,
+        "aoa_threshold": model.aoa.threshold if model.aoa is not None else None,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "format": "skops",
+        "format_version": _FORMAT_VERSION,
+    }
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
     with atomic_path(_card_path(path)) as tmp:
-        tmp.write_text(json.dumps(card, indent=2))
+        tmp.write_text(json.dumps(card, indent=2, default=str))
     return path
 
 
@@ -156,7 +577,8 @@ def load_model(path: str | Path) -> TrainedModel:
     Raises
     ------
     ModelError
-        if the card is missing, the hash does not match, or the file holds types outside scikit-learn/numpy.
+        if the card is missing, the hash does not match, or the file holds types outside scikit-learn,
+        numpy, LightGBM or XGBoost.
     """
     path = Path(path)
     card_path = _card_path(path)
@@ -178,7 +600,31 @@ def load_model(path: str | Path) -> TrainedModel:
     foreign = [t for t in untrusted if not t.startswith(_TRUSTED_PREFIXES)]
     if foreign:
         raise ModelError(f"{path}: refuses to load untrusted type(s) {foreign[:3]}")
-    est = sio.loads(blob, trusted=untrusted)
-    return TrainedModel(
-        est, card["features"], card["feature_units"], card["target_units"], card["domain"], card["provenance"]
-    )
+    try:
+        obj = sio.loads(blob, trusted=untrusted)
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot be loaded as a skops model ({type(exc).__name__})") from None
+    meta = (card["features"], card["feature_units"], card["target_units"], card["domain"], card["provenance"])
+    if not isinstance(obj, dict):  # format 1: the bare estimator
+        return TrainedModel(obj, *meta)
+    if "estimator" not in obj:
+        raise ModelError(f"{path}: skops file holds no estimator")
+    model = TrainedModel(obj["estimator"], *meta, bands=tuple(obj.get("bands", ("NEE",))))
+    if "quantile_lower" in obj:
+        model.quantile_models = (obj["quantile_lower"], obj["quantile_upper"])
+        model.conformal_margin = float(obj["conformal_margin"])
+        model.interval = float(obj["interval"])
+    if "aoa" in obj:
+        a = obj["aoa"]
+        model.aoa = AOA(
+            np.asarray(a["center"]),
+            np.asarray(a["scale"]),
+            np.asarray(a["weights"]),
+            np.asarray(a["points"]),
+            float(a["dbar"]),
+            float(a["threshold"]),
+        )
+    n_feat = len(model.features)
+    if model.aoa is not None and model.aoa.points.shape[1] != n_feat:
+        raise ModelError(f"{path}: area-of-applicability data has the wrong number of features")
+    return model

@@ -136,21 +136,22 @@ def stage_extract(cfg: RunConfig) -> pd.DataFrame:
 
 
 def stage_train(cfg: RunConfig) -> dict:
-    """Site-grouped cross-validation, then a fit on all sites; writes model, CV predictions and metrics."""
-    from geoflux.model import cross_validate, fit, save_model
+    """Site-grouped cross-validation, then a fit on all sites (with the uncertainty band calibrated on the
+    grouped CV and the area of applicability); writes model, CV predictions and metrics."""
+    from geoflux.model import save_model, train
 
     table = pd.read_parquet(_read_stage(cfg, TRAINING, "extract"))
     features = feature_names(cfg.variables)
-    cv_pred, cv = cross_validate(table, features, cfg.model)
-    _write_parquet(cv_pred, cfg.out_dir / CV_PREDICTIONS)
-    _write_json(cv, cfg.out_dir / CV_METRICS)
-    model = fit(
+    model, cv_pred, cv = train(
         table,
         features,
         feature_units(cfg.variables),
         cfg.model,
         provenance={"catalog": cfg.catalog, "towers": cfg.towers.files},
+        sites=load_sites(cfg),
     )
+    _write_parquet(cv_pred, cfg.out_dir / CV_PREDICTIONS)
+    _write_json(cv, cfg.out_dir / CV_METRICS)
     save_model(model, cfg.out_dir / MODEL)
     return cv
 

@@ -21,7 +21,7 @@ def test_pipeline_recovers_true_nee(tiny_run):
     assert metrics["cv"]["n_sites"] >= 25
     assert np.isfinite(metrics["cv"]["nse_site_median"])
     assert metrics["towers"]["n"] > 100
-    assert set(metrics["towers"]["footprint_method"].values()) == {"ffp-neutral"}
+    assert set(metrics["towers"]["footprint_method"].values()) == {"ffp"}
     on_disk = json.loads((out / "validation" / "metrics.json").read_text())
     assert on_disk["truth"]["r2"] == metrics["truth"]["r2"]
 

@@ -257,8 +257,8 @@ def test_tower_truth_matches_footprint_weighted_truth(cfg, tiny_world_pristine):
     obs = tw.aggregate(tw.qc_filter(records), cfg.periods())
     truths = {p: cfg.path(f"world/truth/nee_{p:%Y%m%d}.tif") for p in cfg.periods()}
     fps = tower_footprints(sites, target_grid(cfg.grid), cfg.footprint, records=records)
-    # demo files carry u*, wind speed and direction but no Obukhov length: neutral FFP for every tower
-    assert {fw.method for fw in fps.values()} == {"ffp-neutral"}
+    # demo files carry u*, wind, Obukhov length and sigma_v: measured-input FFP for every tower
+    assert {fw.method for fw in fps.values()} == {"ffp"}
     assert min(fw.coverage for fw in fps.values()) > 0.9
     vals = footprint_map_values(truths, fps)
     pairs = vals.merge(obs, on=["site", "time"])

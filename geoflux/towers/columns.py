@@ -39,11 +39,17 @@ RECORD_UNITS: dict[str, str] = {
     "USTAR": "m s-1",
     "WS": "m s-1",
     "WD": "decimal degrees from true north",
+    "MO_LENGTH": "m (Obukhov length; negative = unstable)",
+    "V_SIGMA": "m s-1 (standard deviation of the lateral wind)",
     "<VAR>_QC": "meteorology QC: 0 measured, 1 good gap-fill, 2 downscaled from ERA (HH/HR); "
     "fraction 0-1 of measured and good gap-filled data (DD and coarser)",
 }
 
 MET_VARIABLES = ("TA", "SW_IN", "VPD", "P", "USTAR", "WS", "WD")
+# Turbulence statistics some files carry (ONEFlux FULLSET does not; AmeriFlux BASE and site processing
+# often do). Passed through unaggregated for flux footprints (Kljun et al. 2015 FFP).
+TURBULENCE_VARIABLES = ("MO_LENGTH", "V_SIGMA")
+TURBULENCE_CANDIDATES: dict[str, tuple[str, ...]] = {"MO_LENGTH": ("MO_LENGTH",), "V_SIGMA": ("V_SIGMA",)}
 
 # ---------------------------------------------------------------------------------------------------
 # FLUXNET (ONEFlux) names. Preference order matters: the first present column with data wins, and

@@ -45,6 +45,8 @@ from geoflux.towers.columns import (
     RECORD_UNITS,
     RESOLUTIONS,
     SUBDAILY,
+    TURBULENCE_CANDIDATES,
+    TURBULENCE_VARIABLES,
     base_column,
     convert,
     fluxnet_units,
@@ -415,6 +417,7 @@ def _read_csv(label: str, body: bytes, info: _NameInfo | None, columns: dict[str
     order = ["time", "time_end", "NEE", "NEE_QC", "NEE_UNC"]
     for v in MET_VARIABLES:
         order += [v, f"{v}_QC"]
+    order += list(TURBULENCE_VARIABLES)
     out = out[[c for c in order if c in out.columns]]
     out.attrs.update(
         resolution=resolution,
@@ -460,7 +463,7 @@ def _pick_columns(label: str, flavour: str, names: list[str], override: dict[str
             raise TowerFormatError(f"{label}: column {src} (asked for {var}) is not in the file")
     pick: dict[str, str] = {}
     if flavour == "base":
-        for var, bases in BASE_CANDIDATES.items():
+        for var, bases in {**BASE_CANDIDATES, **TURBULENCE_CANDIDATES}.items():
             cands = [c for b in bases for c in base_column(names, b)]
             if cands:
                 pick[var] = cands[0]
@@ -471,7 +474,7 @@ def _pick_columns(label: str, flavour: str, names: list[str], override: dict[str
             if qc in names:
                 pick["NEE_QC"] = qc
         return pick
-    for var, cands in FLUXNET_CANDIDATES.items():
+    for var, cands in {**FLUXNET_CANDIDATES, **TURBULENCE_CANDIDATES}.items():
         src = override.get(var) or next((c for c in cands if c in names), None)
         if src is None:
             continue

@@ -1,0 +1,216 @@
+"""Analysis: multi-scale scores, grouped importance, IAV attribution, scenarios, AOA against the truth."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LinearRegression
+
+from geoflux.config import ModelSpec, VariableSpec, load_config
+
+# What controls NEE in the generator (geoflux/demo.py true_fluxes): GPP and RECO are functions of sw, ta,
+# vpd, sm, ndvi and the land-cover class only. Elevation acts only through ta (lapse rate) and lst is a
+# by-product of ta, sw, ndvi and moisture: neither has a direct effect.
+TRUE_DRIVERS = {"sw", "ta", "vpd", "sm", "ndvi", "landcover"}
+
+
+def _pairs(n_sites=4, years=1, seed=0):
+    rng = np.random.default_rng(seed)
+    t = pd.date_range("2020-01-01", periods=46 * years, freq="8D")
+    rows = []
+    for s in range(n_sites):
+        season = -3 * np.sin(2 * np.pi * t.dayofyear / 365)
+        obs = season + s + rng.normal(0, 0.5, len(t))
+        rows.append(pd.DataFrame({"site": f"S{s}", "time": t, "obs": obs}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_multiscale_perfect_and_offset_predictions():
+    from geoflux.analysis import multiscale_scores, multiscale_table
+
+    p = _pairs()
+    ms = multiscale_scores(p.assign(pred=p["obs"]))
+    assert all(s["r2"] == pytest.approx(1.0) for s in ms["scales"].values())
+    assert set(ms["skipped"]) == {"daily", "weekly", "iav"}
+    # a constant error per site: wrong at the native scale and across sites, right for anomalies
+    offset = p["site"].str[1:].astype(int) * 0.5
+    ms = multiscale_scores(p.assign(pred=p["obs"] + offset))
+    assert ms["scales"]["native"]["r2"] < 0.99
+    assert ms["scales"]["anomaly"]["r2"] == pytest.approx(1.0)
+    assert ms["scales"]["across_site"]["bias"] == pytest.approx(offset.groupby(p["site"]).first().mean())
+    assert ms["scales"]["native"]["rmse_site_p90"] >= ms["scales"]["native"]["rmse_site_median"]
+    text = multiscale_table(ms)
+    assert "anomaly" in text and "8 days" in text
+
+
+def test_multiscale_iav_and_subdaily_coverage():
+    from geoflux.analysis import multiscale_frames, multiscale_scores
+
+    p = _pairs(years=3)
+    rng = np.random.default_rng(1)
+    ms = multiscale_scores(p.assign(pred=p["obs"] + rng.normal(0, 0.1, len(p))))
+    n_years = p["time"].dt.year.nunique()
+    assert "iav" in ms["scales"] and ms["scales"]["iav"]["n"] == 4 * n_years
+    t = pd.date_range("2021-06-01", periods=48 * 2, freq="30min")
+    hh = pd.DataFrame({"site": "A", "time": t, "obs": 1.0, "pred": 1.0})
+    hh = hh.drop(index=range(48, 48 + 40))  # day 2 keeps 8 of 48 half-hours
+    frames = multiscale_frames(hh, min_fraction=0.5)
+    assert len(frames["daily"]) == 1 and frames["daily"]["time"].iloc[0] == pd.Timestamp("2021-06-01")
+
+
+def test_grouped_importance_permutes_a_categorical_driver_jointly():
+    from geoflux.analysis import driver_groups, grouped_permutation_importance
+
+    rng = np.random.default_rng(0)
+    n = 600
+    cls = rng.integers(1, 4, n)
+    df = pd.DataFrame(
+        {"site": np.arange(n) % 6, "time": 0, "a": rng.uniform(0, 1, n), "b": rng.uniform(0, 1, n)}
+    )
+    for c in (1, 2, 3):
+        df[f"lc_{c}"] = (cls == c).astype(float)
+    df["NEE"] = 2 * df["a"] + np.select([cls == 1, cls == 2], [3.0, -3.0], 0.0) + rng.normal(0, 0.1, n)
+    features = ["a", "b", "lc_1", "lc_2", "lc_3"]
+    variables = [VariableSpec(name="lc", collection="c", asset="d", kind="categorical", classes=[1, 2, 3])]
+    groups = driver_groups(features, variables)
+    assert groups == {"a": ["a"], "b": ["b"], "lc": ["lc_1", "lc_2", "lc_3"]}
+    imp = grouped_permutation_importance(
+        df, features, ModelSpec(params={"n_estimators": 30}), groups, n_repeats=3
+    )
+    assert list(imp["driver"]) == ["lc", "a", "b"]
+    assert imp.set_index("driver").loc["b", "importance"] < 0.05 * imp["importance"].max()
+
+
+def _linear_model(features, coefs):
+    from geoflux.model import TrainedModel
+
+    x = np.eye(len(features))
+    est = LinearRegression().fit(np.vstack([np.zeros(len(features)), x]), np.r_[0.0, coefs])
+    return TrainedModel(est, list(features), {})
+
+
+def test_iav_attribution_is_exact_for_an_additive_model():
+    from geoflux.analysis import iav_attribution
+
+    variables = [VariableSpec(name=n, collection="c", asset="d") for n in ("ta", "sw")]
+    rng = np.random.default_rng(2)
+    # MODIS-like 8-day steps restarting on 1 January of each of three years
+    t = pd.DatetimeIndex(
+        [d for y in (2019, 2020, 2021) for d in pd.date_range(f"{y}-01-01", periods=46, freq="8D")]
+    )
+    n_pix = 5
+    sample = pd.DataFrame(
+        {
+            "pixel": np.tile(np.arange(n_pix), len(t)),
+            "time": np.repeat(t, n_pix),
+            "ta": rng.normal(10, 3, n_pix * len(t)),
+            "sw": rng.normal(150, 40, n_pix * len(t)),
+            "valid": True,
+        }
+    )
+    model = _linear_model(["ta", "sw"], [0.3, -0.02])
+    table, info = iav_attribution(model, sample, variables)
+    years = pd.to_datetime(sample["time"]).dt.year
+    assert info["period"] == "year" and len(table) == years.nunique()
+    np.testing.assert_allclose(table["interaction"], 0.0, atol=1e-6)  # float32 features
+    ta_anom = sample.groupby(years)["ta"].mean() - sample.groupby(years)["ta"].mean().mean()
+    np.testing.assert_allclose(table["contrib_ta"], 0.3 * ta_anom.to_numpy(), atol=1e-6)
+
+
+def test_scenarios_perturb_as_documented():
+    from geoflux.analysis import SCENARIOS, scenario_projection
+
+    variables = [VariableSpec(name=n, collection="c", asset="d") for n in ("ta", "vpd")]
+    sample = pd.DataFrame({"pixel": [0, 1], "time": 0, "ta": [10.0, 20.0], "vpd": [5.0, 10.0], "valid": True})
+    warm = next(s for s in SCENARIOS if s.name == "warming_2K")
+    out, skipped = warm.apply(sample)
+    assert skipped == ["lst"]
+    np.testing.assert_allclose(out["ta"], [12.0, 22.0])
+    # VPD at constant relative humidity: esat(t + 2) / esat(t) ≈ 1.14 at 10 degC, 1.13 at 20 degC
+    np.testing.assert_allclose(out["vpd"] / sample["vpd"], [1.1427, 1.1321], rtol=2e-3)
+    x = warm.apply_features(sample[["ta", "vpd"]].to_numpy(np.float32), ["ta", "vpd"])
+    np.testing.assert_allclose(x, out[["ta", "vpd"]].to_numpy(), rtol=1e-6)  # chunks perturb alike
+    model = _linear_model(["ta", "vpd"], [0.5, 0.0])
+    res = scenario_projection(model, sample, variables, [warm]).set_index("region")
+    assert res.loc["all", "delta_nee"] == pytest.approx(1.0)
+
+
+# -------------------------------------------------------------------------------------------------------
+# the tiny demo world
+# -------------------------------------------------------------------------------------------------------
+
+FEW_TREES = {"n_estimators": 30, "min_samples_leaf": 2}
+
+
+@pytest.fixture(scope="module")
+def demo_trained(tiny_world_pristine, tmp_path_factory):
+    """Tiny world → towers → extraction → train (few trees, 5 site folds), saved like the pipeline."""
+    from geoflux import pipeline
+    from geoflux.features import feature_names, feature_units
+    from geoflux.model import save_model, train
+
+    dst = tmp_path_factory.mktemp("demo_model") / "run"
+    shutil.copytree(tiny_world_pristine, dst)
+    cfg = load_config(dst / "config.yaml")
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"params": FEW_TREES, "cv_folds": 5})})
+    pipeline.stage_towers(cfg)
+    table = pipeline.stage_extract(cfg)
+    model, cv_pred, cv = train(
+        table,
+        feature_names(cfg.variables),
+        feature_units(cfg.variables),
+        cfg.model,
+        sites=pipeline.load_sites(cfg),
+    )
+    save_model(model, cfg.out_dir / pipeline.MODEL)
+    cv_pred.to_parquet(cfg.out_dir / pipeline.CV_PREDICTIONS, index=False)
+    return cfg, model, cv
+
+
+def test_demo_band_coverage_on_held_out_sites(demo_trained):
+    _, model, cv = demo_trained
+    u = cv["uncertainty"]
+    assert 0.8 <= u["coverage"] <= 0.95, u
+    assert cv["aoa"]["fraction_inside"] > 0.8
+    assert cv["r2"] > 0.9  # site-grouped skill on the generated world
+    assert model.bands == tuple(cv["bands"])
+
+
+@pytest.fixture(scope="module")
+def demo_analysis(demo_trained, tmp_path_factory):
+    from geoflux.analysis import analyze
+
+    cfg, _, _ = demo_trained
+    out = tmp_path_factory.mktemp("analysis")
+    return out, analyze(cfg, out, n_pixels=400, importance_folds=5, n_repeats=3)
+
+
+def test_demo_importance_ranks_true_drivers_on_top(demo_analysis):
+    _, res = demo_analysis
+    ranked = [r["driver"] for r in res["importance"]]
+    assert set(ranked[:3]) <= TRUE_DRIVERS, ranked
+    assert "elevation" not in ranked[:3] and "lst" not in ranked[:3], ranked
+
+
+def test_demo_map_skill_inside_aoa(demo_analysis):
+    _, res = demo_analysis
+    t = res["truth_aoa"]
+    assert t["inside"]["r2"] >= 0.9, t
+    assert t["aoa_fraction"] > 0.8
+    if t["outside"]["n"] > 200:  # outside the AOA the model extrapolates: it should do worse
+        assert t["outside"]["rmse"] > t["inside"]["rmse"]
+    assert 0.8 <= t["inside"]["band_covers_truth"] <= 1.0
+
+
+def test_demo_analyze_writes_tables_and_plots(demo_analysis):
+    out, res = demo_analysis
+    for name in ("analysis.json", "multiscale.txt", "importance.csv", "importance.png", "iav.csv", "iav.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert len(list(out.glob("pd_*.png"))) >= 3 and len(list(out.glob("pd2_*.png"))) >= 1
+    assert res["iav"]["period"] == "month"  # the tiny world spans one year
+    sc = pd.read_csv(out / "scenarios.csv")
+    assert {"warming_2K", "drying_20pct"} <= set(sc["scenario"]) and sc["left_aoa"].between(0, 1).all()
+    assert res["multiscale"]["scales"]["native"]["n_sites"] == 25

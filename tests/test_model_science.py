@@ -1,0 +1,163 @@
+"""Model stage science: validation schemes, uncertainty band, area of applicability, safe model files.
+
+Toy tables are made here; the demo-world checks (coverage, AOA, importance against the generator) are in
+tests/test_analysis.py, which trains once on the tiny world.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import skops.io as sio
+
+from geoflux.config import ModelSpec
+from geoflux.errors import ModelError
+
+FEW_TREES = {"n_estimators": 30, "min_samples_leaf": 2}
+
+
+def _sites_table(n_sites=12, n=30, seed=0, noise=0.3):
+    """Sites on a line west→east, warmer to the east; NEE = 2a − b + site-independent noise ∝ (1 + a)."""
+    rng = np.random.default_rng(seed)
+    rows, sites = [], []
+    for s in range(n_sites):
+        a = rng.uniform(0, 1, n)
+        b = rng.uniform(0, 1, n)
+        ta = 5 + s + rng.normal(0, 0.5, n)
+        rows.append(
+            pd.DataFrame(
+                {
+                    "site": f"S{s:02d}",
+                    "time": pd.date_range("2021-01-01", periods=n, freq="D"),
+                    "a": a,
+                    "b": b,
+                    "ta": ta,
+                    "NEE": 2 * a - b + rng.normal(0, noise * (1 + a)),
+                }
+            )
+        )
+        sites.append({"SITE_ID": f"S{s:02d}", "LAT": 50.0, "LON": 10.0 + 0.2 * s})
+    return pd.concat(rows, ignore_index=True), pd.DataFrame(sites).set_index("SITE_ID")
+
+
+@pytest.mark.parametrize("scheme", ["site", "spatial_block", "climate"])
+def test_grouped_schemes_never_split_a_site(scheme):
+    from geoflux.model import cv_splits
+
+    table, sites = _sites_table()
+    spec = ModelSpec(cv=scheme, cv_block_km=30.0, cv_folds=0 if scheme != "climate" else 4)
+    folds, name = cv_splits(table, spec, sites)
+    assert len(folds) >= 2
+    seen = np.zeros(len(table), int)
+    for train, test in folds:
+        assert not set(table.loc[train, "site"]) & set(table.loc[test, "site"]), name
+        seen[test] += 1
+    assert (seen == 1).all()  # every row held out exactly once
+    if scheme == "spatial_block":
+        # sites 0.2 deg of longitude apart (~14 km) in 30 km blocks: at most 3 neighbouring sites per block
+        for _, test in folds:
+            ids = sorted(int(s[1:]) for s in set(table.loc[test, "site"]))
+            assert len(ids) <= 3 and ids == list(range(ids[0], ids[0] + len(ids)))
+        assert len(folds) <= 8
+    if scheme == "climate":
+        warmest = table.groupby("site")["ta"].mean().sort_values().index[-3:]
+        held_out = [set(table.loc[test, "site"]) for _, test in folds]
+        assert set(warmest) in held_out  # the warmest bin is one extrapolation fold
+
+
+def test_temporal_holdout_alternates_blocks_and_validates_one_site():
+    from geoflux.model import cross_validate, cv_splits
+
+    table, _ = _sites_table(n_sites=1, n=64, noise=0.05)
+    spec = ModelSpec(cv="temporal", cv_block_days=8, params=FEW_TREES, aoa=False)
+    folds, _ = cv_splits(table, spec)
+    day = (table["time"] - table["time"].min()).dt.days.to_numpy()
+    for train, test in folds:
+        assert len(set(day[test] // 8 % 2)) == 1 and not set(day[test] // 8) & set(day[train] // 8)
+    pred, res = cross_validate(table, ["a", "b"], spec)
+    assert np.isfinite(pred["pred"]).all() and res["r2"] > 0.5
+    with pytest.raises(ModelError, match="fewer than 2 sites"):
+        cross_validate(table, ["a", "b"], ModelSpec(params=FEW_TREES))
+
+
+def test_band_covers_nominal_share_of_held_out_sites():
+    from geoflux.model import cross_validate
+
+    table, _ = _sites_table(n_sites=15, n=60, seed=3)
+    spec = ModelSpec(params=FEW_TREES, cv_folds=5, interval=0.9, aoa=False)
+    pred, res = cross_validate(table, ["a", "b"], spec)
+    u = res["uncertainty"]
+    assert 0.8 <= u["coverage"] <= 0.95
+    inside = (pred["obs"] >= pred["lo"]) & (pred["obs"] <= pred["hi"])
+    assert u["coverage"] == pytest.approx(inside.mean())
+    # heteroscedastic noise (sd ∝ 1 + a): the band is wider where a is large
+    width = pred["hi"] - pred["lo"]
+    assert width[table["a"] > 0.8].mean() > 1.3 * width[table["a"] < 0.2].mean()
+
+
+def test_aoa_flags_extrapolation_and_roundtrips(tmp_path):
+    from geoflux.model import load_model, save_model, train
+
+    table, _ = _sites_table(n_sites=8, n=40, seed=1)
+    spec = ModelSpec(params=FEW_TREES, cv_folds=4)
+    m, _, cv = train(table, ["a", "b"], {"a": "1", "b": "1"}, spec)
+    assert m.bands == ("NEE", "NEE_q05", "NEE_q95", "DI", "AOA")
+    assert cv["aoa"]["fraction_inside"] > 0.9
+    # a drives NEE twice as strongly as b: its importance weight is larger
+    assert m.aoa.weights[0] > m.aoa.weights[1]
+    x = np.array([[0.5, 0.5], [1.2, 0.5], [3.0, 0.5], [10.0, 0.5]], np.float32)
+    bands = m.predict_bands(x)
+    assert bands.shape == (4, 5) and bands.dtype == np.float32
+    di = bands[:, 3]
+    assert np.all(np.diff(di) > 0)  # farther from the training data, more dissimilar
+    assert bands[0, 4] == 1 and bands[-1, 4] == 0
+    assert np.all(bands[:, 1] <= bands[:, 0]) and np.all(bands[:, 0] <= bands[:, 2])
+    path = save_model(m, tmp_path / "m.skops")
+    again = load_model(path)
+    assert again.bands == m.bands
+    np.testing.assert_allclose(again.predict_bands(x), bands, rtol=1e-6)
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["bands"] == list(m.bands) and card["aoa_threshold"] == pytest.approx(m.aoa.threshold)
+
+
+def test_foreign_type_in_skops_file_refused(tmp_path):
+    from fractions import Fraction
+
+    from geoflux.model import fit, load_model, save_model
+
+    table, _ = _sites_table(n_sites=3, n=20)
+    m = fit(table, ["a", "b"], {}, ModelSpec(params={"n_estimators": 5}, uncertainty="none", aoa=False))
+    path = save_model(m, tmp_path / "m.skops")
+    card = json.loads((tmp_path / "m.json").read_text())
+    blob = sio.dumps({"estimator": m.estimator, "extra": Fraction(1, 3)})
+    path.write_bytes(blob)
+    (tmp_path / "m.json").write_text(json.dumps({**card, "sha256": hashlib.sha256(blob).hexdigest()}))
+    with pytest.raises(ModelError, match="untrusted type"):
+        load_model(path)
+
+
+def test_lightgbm_optional_extra(tmp_path):
+    pytest.importorskip("lightgbm")
+    from geoflux.model import fit, load_model, save_model
+
+    table, _ = _sites_table(n_sites=4, n=40)
+    spec = ModelSpec(kind="lightgbm", params={"n_estimators": 20}, uncertainty="none", aoa=False)
+    m = fit(table, ["a", "b"], {}, spec)
+    again = load_model(save_model(m, tmp_path / "m.skops"))
+    x = table[["a", "b"]].to_numpy(np.float32)
+    np.testing.assert_allclose(again.predict(x), m.predict(x))
+
+
+def test_missing_optional_regressor_is_named(monkeypatch):
+    import importlib.util
+
+    from geoflux.model import make_estimator
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "xgboost" else real(n, *a))
+    with pytest.raises(ModelError, match="xgboost is not installed"):
+        make_estimator(ModelSpec(kind="xgboost"))
