@@ -238,13 +238,77 @@ def map_(config: Path, overwrite: bool) -> None:
 
 
 @cli.command()
-@config_arg
+@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--maps", default=None, help="Maps made elsewhere: quoted glob of GeoTIFFs, or a NetCDF/Zarr.")
+@click.option("--towers", "tower_files", default=None, help="Quoted glob (or folder) of tower files.")
+@click.option("--sites", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Site table CSV (SITE_ID, LAT, LON, IGBP).")
+@click.option("--time-step", default=None, help="Period of the maps, e.g. 8D, 1D, MS (default: inferred).")
+@click.option("--variable", default=None, help="NetCDF variable holding NEE (default: NEE or the only one).")
+@click.option("--units", default=None, help="NEE units when the maps do not say (default gC m-2 d-1).")
+@click.option("--radius", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Footprint disk radius, m.")
+@click.option("--qc-max", type=click.IntRange(0, 3), default=1, show_default=True,
+              help="Keep half-hourly NEE_VUT_REF_QC <= this.")
+@click.option("--min-coverage", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Drop tower periods with less QC-passed coverage.")
+@click.option("--training-sites", default=None,
+              help="Comma-separated sites the product was trained on (scored apart from the others).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --maps: write validation.json, pairs.csv and skill_*.csv here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @_fail_cleanly
-def validate(config: Path) -> None:
-    """Score maps against the truth (if configured) and towers → validation/metrics.json."""
+def validate(config: Path | None, maps: str | None, tower_files: str | None, sites: Path | None,
+             time_step: str | None, variable: str | None, units: str | None, radius: float, qc_max: int,
+             min_coverage: float, training_sites: str | None, out: Path | None, as_json: bool) -> None:
+    """Score NEE maps against towers through their footprints (and the truth when configured).
+
+    \b
+    geoflux validate CONFIG
+        the run's maps → validation/metrics.json (+ pairs.parquet, skill_*.csv)
+    geoflux validate --maps 'dir/*.tif' --towers 'towers/*.csv' --sites sites.csv [--time-step 8D]
+        maps made elsewhere (any CRS; GeoTIFF/COG series or a NetCDF such as FLUXCOM-X)
+
+    Scores: bias, RMSE, R² (squared correlation), NSE, reduced-major-axis slope; overall, per IGBP class,
+    per representativeness class and inside/outside the area of applicability; training and held-out sites
+    in separate rows.
+    """
+    import json as _json
+
     from geoflux import pipeline
 
-    click.echo(pipeline.summarize_metrics(pipeline.stage_validate(_load(config))))
+    if config is not None and maps is not None:
+        raise click.UsageError("give either CONFIG or --maps/--towers/--sites, not both")
+    if config is not None:
+        metrics = pipeline.stage_validate(_load(config))
+        text = _json.dumps(metrics, indent=2, default=str) if as_json else pipeline.summarize_metrics(metrics)
+        click.echo(text)
+        return
+    if maps is None:
+        raise click.UsageError("give CONFIG, or --maps with --towers and --sites")
+    missing = [n for n, v in (("--towers", tower_files), ("--sites", sites)) if v is None]
+    if missing:
+        raise click.UsageError(f"--maps needs {' and '.join(missing)}")
+    from geoflux.validate import validate_product, write_validation
+
+    train = [s.strip() for s in training_sites.split(",") if s.strip()] if training_sites else None
+    val = validate_product(maps, tower_files, sites, time_step=time_step, variable=variable, units=units,
+                           radius=radius, qc_max=qc_max, min_coverage=min_coverage, training_sites=train)
+    if out is not None:
+        click.echo(f"written: {write_validation(val, out)}", err=True)
+    click.echo(_json.dumps(val.to_dict(), indent=2, default=str) if as_json else val.summary_text())
+
+
+@cli.command()
+@config_arg
+@click.option("--date", "dates", multiple=True, metavar="YYYY-MM-DD",
+              help="Map date to show (repeatable; default: first, strongest-uptake and last step).")
+@_fail_cleanly
+def report(config: Path, dates: tuple[str, ...]) -> None:
+    """Write report/index.html + PNGs from the run's outputs (run 'geoflux validate CONFIG' first)."""
+    from geoflux import pipeline
+
+    click.echo(str(pipeline.stage_report(_load(config), dates=list(dates) or None)))
 
 
 @cli.command()

@@ -48,3 +48,75 @@ def summary(df: pd.DataFrame, obs: str = "obs", pred: str = "pred") -> dict[str,
         "rmse_site_median": float(sites["rmse"].median()),
         "n_sites": len(sites),
     }
+
+
+def skill(obs: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Validation scores of predictions against observations (NaN pairs ignored).
+
+    Parameters
+    ----------
+    obs, pred : array-like, same units (e.g. NEE in gC m-2 d-1).
+
+    Returns
+    -------
+    dict with
+        ``n`` pairs; ``bias`` mean(pred − obs) and ``rmse`` (units of the inputs); ``mae`` (units of the
+        inputs); ``r2`` the squared Pearson correlation (0..1, insensitive to bias and scale); ``nse`` the
+        Nash–Sutcliffe efficiency 1 − SSE/SST (≤ 1, penalizes bias and scale); ``rma_slope`` the
+        reduced-major-axis slope sign(r)·sd(pred)/sd(obs) (1 for an unbiased scale; < 1 when predictions
+        are damped); ``rma_intercept`` (units of the inputs). NaN where fewer than 2 pairs or no variance.
+    """
+    o = np.asarray(obs, dtype=float).ravel()
+    p = np.asarray(pred, dtype=float).ravel()
+    ok = np.isfinite(o) & np.isfinite(p)
+    o, p = o[ok], p[ok]
+    n = int(o.size)
+    nan = float("nan")
+    out = dict.fromkeys(("bias", "rmse", "mae", "r2", "nse", "rma_slope", "rma_intercept"), nan)
+    out = {"n": n, **out}
+    if n == 0:
+        return out
+    d = p - o
+    out["bias"] = float(d.mean())
+    out["rmse"] = float(np.sqrt((d * d).mean()))
+    out["mae"] = float(np.abs(d).mean())
+    if n < 2:
+        return out
+    so, sp = float(o.std()), float(p.std())
+    sst = float(((o - o.mean()) ** 2).sum())
+    if sst > 0:
+        out["nse"] = 1.0 - float((d * d).sum()) / sst
+    if so > 0 and sp > 0:
+        r = float(np.corrcoef(o, p)[0, 1])
+        out["r2"] = r * r
+        # RMA (geometric mean) regression: symmetric in obs and pred, so noise in the tower data does
+        # not flatten the slope the way an ordinary least-squares fit of pred on obs would
+        out["rma_slope"] = float(np.sign(r) * sp / so) if r != 0 else nan
+        out["rma_intercept"] = float(p.mean() - out["rma_slope"] * o.mean())
+    return out
+
+
+def grouped_skill(
+    df: pd.DataFrame, by: str | list[str], obs: str = "obs", pred: str = "pred"
+) -> pd.DataFrame:
+    """:func:`skill` per group of ``df`` plus the number of sites per group (``n_sites``).
+
+    Parameters
+    ----------
+    df : paired table with ``obs``/``pred`` columns (and ``site`` for ``n_sites``).
+    by : grouping column(s).
+
+    Returns
+    -------
+    One row per group: the group keys, ``n_sites`` and the :func:`skill` entries.
+    """
+    keys = [by] if isinstance(by, str) else list(by)
+    rows = []
+    for key, g in df.groupby(keys, sort=True, dropna=False, observed=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(keys, key, strict=True))
+        row["n_sites"] = int(g["site"].nunique()) if "site" in g.columns else 0
+        row.update(skill(g[obs].to_numpy(), g[pred].to_numpy()))
+        rows.append(row)
+    cols = [*keys, "n_sites", *skill(np.array([]), np.array([])).keys()]
+    return pd.DataFrame(rows, columns=cols)

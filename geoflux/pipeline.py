@@ -215,9 +215,31 @@ def stage_map(cfg: RunConfig, overwrite: bool = False, progress: bool = True) ->
     return list(paths.values())
 
 
+VALIDATION_PAIRS = "validation/pairs.parquet"
+REPORT = "report/index.html"
+
+
+def _training_sites(cfg: RunConfig) -> list[str] | None:
+    """Sites the model was fitted on (model card ``provenance.sites``); None without a model card."""
+    card = (cfg.out_dir / MODEL).with_suffix(".json")
+    if not card.exists():
+        return None
+    sites = json.loads(card.read_text()).get("provenance", {}).get("sites")
+    return [str(s) for s in sites] if sites is not None else None
+
+
 def stage_validate(cfg: RunConfig) -> dict:
-    """Score maps against the truth (if configured), the CV results and the towers; writes metrics.json."""
-    from geoflux.validate import tower_scores, truth_scores
+    """Score maps against the truth (if configured), the CV results and the towers; writes metrics.json.
+
+    Besides ``truth``, ``cv`` and ``towers`` (pooled footprint-weighted scores), metrics.json gets
+    ``footprint_validation``: skill tables (bias, RMSE, R², NSE, RMA slope) overall, per IGBP class, per
+    representativeness class, per site and inside/outside the AOA, with training sites, held-out sites and
+    the CV's held-out predictions always in separate rows; and ``multiscale`` (held-out skill per time
+    scale) when the analysis module is installed. The paired table goes to ``validation/pairs.parquet`` and
+    each skill table to ``validation/skill_<stratum>.csv``.
+    """
+    from geoflux.cube import target_grid
+    from geoflux.validate import open_geotiff_series, tower_scores, truth_scores, validate_maps
 
     paths = map_paths(cfg)
     missing = [p for p in paths.values() if not p.exists()]
@@ -234,9 +256,42 @@ def stage_validate(cfg: RunConfig) -> dict:
         metrics["cv"] = json.loads(cv_path.read_text())
     obs = pd.read_parquet(_read_stage(cfg, OBSERVATIONS, "towers"))
     sites = load_sites(cfg).loc[lambda s: s.index.isin(obs["site"].unique())]
-    _, metrics["towers"] = tower_scores(paths, footprints_for(cfg, sites), obs)
+    fps = footprints_for(cfg, sites)
+    _, metrics["towers"] = tower_scores(paths, fps, obs)
+    cv_pred_path = cfg.out_dir / CV_PREDICTIONS
+    cv_pred = pd.read_parquet(cv_pred_path) if cv_pred_path.exists() else None
+    val = validate_maps(
+        open_geotiff_series(paths),
+        sites,
+        obs,
+        footprints=fps,
+        footprint_geobox=target_grid(cfg.grid),
+        radius=cfg.footprint.radius,
+        training_sites=_training_sites(cfg),
+        cv_predictions=cv_pred,
+    )
+    metrics["footprint_validation"] = val.to_dict()
+    if cv_pred is not None:
+        try:
+            from geoflux.analysis import multiscale_scores
+        except ImportError:  # the analysis module is optional
+            multiscale_scores = None
+        if multiscale_scores is not None:
+            metrics["multiscale"] = multiscale_scores(cv_pred)
+    _write_parquet(val.pairs, cfg.out_dir / VALIDATION_PAIRS)
+    for name, table in val.tables.items():
+        with atomic_path(cfg.out_dir / f"validation/skill_{name}.csv") as tmp:
+            table.to_csv(tmp, index=False, float_format="%.4f")
     _write_json(metrics, cfg.out_dir / METRICS)
     return metrics
+
+
+def stage_report(cfg: RunConfig, dates: list[str] | None = None) -> Path:
+    """Write ``report/index.html`` with its PNG figures from the run's outputs (see :mod:`geoflux.report`)."""
+    from geoflux.report import write_report
+
+    _read_stage(cfg, METRICS, "validate")
+    return write_report(cfg, dates=dates)
 
 
 def run(
@@ -256,7 +311,9 @@ def run(
     echo("map: chunk-wise prediction to COGs")
     stage_map(cfg, overwrite=overwrite, progress=progress)
     echo("validate")
-    return stage_validate(cfg)
+    metrics = stage_validate(cfg)
+    echo(f"report: {stage_report(cfg)}")
+    return metrics
 
 
 def summarize_metrics(metrics: dict) -> str:

@@ -1,0 +1,795 @@
+"""Report stage: a run's outputs → ``report/index.html`` with PNG figures people read.
+
+The report is one self-contained folder (HTML + PNGs, relative links, no scripts or remote assets) written
+atomically: it is built in ``report.part/`` and renamed into place. Sections, each drawn from the files the
+stages wrote under the output folder:
+
+* run configuration and provenance (config, model card, map tags);
+* towers over the region on the mean NEE map, marked by land cover and training/held-out role;
+* predicted vs observed NEE: grouped-CV held-out predictions and the footprint-weighted maps at the towers;
+* time series at a few sites (tower, map through the footprint, CV prediction, uncertainty band, truth);
+* skill tables: footprint validation by stratum, multi-scale skill, truth;
+* NEE maps for chosen dates, with the uncertainty band width, the AOA and (generated worlds) the truth;
+* the NEE budget over the mapped period (map and regional number);
+* driver importance when an analysis (``analysis/analysis.json`` or ``importance.csv``) exists.
+
+A figure that cannot be drawn (a missing optional input, a failure) is replaced by a visible note in the
+HTML and a logged warning rather than failing the whole report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: the report is written on servers and in CI
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import rasterio
+from matplotlib.colors import ListedColormap, Normalize
+from matplotlib.ticker import MaxNLocator
+from rasterio.enums import Resampling
+
+import geoflux
+from geoflux.atomic import atomic_path
+from geoflux.config import RunConfig
+from geoflux.errors import GeofluxError
+from geoflux.metrics import skill
+
+log = logging.getLogger("geoflux")
+
+NEE_LABEL = "NEE (gC m-2 d-1)"
+MAX_PIXELS = 600  # longest edge of map figures after decimation (average resampling)
+ROLE_STYLE = {
+    "training": {"color": "#1f77b4", "label": "training site"},
+    "held-out": {"color": "#d62728", "label": "held-out site"},
+    "independent": {"color": "#2ca02c", "label": "independent site"},
+    "held-out (CV)": {"color": "#9467bd", "label": "held-out (site-grouped CV)"},
+}
+IGBP_MARKERS = {"ENF": "^", "DBF": "o", "EBF": "p", "MF": "D", "GRA": "s", "CRO": "P", "WSA": "v", "SAV": "<"}
+DPI = 110
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+class _Run:
+    """The output folder of a run and lazily read pieces of it."""
+
+    def __init__(self, cfg: RunConfig):
+        from geoflux import pipeline
+
+        self.cfg = cfg
+        self.out = cfg.out_dir
+        self.metrics = json.loads((self.out / pipeline.METRICS).read_text())
+        self.maps = {p: f for p, f in pipeline.map_paths(cfg).items() if f.exists()}
+        self.step_days = float(pd.Timedelta(pd.tseries.frequencies.to_offset(cfg.time.step)).days or 1)
+        pairs = self.out / pipeline.VALIDATION_PAIRS
+        self.pairs = pd.read_parquet(pairs) if pairs.exists() else None
+        card = (self.out / pipeline.MODEL).with_suffix(".json")
+        self.card = json.loads(card.read_text()) if card.exists() else None
+        try:
+            self.sites = pipeline.load_sites(cfg)
+        except GeofluxError:
+            self.sites = None
+        analysis = self.out / "analysis" / "analysis.json"
+        self.analysis = json.loads(analysis.read_text()) if analysis.exists() else None
+
+    def band_path(self, stem: str, period: pd.Timestamp) -> Path | None:
+        """``maps/<stem>_YYYYMMDD.tif`` when it exists (``nee_q05``, ``aoa``, ...)."""
+        p = self.out / "maps" / f"{stem}_{period:%Y%m%d}.tif"
+        return p if p.exists() else None
+
+    def interval_stems(self) -> tuple[str, str] | None:
+        first = next(iter(self.maps), None)
+        if first is None:
+            return None
+        qs = sorted(
+            int(p.name.split("_")[1][1:])
+            for p in (self.out / "maps").glob(f"nee_q*_{first:%Y%m%d}.tif")
+            if p.name.split("_")[1][1:].isdigit()
+        )
+        return (f"nee_q{qs[0]:02d}", f"nee_q{qs[-1]:02d}") if len(qs) >= 2 else None
+
+    def truth_path(self, period: pd.Timestamp) -> Path | None:
+        if not self.cfg.truth:
+            return None
+        p = self.cfg.path(str(Path(self.cfg.truth).parent / f"nee_{period:%Y%m%d}.tif"))
+        return p if p.exists() else None
+
+
+def _read_map(
+    path: Path, max_px: int = MAX_PIXELS
+) -> tuple[np.ndarray, tuple[float, float, float, float], str]:
+    """Band 1 decimated to at most ``max_px`` on its long edge.
+
+    Returns the array (NaN = no data), its extent (left, right, bottom, top in CRS units) and a CRS label.
+    """
+    with rasterio.open(path) as ds:
+        f = max(1, int(np.ceil(max(ds.width, ds.height) / max_px)))
+        shape = (max(1, ds.height // f), max(1, ds.width // f))
+        a = ds.read(1, out_shape=shape, resampling=Resampling.average, masked=True).astype("float64")
+        b = ds.bounds
+        crs = ds.crs
+    label = "?" if crs is None else (f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else crs.to_string()[:30])
+    return a.filled(np.nan), (b.left, b.right, b.bottom, b.top), label
+
+
+def _axis_labels(ax: plt.Axes, crs_label: str) -> None:
+    geographic = crs_label == "EPSG:4326"
+    ax.set_xlabel("longitude (deg)" if geographic else f"easting (m, {crs_label})")
+    ax.set_ylabel("latitude (deg)" if geographic else f"northing (m, {crs_label})")
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.tick_params(labelsize=7)
+
+
+def _nee_norm(arrays: Sequence[np.ndarray]) -> Normalize:
+    """Linear norm symmetric about 0 (sink blue, source red) spanning the 2-98 % range of all arrays."""
+    vals = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays]) if arrays else np.array([])
+    v = float(np.max(np.abs(np.percentile(vals, [2, 98])))) if vals.size else 1.0
+    return Normalize(-max(v, 1e-3), max(v, 1e-3))
+
+
+def _tower_xy(sites: pd.DataFrame, crs_wkt: str) -> tuple[np.ndarray, np.ndarray]:
+    from pyproj import Transformer
+
+    tr = Transformer.from_crs("EPSG:4326", crs_wkt, always_xy=True)
+    x, y = tr.transform(sites["LON"].to_numpy(float), sites["LAT"].to_numpy(float))
+    return np.asarray(x), np.asarray(y)
+
+
+def _save(fig: plt.Figure, folder: Path, name: str) -> str:
+    fig.savefig(folder / name, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures (each returns the PNG name written into ``folder``)
+
+
+def fig_towers(run: _Run, folder: Path, mean: np.ndarray, extent: tuple, crs_label: str) -> str:
+    """Towers over the region on the mean NEE map of the run."""
+    if run.sites is None:
+        raise GeofluxError("no site table")
+    with rasterio.open(next(iter(run.maps.values()))) as ds:
+        crs_wkt = ds.crs.to_wkt()
+    sites = run.sites
+    x, y = _tower_xy(sites, crs_wkt)
+    training = set(run.card["provenance"].get("sites", [])) if run.card else None
+    roles = np.array(
+        [
+            "independent" if training is None else ("training" if s in training else "held-out")
+            for s in sites.index
+        ]
+    )
+    igbp = (
+        sites["IGBP"].astype(str) if "IGBP" in sites.columns else pd.Series("?", index=sites.index)
+    ).to_numpy()
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    im = ax.imshow(mean, extent=extent, cmap="RdBu_r", norm=_nee_norm([mean]), interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.8, label=f"mean {NEE_LABEL} over {len(run.maps)} steps")
+    for cls in sorted(set(igbp)):
+        for role in ("training", "held-out", "independent"):
+            sel = (igbp == cls) & (roles == role)
+            if sel.any():
+                ax.scatter(
+                    x[sel],
+                    y[sel],
+                    marker=IGBP_MARKERS.get(cls, "o"),
+                    s=60,
+                    facecolor="white",
+                    edgecolor=ROLE_STYLE[role]["color"],
+                    linewidth=1.8,
+                    label=f"{cls} ({ROLE_STYLE[role]['label']})",
+                    zorder=3,
+                )
+    for sid, xi, yi in zip(sites.index, x, y, strict=True):
+        ax.annotate(str(sid), (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=6)
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    _axis_labels(ax, crs_label)
+    ax.set_title(f"{len(sites)} towers over the mapped region")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
+    return _save(fig, folder, "towers.png")
+
+
+def _scatter_panel(ax: plt.Axes, df: pd.DataFrame, title: str, color_by_role: bool = True) -> None:
+    lim = [np.nanmin([df["obs"].min(), df["pred"].min()]), np.nanmax([df["obs"].max(), df["pred"].max()])]
+    pad = 0.05 * (lim[1] - lim[0] or 1.0)
+    lim = [lim[0] - pad, lim[1] + pad]
+    for role, g in df.groupby("role", sort=True):
+        style = ROLE_STYLE.get(str(role), {"color": "grey", "label": str(role)})
+        ax.scatter(
+            g["obs"], g["pred"], s=10, alpha=0.6, color=style["color"], label=f"{style['label']} (n={len(g)})"
+        )
+    ax.plot(lim, lim, color="k", lw=0.8, label="1:1")
+    s = skill(df["obs"].to_numpy(), df["pred"].to_numpy())
+    if np.isfinite(s["rma_slope"]):
+        xs = np.array(lim)
+        ax.plot(
+            xs, s["rma_intercept"] + s["rma_slope"] * xs, color="orange", lw=1.2, ls="--", label="RMA fit"
+        )
+    ax.text(
+        0.03,
+        0.97,
+        f"n {s['n']}\nR² {s['r2']:.2f}   NSE {s['nse']:.2f}\nRMSE {s['rmse']:.2f}   bias {s['bias']:+.2f}\n"
+        f"RMA slope {s['rma_slope']:.2f}",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=8,
+        bbox={"facecolor": "white", "alpha": 0.8, "lw": 0},
+    )
+    ax.set_xlim(lim)
+    ax.set_ylim(lim)
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"observed {NEE_LABEL}")
+    ax.set_ylabel(f"predicted {NEE_LABEL}")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def fig_scatter(run: _Run, folder: Path) -> str:
+    """Held-out CV predictions and footprint-weighted maps against tower observations."""
+    if run.pairs is None:
+        raise GeofluxError("validation/pairs.parquet not found (run 'geoflux validate')")
+    cv = run.pairs.loc[run.pairs["source"] == "cv"]
+    mp = run.pairs.loc[run.pairs["source"] == "map"]
+    panels = [
+        (d, t) for d, t in ((cv, "held-out sites: site-grouped CV"), (mp, "map through footprints")) if len(d)
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False)
+    for ax, (d, t) in zip(axes[0], panels, strict=True):
+        _scatter_panel(ax, d, t)
+    return _save(fig, folder, "scatter.png")
+
+
+def _footprint_truth(run: _Run) -> pd.DataFrame | None:
+    """Footprint-weighted true NEE at the towers (generated worlds), via the validation module."""
+    from geoflux import pipeline
+    from geoflux.cube import target_grid
+    from geoflux.validate import footprint_values, footprints_on_grid, open_geotiff_series
+
+    truths = {p: run.truth_path(p) for p in run.maps}
+    if not truths or any(v is None for v in truths.values()) or run.sites is None:
+        return None
+    series = open_geotiff_series(truths)
+    try:
+        fps = pipeline.footprints_for(run.cfg, run.sites)
+        fps = footprints_on_grid(
+            run.sites, series.geobox, footprints=fps, footprint_geobox=target_grid(run.cfg.grid)
+        )
+    except GeofluxError:
+        fps = footprints_on_grid(run.sites, series.geobox, run.cfg.footprint.radius)
+    return footprint_values(series, fps)[["site", "time", "map"]].rename(columns={"map": "truth"})
+
+
+def pick_sites(pairs: pd.DataFrame, n: int = 4) -> list[str]:
+    """Up to ``n`` sites for time series: one per land-cover class (held-out first, most data), then more."""
+    mp = pairs.loc[pairs["source"] == "map"]
+    if mp.empty:
+        mp = pairs
+    counts = mp.groupby(["role", "igbp", "site"]).size().rename("n").reset_index()
+    counts["held"] = counts["role"] != "training"
+    counts = counts.sort_values(["held", "n"], ascending=[False, False])
+    chosen: list[str] = []
+    for _, g in counts.groupby("igbp", sort=True):
+        chosen.append(str(g.iloc[0]["site"]))
+    rest = [str(s) for s in counts["site"] if str(s) not in chosen]
+    return sorted((chosen + rest)[:n])
+
+
+def fig_timeseries(run: _Run, folder: Path, n_sites: int = 4) -> str:
+    """Tower NEE, the map through the footprint, the CV prediction, band and truth at a few sites."""
+    if run.pairs is None:
+        raise GeofluxError("validation/pairs.parquet not found (run 'geoflux validate')")
+    sites = pick_sites(run.pairs, n_sites)
+    truth = _footprint_truth(run)
+    fig, axes = plt.subplots(len(sites), 1, figsize=(10, 2.3 * len(sites)), sharex=True, squeeze=False)
+    for ax, site in zip(axes[:, 0], sites, strict=True):
+        p = run.pairs.loc[run.pairs["site"] == site]
+        mp = p.loc[p["source"] == "map"].sort_values("time")
+        cv = p.loc[p["source"] == "cv"].sort_values("time")
+        obs = (
+            pd.concat([mp[["time", "obs"]], cv[["time", "obs"]]]).drop_duplicates("time").sort_values("time")
+        )
+        if {"lo", "hi"} <= set(mp.columns) and mp["lo"].notna().any():
+            ax.fill_between(
+                mp["time"],
+                mp["lo"],
+                mp["hi"],
+                color="#1f77b4",
+                alpha=0.15,
+                step="post",
+                label="map uncertainty band",
+            )
+        if truth is not None:
+            t = truth.loc[truth["site"] == site].sort_values("time")
+            ax.step(
+                t["time"], t["truth"], where="post", color="k", lw=1.0, ls=":", label="true NEE (footprint)"
+            )
+        ax.step(
+            mp["time"], mp["pred"], where="post", color="#1f77b4", lw=1.5, label="map (footprint-weighted)"
+        )
+        if len(cv):
+            ax.step(
+                cv["time"], cv["pred"], where="post", color="#9467bd", lw=1.2, ls="--", label="CV held-out"
+            )
+        ax.plot(obs["time"], obs["obs"], "o", ms=3.5, color="#d62728", label="tower (QC-filtered)")
+        role = mp["role"].iloc[0] if len(mp) else "?"
+        igbp = p["igbp"].iloc[0] if len(p) else "?"
+        ax.set_title(f"{site} ({igbp}, {role} site)", fontsize=9, loc="left")
+        ax.set_ylabel("NEE\n(gC m-2 d-1)", fontsize=8)
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0, 0].legend(fontsize=7, ncol=3, loc="upper right")
+    axes[-1, 0].set_xlabel("period start")
+    fig.autofmt_xdate()
+    return _save(fig, folder, "timeseries.png")
+
+
+def choose_dates(means: pd.Series, n: int = 3) -> list[pd.Timestamp]:
+    """First step, the step of strongest regional uptake (lowest mean NEE) and the last step."""
+    if means.empty:
+        return []
+    picks = [means.index[0], means.idxmin(), means.index[-1]]
+    out = sorted(dict.fromkeys(picks))
+    return out[:n]
+
+
+def fig_maps(run: _Run, folder: Path, dates: Sequence[pd.Timestamp]) -> str:
+    """NEE for chosen dates, plus rows for the uncertainty band width, the AOA and the truth when present."""
+    stems = run.interval_stems()
+    rows: list[tuple[str, list[np.ndarray]]] = []
+    nee, extent, crs_label = [], None, ""
+    for d in dates:
+        a, extent, crs_label = _read_map(run.maps[d])
+        nee.append(a)
+    rows.append(("NEE", nee))
+    truth_paths = [run.truth_path(d) for d in dates]
+    if all(truth_paths):
+        rows.append(("truth", [_read_map(p)[0] for p in truth_paths]))
+    if stems:
+        lo = [run.band_path(stems[0], d) for d in dates]
+        hi = [run.band_path(stems[1], d) for d in dates]
+        if all(lo) and all(hi):
+            rows.append(("width", [_read_map(h)[0] - _read_map(l_)[0] for l_, h in zip(lo, hi, strict=True)]))
+    aoa = [run.band_path("aoa", d) for d in dates]
+    if all(aoa):
+        rows.append(("aoa", [_read_map(p)[0] for p in aoa]))
+    norm = _nee_norm(nee + (rows[1][1] if rows[1][0] == "truth" else []) if len(rows) > 1 else nee)
+    fig, axes = plt.subplots(
+        len(rows), len(dates), figsize=(3.6 * len(dates) + 1.2, 3.3 * len(rows)), squeeze=False
+    )
+    for r, (kind, arrays) in enumerate(rows):
+        for c, (d, a) in enumerate(zip(dates, arrays, strict=True)):
+            ax = axes[r, c]
+            if kind in ("NEE", "truth"):
+                im = ax.imshow(a, extent=extent, cmap="RdBu_r", norm=norm, interpolation="nearest")
+                label = NEE_LABEL if kind == "NEE" else f"true {NEE_LABEL}"
+            elif kind == "width":
+                im = ax.imshow(
+                    a,
+                    extent=extent,
+                    cmap="viridis",
+                    vmin=0,
+                    vmax=np.nanpercentile(np.concatenate([x[np.isfinite(x)] for x in arrays]), 98),
+                    interpolation="nearest",
+                )
+                label = f"band width {stems[1][4:]}−{stems[0][4:]} (gC m-2 d-1)"
+            else:
+                im = ax.imshow(
+                    np.where(np.isfinite(a), (a > 0.5).astype(float), np.nan),
+                    extent=extent,
+                    cmap=ListedColormap(["#bdbdbd", "#31a354"]),
+                    vmin=-0.5,
+                    vmax=1.5,
+                    interpolation="nearest",
+                )
+                label = "area of applicability"
+            ax.set_title(f"{kind if kind != 'width' else 'uncertainty'} {d:%Y-%m-%d}", fontsize=9)
+            _axis_labels(ax, crs_label)
+            ax.xaxis.set_major_locator(MaxNLocator(3))
+            ax.yaxis.set_major_locator(MaxNLocator(4))
+            if c:  # panels of a row share the extent: label the first only
+                ax.set_ylabel("")
+                ax.set_yticklabels([])
+            if r < len(rows) - 1:
+                ax.set_xlabel("")
+        cb = fig.colorbar(im, ax=list(axes[r]), shrink=0.85, label=label)
+        if kind == "aoa":
+            cb.set_ticks([0, 1])
+            cb.set_ticklabels(["outside", "inside"])
+    return _save(fig, folder, "maps.png")
+
+
+def budget(run: _Run) -> tuple[np.ndarray, tuple, str, dict]:
+    """NEE summed over the mapped periods (gC m-2) per pixel and its regional summary."""
+    if not run.maps:
+        raise GeofluxError(f"{run.out / 'maps'}: no NEE maps")
+    acc = cnt = None
+    means = {}
+    for p, path in run.maps.items():
+        a, extent, crs_label = _read_map(path)
+        if acc is None:
+            acc, cnt = np.zeros_like(a), np.zeros_like(a)
+        ok = np.isfinite(a)
+        acc += np.where(ok, a, 0.0) * run.step_days
+        cnt += ok
+        means[p] = float(np.nanmean(a)) if ok.any() else np.nan
+    n = len(run.maps)
+    total = np.where(cnt == n, acc, np.nan)  # only pixels mapped in every step have a complete budget
+    mean_map = np.where(cnt > 0, acc / np.maximum(cnt, 1) / run.step_days, np.nan)
+    with rasterio.open(next(iter(run.maps.values()))) as ds:
+        px_area = abs(ds.transform.a * ds.transform.e) * (ds.width * ds.height) / total.size
+        projected = ds.crs is not None and ds.crs.is_projected
+    days = n * run.step_days
+    mean = float(np.nanmean(total)) if np.isfinite(total).any() else float("nan")
+    info = {
+        "days": days,
+        "start": f"{min(run.maps):%Y-%m-%d}",
+        "end": f"{max(run.maps) + pd.Timedelta(days=run.step_days - 1):%Y-%m-%d}",
+        "mean_gC_m2": mean,
+        "sink_fraction": float(np.nanmean(total < 0)) if np.isfinite(total).any() else float("nan"),
+        "annual": days >= 365,
+        "means": pd.Series(means),
+        "mean_map": mean_map,
+    }
+    if projected:
+        info["total_GgC"] = mean * np.isfinite(total).sum() * px_area / 1e9
+    return total, extent, crs_label, info
+
+
+def fig_budget(run: _Run, folder: Path, total: np.ndarray, extent: tuple, crs_label: str, info: dict) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    im = ax.imshow(total, extent=extent, cmap="RdBu_r", norm=_nee_norm([total]), interpolation="nearest")
+    what = "annual" if info["annual"] else f"{info['days']:.0f}-day"
+    fig.colorbar(im, ax=ax, shrink=0.85, label=f"{what} NEE budget (gC m-2)")
+    ax.set_title(
+        f"NEE summed {info['start']} .. {info['end']}\nregional mean {info['mean_gC_m2']:.0f} gC m-2",
+        fontsize=10,
+    )
+    _axis_labels(ax, crs_label)
+    return _save(fig, folder, "budget.png")
+
+
+def _importance_table(run: _Run) -> pd.DataFrame | None:
+    if run.analysis is not None and run.analysis.get("importance"):
+        return pd.DataFrame(run.analysis["importance"])
+    csv = run.out / "analysis" / "importance.csv"
+    return pd.read_csv(csv) if csv.exists() else None
+
+
+def fig_importance(run: _Run, folder: Path) -> str:
+    imp = _importance_table(run)
+    if imp is None or imp.empty:
+        raise GeofluxError("no driver importance (run the analysis: geoflux.analysis.analyze)")
+    imp = imp.sort_values("importance")
+    fig, ax = plt.subplots(figsize=(6.5, 0.35 * len(imp) + 1.2))
+    err = imp["importance_std"] if "importance_std" in imp.columns else None
+    ax.barh(imp["driver"], imp["importance"], xerr=err, color="#1f77b4", alpha=0.85)
+    ax.set_xlabel("increase of held-out MSE when permuted ((gC m-2 d-1)²)")
+    ax.set_title("driver importance (site-grouped permutation)", fontsize=10)
+    return _save(fig, folder, "importance.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
+color:#222;line-height:1.45;padding:0 1em}
+h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0 1em}
+th,td{padding:.25em .6em;border-bottom:1px solid #eee;text-align:right}
+th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
+pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.8em;max-height:28em}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+.note{color:#a15c00;font-size:.9em}.meta{color:#666;font-size:.9em}
+"""
+
+
+def _table(df: pd.DataFrame, digits: int = 3) -> str:
+    return df.to_html(
+        index=False,
+        border=0,
+        na_rep="–",
+        float_format=lambda v: f"{v:.{digits}f}",
+        classes="skill",
+        escape=True,
+    )
+
+
+def _figure(name: str, caption: str) -> str:
+    return (
+        f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _try(parts: list[str], what: str, fn: Callable[[], str]) -> None:
+    """Append ``fn()``'s HTML, or a visible note when it cannot be drawn."""
+    try:
+        parts.append(fn())
+    except Exception as exc:  # a report shows what it can; the note says what is missing and why
+        log.warning("report: %s not drawn: %s", what, exc)
+        parts.append(
+            _note(f"{what} not drawn: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        )
+
+
+def _provenance(run: _Run) -> str:
+    import yaml
+
+    data = run.cfg.model_dump(mode="json", exclude={"base_dir"})
+    parts = ["<h3>Configuration</h3>", f"<pre>{html.escape(yaml.safe_dump(data, sort_keys=False))}</pre>"]
+    rows = []
+    if run.card:
+        prov = run.card.get("provenance", {})
+        rows += [
+            ("model", f"{prov.get('kind', '?')} {json.dumps(prov.get('params', {}))}"),
+            ("training samples / sites", f"{prov.get('n_samples', '?')} / {len(prov.get('sites', []))}"),
+            ("model file sha256", str(run.card.get("sha256", "?"))),
+            ("model bands", ", ".join(run.card.get("bands", ["NEE"]))),
+            ("trained with", f"geoflux {prov.get('geoflux_version', '?')}"),
+        ]
+    if run.maps:
+        first = next(iter(run.maps.values()))
+        with rasterio.open(first) as ds:
+            tags = ds.tags()
+            rows += [
+                (
+                    "maps",
+                    f"{len(run.maps)} × {ds.width}×{ds.height} px, "
+                    f"{ds.crs.to_string()[:40] if ds.crs else '?'}",
+                ),
+                ("map software", tags.get("software", "?")),
+                ("map model sha256", tags.get("model_sha256", "?")),
+            ]
+    rows.append(
+        (
+            "report written by",
+            f"geoflux {geoflux.__version__}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        )
+    )
+    parts.append("<h3>Provenance</h3>")
+    parts.append(_table(pd.DataFrame(rows, columns=["item", "value"])))
+    return "\n".join(parts)
+
+
+def _skill_tables(run: _Run) -> str:
+    parts = []
+    m = run.metrics
+    summary = []
+    if "truth" in m:
+        t = m["truth"]
+        summary.append(
+            (
+                "map vs true field (every pixel and step)",
+                t.get("n"),
+                t.get("r2"),
+                t.get("rmse"),
+                t.get("bias"),
+            )
+        )
+    if "cv" in m:
+        c = m["cv"]
+        summary.append(
+            (
+                f"{c.get('scheme', 'grouped')} CV (held-out)",
+                c.get("n"),
+                c.get("r2"),
+                c.get("rmse"),
+                c.get("bias"),
+            )
+        )
+    if "towers" in m and "r2" in m["towers"]:
+        w = m["towers"]
+        summary.append(
+            ("map vs towers through footprints", w.get("n"), w.get("r2"), w.get("rmse"), w.get("bias"))
+        )
+    if summary:
+        parts.append("<h3>Summary</h3>")
+        parts.append(
+            _table(pd.DataFrame(summary, columns=["comparison", "n", "NSE (1-SSE/SST)", "RMSE", "bias"]))
+        )
+    fv = m.get("footprint_validation")
+    if fv:
+        parts.append(
+            "<h3>Footprint validation</h3><p>Map value Σw·M/Σw over each tower's footprint (valid pixels) "
+            "against the tower's QC-filtered NEE per time step, gC m-2 d-1. <b>R²</b> is the squared "
+            "correlation, <b>NSE</b> 1 − SSE/SST, <b>RMA slope</b> the reduced-major-axis slope. Rows never "
+            "pool training sites (in-sample for the map) with held-out sites or the cross-validation's "
+            "held-out predictions.</p>"
+        )
+        cols = [
+            "source",
+            "role",
+            "n_sites",
+            "n",
+            "bias",
+            "rmse",
+            "r2",
+            "nse",
+            "rma_slope",
+            "interval_coverage",
+        ]
+        titles = {
+            "overall": "overall",
+            "igbp": "by land cover (IGBP)",
+            "representativeness": "by representativeness index",
+            "aoa": "inside / outside the area of applicability",
+        }
+        for key, title in titles.items():
+            t = fv.get("tables", {}).get(key)
+            if not t:
+                continue
+            df = pd.DataFrame(t)
+            lead = [c for c in df.columns if c not in cols and c not in ("mae", "rma_intercept")]
+            df = df[[c for c in ["source", "role", *lead, *cols[2:]] if c in df.columns]]
+            parts.append(f"<h4>{html.escape(title)}</h4>" + _table(df))
+    ms = m.get("multiscale") or (run.analysis or {}).get("multiscale")
+    if ms and ms.get("scales"):
+        parts.append(
+            "<h3>Multi-scale skill (held-out, native step "
+            f"{html.escape(str(ms.get('native_step', '?')))})</h3>"
+        )
+        df = pd.DataFrame(ms["scales"]).T.rename_axis("scale").reset_index()
+        keep = [
+            c
+            for c in ["scale", "n", "r2", "rmse", "bias", "n_sites", "nse_site_median", "nse_site_p10"]
+            if c in df.columns
+        ]
+        parts.append(_table(df[keep]))
+        for name, why in ms.get("skipped", {}).items():
+            parts.append(_note(f"{name}: skipped ({why})"))
+    return "\n".join(parts) or _note("no skill tables in metrics.json")
+
+
+def write_report(cfg: RunConfig, dates: Sequence[str] | None = None, n_sites: int = 4) -> Path:
+    """Write ``<output>/report/index.html`` and its PNGs from a run's outputs; returns the HTML path.
+
+    Parameters
+    ----------
+    cfg : the run configuration (the report reads the files its stages wrote).
+    dates : map dates to show (YYYY-MM-DD, matched to the period starting then or containing it); default
+        the first step, the step of strongest regional uptake and the last step.
+    n_sites : sites with time series.
+    """
+    run = _Run(cfg)
+    wanted = _match_dates(run, dates) if dates else None  # a bad --date is the user's error, not a note
+    final = run.out / "report"
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        parts = [
+            f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>geoflux report</title>"
+            f"<style>{_CSS}</style></head><body>",
+            "<h1>geoflux NEE report</h1>",
+            f"<p class='meta'>output folder {html.escape(str(run.out))} · created "
+            f"{html.escape(str(run.metrics.get('created', '?')))} · units gC m-2 d-1 "
+            "(positive = CO2 source)</p>",
+        ]
+        from geoflux.pipeline import summarize_metrics
+
+        parts.append(f"<pre>{html.escape(summarize_metrics(run.metrics))}</pre>")
+        info: dict = {}
+        try:
+            total, extent, crs_label, b = budget(run)
+            info.update(b, total=total, extent=extent, crs_label=crs_label)
+        except Exception as exc:  # no readable maps: the sections that need them say so
+            log.warning("report: maps not read: %s", exc)
+            info["error"] = str(exc)
+
+        def need_maps() -> None:
+            if "total" not in info:
+                raise GeofluxError(info.get("error", "no maps"))
+
+        parts.append("<h2>Towers over the region</h2>")
+
+        def towers_section() -> str:
+            need_maps()
+            name = fig_towers(run, tmp, info["mean_map"], info["extent"], info["crs_label"])
+            return _figure(
+                name,
+                "Towers on the mean NEE map; marker = land cover, edge colour = role (training/held-out).",
+            )
+
+        _try(parts, "tower map", towers_section)
+        parts.append("<h2>Predicted vs observed</h2>")
+        _try(
+            parts,
+            "scatter",
+            lambda: _figure(
+                fig_scatter(run, tmp),
+                "Left: held-out predictions of the "
+                "site-grouped cross-validation. Right: the maps through each tower's footprint (in-sample at "
+                "training sites). Orange: reduced-major-axis fit.",
+            ),
+        )
+        parts.append("<h2>Time series at selected sites</h2>")
+        _try(
+            parts,
+            "time series",
+            lambda: _figure(
+                fig_timeseries(run, tmp, n_sites),
+                "Tower NEE per period, the footprint-weighted map, the CV held-out prediction and, when "
+                "present, the band and the truth.",
+            ),
+        )
+        parts.append("<h2>Skill</h2>")
+        _try(parts, "skill tables", lambda: _skill_tables(run))
+        parts.append("<h2>Maps</h2>")
+
+        def maps_section() -> str:
+            need_maps()
+            chosen = wanted or choose_dates(info["means"])
+            shown = ", ".join(f"{d:%Y-%m-%d}" for d in chosen)
+            return _figure(
+                fig_maps(run, tmp, chosen),
+                f"NEE maps for the periods starting {shown} (blue = uptake, red = "
+                "release), with the truth, the uncertainty band width and the area of applicability "
+                "when the run has them.",
+            )
+
+        _try(parts, "maps", maps_section)
+        parts.append("<h2>NEE budget</h2>")
+
+        def budget_section() -> str:
+            need_maps()
+            what = "Annual" if info["annual"] else f"{info['days']:.0f}-day (not a full year)"
+            text = (
+                f"<p>{what} NEE budget {info['start']} .. {info['end']}: regional mean "
+                f"<b>{info['mean_gC_m2']:.1f} gC m-2</b>"
+                + (f", total <b>{info['total_GgC']:.2f} Gg C</b>" if "total_GgC" in info else "")
+                + f"; {100 * info['sink_fraction']:.0f} % of the pixels are net sinks.</p>"
+            )
+            return text + _figure(
+                fig_budget(run, tmp, info["total"], info["extent"], info["crs_label"], info),
+                "NEE summed over the mapped periods (period length × daily mean NEE); pixels missing in any "
+                "step are blank.",
+            )
+
+        _try(parts, "budget", budget_section)
+        parts.append("<h2>Driver importance</h2>")
+        _try(
+            parts,
+            "driver importance",
+            lambda: _figure(
+                fig_importance(run, tmp),
+                "Permutation importance on "
+                "held-out folds (the land-cover class fractions permuted together).",
+            ),
+        )
+        parts.append("<h2>Run configuration and provenance</h2>")
+        _try(parts, "provenance", lambda: _provenance(run))
+        parts.append("</body></html>")
+        (tmp / "index.html").write_text("\n".join(parts), encoding="utf-8")
+    return final / "index.html"
+
+
+def _match_dates(run: _Run, dates: Sequence[str]) -> list[pd.Timestamp]:
+    periods = sorted(run.maps)
+    if not periods:
+        raise GeofluxError(f"{run.out / 'maps'}: no NEE maps to show")
+    out = []
+    for d in dates:
+        t = pd.Timestamp(d)
+        inside = [p for p in periods if p <= t < p + pd.Timedelta(days=run.step_days)]
+        if not inside:
+            raise GeofluxError(
+                f"date {d}: no map period contains it ({periods[0]:%Y-%m-%d}..{periods[-1]:%Y-%m-%d})"
+            )
+        out.append(inside[0])
+    return sorted(dict.fromkeys(out))
