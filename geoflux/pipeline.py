@@ -251,6 +251,11 @@ def stage_validate(cfg: RunConfig) -> dict:
         if len(truths) != len(paths):
             raise GeofluxError(f"{cfg.truth}: {len(truths)} truth rasters for {len(paths)} map time steps")
         metrics["truth"] = truth_scores(list(paths.values()), [Path(t) for t in truths])
+        if cfg.model.aoa:
+            # generated worlds: is the map better inside its area of applicability than outside?
+            from geoflux.analysis import aoa_truth_scores
+
+            metrics["truth_aoa"] = aoa_truth_scores(cfg)
     cv_path = cfg.out_dir / CV_METRICS
     if cv_path.exists():
         metrics["cv"] = json.loads(cv_path.read_text())

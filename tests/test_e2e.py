@@ -60,3 +60,12 @@ def test_rerun_resumes_without_rewriting(tiny_run):
     assert maps[3].exists()
     unchanged = [p for p in maps if p != maps[3] and p.stat().st_mtime_ns == before[p]]
     assert len(unchanged) == len(maps) - 1
+
+
+def test_map_is_better_inside_its_area_of_applicability(tiny_run):
+    _, metrics = tiny_run
+    aoa = metrics["truth_aoa"]
+    assert 0.5 < aoa["aoa_fraction"] <= 1.0
+    assert aoa["inside"]["n"] + aoa["outside"]["n"] == aoa["all"]["n"]
+    assert aoa["inside"]["r2"] >= 0.9
+    assert 0.6 < aoa["inside"]["band_covers_truth"] <= 1.0
