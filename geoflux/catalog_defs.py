@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pystac
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from geoflux.catalog import item_crs
-from geoflux.config import VariableSpec
+from geoflux.config import VariableSpec, read_yaml
 from geoflux.errors import CatalogError
 
 CATALOGS_DIR = Path(__file__).resolve().parents[1] / "catalogs"
@@ -251,14 +250,7 @@ def definition_from_dict(data: Any, source: str = "<definition>", name: str = ""
 def load_definition(path: str | Path) -> CatalogDef:
     """Read and schema-check one ``catalogs/*.yaml`` file (named by its stem)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise CatalogError(f"{path}: cannot read catalog definition ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise CatalogError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, CatalogError, "catalog definition")
     return definition_from_dict(data, source=str(path), name=path.stem)
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from geoflux.errors import ConfigError
+from geoflux.errors import ConfigError, GeofluxError
 
 
 class _Strict(BaseModel):
@@ -283,17 +283,22 @@ def config_from_dict(data: dict, source: str = "<config>", base_dir: str | Path 
         raise ConfigError(_format_error(source, err)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML run configuration; relative paths resolve against its folder."""
-    path = Path(path)
+def read_yaml(path: Path, error: type[GeofluxError], what: str) -> Any:
+    """``yaml.safe_load`` of a file; an unreadable file or bad YAML raises ``error`` naming the file."""
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+        raise error(f"{path}: cannot read {what} ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise error(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML run configuration; relative paths resolve against its folder."""
+    path = Path(path)
+    data = read_yaml(path, ConfigError, "config")
     return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)
 
 

@@ -28,7 +28,8 @@ from scipy.ndimage import gaussian_filter, uniform_filter
 from geoflux.atomic import atomic_path
 from geoflux.cog import RasterSpec, save_catalog, stac_item_for_cog, write_cog
 from geoflux.config import FootprintSpec, config_from_dict, dump_config
-from geoflux.footprint import FootprintWeights, tower_footprint, tower_xy
+from geoflux.extract import tower_footprints
+from geoflux.footprint import FootprintWeights, tower_xy
 from geoflux.towers.aggregate import UMOL_TO_GC_PER_DAY
 
 CLASSES = {1: "ENF", 2: "DBF", 3: "GRA", 4: "CRO"}
@@ -341,17 +342,8 @@ def synthesize_tower(
     sigmav = np.round(ustar * (1.9 + 0.6 * rng.random(t.size)), 4)
     wind = pd.DataFrame({"USTAR": ustar, "WS": ws, "WD": wd, "SW_IN": sw, "MO_LENGTH": ol, "V_SIGMA": sigmav})
     wind.attrs["resolution"] = "HH"
-    fp = FootprintSpec()
-    fw = tower_footprint(
-        gb,
-        site,
-        wind,
-        method=fp.method,
-        radius=spec.footprint_radius,
-        max_records=fp.max_records,
-        boundary_layer_height=fp.boundary_layer_height,
-        seed=fp.seed,
-    )
+    fp = FootprintSpec(radius=spec.footprint_radius)
+    fw = tower_footprints(site.to_frame().T, gb, fp, records=wind.assign(site=site.name))[str(site.name)]
     per = {k: footprint_mean(getattr(fields, k), fw) for k in ("gpp", "reco", "nee")}
 
     ta = ta_d + (3.0 + 0.01 * sw_d) * np.sin(2 * np.pi * (hour - 9) / 24)
