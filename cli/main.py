@@ -227,14 +227,79 @@ def train(config: Path) -> None:
 
 @cli.command("map")
 @config_arg
-@click.option("--overwrite", is_flag=True, help="Redo maps that already exist (default: resume).")
+@click.option("--overwrite", is_flag=True, help="Redo maps/tiles that already exist (default: resume).")
+@click.option(
+    "--scheduler",
+    default="threads",
+    show_default=True,
+    metavar="threads|processes|local|tcp://HOST:PORT",
+    help="Where chunks run: threads, processes, a local dask.distributed cluster, or an existing one.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Threads/processes (default: all CPUs)."
+)
+@click.option(
+    "--tile",
+    "tiles",
+    type=(int, int),
+    multiple=True,
+    metavar="X Y",
+    help="Map only tile X (column, from the west) Y (row, from the north) of the fixed tiling; repeatable.",
+)
+@click.option(
+    "--bbox",
+    type=(float, float, float, float),
+    default=None,
+    metavar="XMIN YMIN XMAX YMAX",
+    help="Map the tiles intersecting this box (grid CRS units).",
+)
+@click.option(
+    "--tile-size",
+    type=click.IntRange(min=16),
+    default=None,
+    help="Tile edge in pixels (default 2048, rounded down to a multiple of grid.chunk).",
+)
+@click.option(
+    "--inference",
+    type=click.Choice(["library", "compiled", "auto"]),
+    default="library",
+    show_default=True,
+    help="Model predict, or tree ensembles compiled with treelite/tl2cgen (auto: when installed).",
+)
+@click.option("--mosaic-cog", is_flag=True, help="With tiles: also write complete mosaics as COGs.")
 @_fail_cleanly
-def map_(config: Path, overwrite: bool) -> None:
-    """Predict NEE chunk by chunk → maps/nee_YYYYMMDD.tif (COG, float32, gC m-2 d-1) + maps/catalog.json."""
+def map_(
+    config: Path,
+    overwrite: bool,
+    scheduler: str,
+    workers: int | None,
+    tiles: tuple[tuple[int, int], ...],
+    bbox: tuple[float, float, float, float] | None,
+    tile_size: int | None,
+    inference: str,
+    mosaic_cog: bool,
+) -> None:
+    """Predict NEE chunk by chunk → maps/nee_YYYYMMDD.tif (COG, float32, gC m-2 d-1) + maps/catalog.json.
+
+    Every band of the model is written (nee_q05_..., di_..., aoa_... when the model has them). With
+    --tile/--bbox, tiles go to maps/tiles-<size>/x<X>_y<Y>/ and maps/<band>_YYYYMMDD.vrt mosaics them.
+    """
     from geoflux import pipeline
 
-    paths = pipeline.stage_map(_load(config), overwrite=overwrite)
-    click.echo(f"{len(paths)} maps in {paths[0].parent}")
+    paths = pipeline.stage_map(
+        _load(config),
+        overwrite=overwrite,
+        scheduler=scheduler,
+        workers=workers,
+        tiles=[tuple(t) for t in tiles] if tiles else None,
+        bbox=bbox,
+        tile_size=tile_size,
+        inference=inference,
+        mosaic_cog=mosaic_cog,
+        echo=lambda m: click.echo(m, err=True),
+    )
+    folders = sorted({str(p.parent) for p in paths})
+    click.echo(f"{len(paths)} maps in {', '.join(folders[:3])}{' ...' if len(folders) > 3 else ''}")
 
 
 @cli.command()

@@ -1,36 +1,158 @@
-"""Mapping stage: predict NEE chunk by chunk over the driver cube.
+"""Mapping stage: predict NEE (and the model's other bands) chunk by chunk over the driver cube.
 
 One dask task per output chunk: each task assembles the features of its chunk (float32), skips pixels
-with a missing driver, and calls the model. The model enters the graph once, as a single delayed object
-that every chunk task depends on, never copied into each task.
+with a missing driver, and calls the model once for all of the chunk's valid pixels. The model enters the
+graph once — as a single delayed object in :func:`predict_map`, or, in :func:`write_maps`, as a
+:class:`~geoflux.scheduler.Shared` handle to a copy broadcast once to every worker — never copied into
+each task.
+
+:func:`write_maps` streams the chunks into COGs: a finished chunk goes straight into its window of an
+intermediate tiled GeoTIFF (one per band) in the thread that collects results, whatever the scheduler
+(threads, processes, dask.distributed), so memory is bounded by the chunks in flight and every scheduler
+writes the same bytes. Each time step's files are converted to COGs and renamed into place as soon as the
+step is done (overlapping the next step's computation), so a killed run loses at most the steps in flight
+and a re-run skips what is finished.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from odc.geo.geobox import GeoBox
 
+from geoflux.cog import COGStream, RasterSpec
 from geoflux.config import VariableSpec
-from geoflux.errors import ModelError
+from geoflux.errors import GridError, ModelError
 from geoflux.features import feature_names, pixel_features
 from geoflux.model import TrainedModel
+from geoflux.scheduler import Scheduler, Shared, open_scheduler
+
+# Units and overview resampling of the bands a model may produce (see TrainedModel.predict_bands).
+BAND_UNITS = {"DI": "1", "AOA": "1"}
+BAND_DESCRIPTIONS = {
+    "NEE": "net ecosystem exchange",
+    "DI": "dissimilarity index (area of applicability)",
+    "AOA": "area of applicability: 1 inside, 0 outside",
+}
+CATEGORICAL_BANDS = {"AOA"}
 
 
-def _predict_block(*blocks: np.ndarray, model: TrainedModel, variables: Sequence[VariableSpec]) -> np.ndarray:
+def band_stem(band: str) -> str:
+    """File-name stem of a band: ``NEE`` → ``nee``, ``NEE_q05`` → ``nee-q05``, ``AOA`` → ``aoa``.
+
+    The band and the date are separated by ``_`` and nothing else is, so ``nee_*.tif`` lists exactly the
+    NEE maps (as tools written for single-band runs expect).
+    """
+    return band.lower().replace("_", "-")
+
+
+def band_units(band: str, target_units: str) -> str:
+    """Units of a band: NEE and its quantiles carry the model's target units; DI and AOA are unitless."""
+    return BAND_UNITS.get(band, target_units)
+
+
+def band_spec(band: str, path: Path, target_units: str, tags: Mapping[str, str]) -> RasterSpec:
+    """The :class:`RasterSpec` of one band's output file."""
+    if band.startswith("NEE_q"):
+        desc = f"NEE quantile {band[5:]} % (uncertainty band)"
+    else:
+        desc = BAND_DESCRIPTIONS.get(band, band)
+    return RasterSpec(
+        Path(path),
+        units=band_units(band, target_units),
+        description=band if band == "NEE" else f"{band}: {desc}",
+        tags={**tags, "band": band, "long_name": desc},
+        resampling="NEAREST" if band in CATEGORICAL_BANDS else "AVERAGE",
+    )
+
+
+def single_threaded(model: TrainedModel) -> TrainedModel:
+    """A shallow copy of ``model`` whose estimators predict on one thread.
+
+    dask already runs one task per core; a forest that also fans out over all cores per task would
+    oversubscribe them, and its tree sums would depend on thread timing (not bit-reproducible).
+    """
+    m = copy.copy(model)
+
+    def one(est: Any) -> Any:
+        if hasattr(est, "get_params") and "n_jobs" in est.get_params():
+            est = copy.copy(est)
+            est.set_params(n_jobs=1)
+        return est
+
+    m.estimator = one(model.estimator)
+    if getattr(model, "quantile_models", None) is not None:
+        m.quantile_models = tuple(one(q) for q in model.quantile_models)
+    return m
+
+
+def _predict_chunk(
+    blocks: Sequence[np.ndarray], model: Any, variables: Sequence[VariableSpec], all_bands: bool
+) -> np.ndarray:
+    from threadpoolctl import threadpool_limits
+
+    if isinstance(model, Shared):
+        model = model.get()
     values = {v.name: b for v, b in zip(variables, blocks, strict=True)}
     feats = pixel_features(values, variables)
     shape = feats.shape[:-1]
     flat = feats.reshape(-1, feats.shape[-1])
     valid = ~np.isnan(flat).any(axis=1)
-    out = np.full(flat.shape[0], np.nan, dtype=np.float32)
+    nb = len(model.bands) if all_bands else 1
+    out = np.full((flat.shape[0], nb), np.nan, dtype=np.float32)
     if valid.any():
-        out[valid] = model.predict(flat[valid])
-    return out.reshape(shape)
+        # One OpenMP thread per task (HistGradientBoosting, LightGBM): dask provides the parallelism.
+        with threadpool_limits(1, user_api="openmp"):
+            x = np.ascontiguousarray(flat[valid])
+            out[valid] = model.predict_bands(x) if all_bands else np.asarray(model.predict(x))[:, None]
+    return np.moveaxis(out, -1, 0).reshape((nb, *shape))
+
+
+def _predict_block(*blocks: np.ndarray, model: Any, variables: Sequence[VariableSpec]) -> np.ndarray:
+    return _predict_chunk(blocks, model, variables, all_bands=False)[0]
+
+
+def _predict_bands_block(*blocks: np.ndarray, model: Any, variables: Sequence[VariableSpec]) -> np.ndarray:
+    return _predict_chunk(blocks, model, variables, all_bands=True)
+
+
+def _driver_arrays(
+    cube: xr.Dataset, variables: Sequence[VariableSpec]
+) -> tuple[list[da.Array], xr.DataArray]:
+    ref = next((cube[v.name] for v in variables if "time" in cube[v.name].dims), None)
+    if ref is None:
+        raise ModelError("cube has no time-varying driver: nothing to map per time step")
+    nt, ny, nx = ref.shape
+    chunks = ref.data.chunks
+    arrays = []
+    for v in variables:
+        a = cube[v.name].data
+        if a.dtype != np.float32:
+            a = a.astype(np.float32)
+        if a.ndim == 2:  # static driver: broadcast along time lazily (no copies until a chunk runs)
+            a = da.broadcast_to(a[None], (nt, ny, nx), chunks=chunks)
+        arrays.append(a.rechunk(chunks))
+    return arrays, ref
+
+
+def _check_features(model: TrainedModel, variables: Sequence[VariableSpec]) -> None:
+    names = feature_names(variables)
+    if names != list(model.features):
+        raise ModelError(f"model features {model.features} differ from the configured drivers' {names}")
+
+
+def _model_node(model: TrainedModel | Shared) -> Any:
+    if isinstance(model, Shared):
+        return model  # a few bytes: the object itself lives once per worker process
+    return dask.delayed(single_threaded(model), pure=True, traverse=False)
 
 
 def predict_map(cube: xr.Dataset, model: TrainedModel, variables: Sequence[VariableSpec]) -> xr.DataArray:
@@ -41,31 +163,15 @@ def predict_map(cube: xr.Dataset, model: TrainedModel, variables: Sequence[Varia
     ModelError
         if the model's features differ from those the variables define.
     """
-    names = feature_names(variables)
-    if names != list(model.features):
-        raise ModelError(f"model features {model.features} differ from the configured drivers' {names}")
-    ref = next(cube[v.name] for v in variables if "time" in cube[v.name].dims)
-    nt, ny, nx = ref.shape
-    chunks = ref.data.chunks
-    arrays = []
-    for v in variables:
-        a = cube[v.name].data
-        if a.ndim == 2:  # static driver: broadcast along time lazily (no copies until a chunk runs)
-            a = da.broadcast_to(a[None], (nt, ny, nx), chunks=chunks)
-        arrays.append(a.rechunk(chunks))
-    # Predict single-threaded inside each task: dask already runs one task per core.
-    m = copy.copy(model)
-    m.estimator = copy.copy(model.estimator)
-    if "n_jobs" in m.estimator.get_params():
-        m.estimator.set_params(n_jobs=1)
-    model_node = dask.delayed(m, pure=True, traverse=False)
+    _check_features(model, variables)
+    arrays, ref = _driver_arrays(cube, variables)
     pairs = [x for a in arrays for x in (a, "tyx")]
     out = da.blockwise(
         _predict_block,
         "tyx",
         *pairs,
         dtype=np.float32,
-        model=model_node,
+        model=_model_node(model),
         variables=list(variables),
         meta=np.empty((0, 0, 0), dtype=np.float32),
     )
@@ -76,3 +182,162 @@ def predict_map(cube: xr.Dataset, model: TrainedModel, variables: Sequence[Varia
         name="NEE",
         attrs={"units": model.target_units, "long_name": "net ecosystem exchange"},
     )
+
+
+def predict_bands(
+    cube: xr.Dataset,
+    model: TrainedModel | Shared,
+    variables: Sequence[VariableSpec],
+    bands: Sequence[str] | None = None,
+) -> xr.DataArray:
+    """Lazy map of every model band (band, time, y, x), float32, NaN where a driver is missing.
+
+    One task per (time, y, x) chunk computes all bands of that chunk at once.
+
+    Parameters
+    ----------
+    cube : driver cube, (time, y, x) and static (y, x) variables, dask-backed.
+    model : the model, or a :class:`Shared` handle to it (then ``bands`` must be given).
+    variables : driver definitions (their features must equal the model's).
+    bands : band names (default ``model.bands``); NEE first, gC m-2 d-1.
+    """
+    if isinstance(model, TrainedModel):
+        _check_features(model, variables)
+        bands = tuple(bands or model.bands)
+    elif bands is None:
+        raise ValueError("predict_bands: pass bands= with a shared model handle")
+    arrays, ref = _driver_arrays(cube, variables)
+    pairs = [x for a in arrays for x in (a, "tyx")]
+    out = da.blockwise(
+        _predict_bands_block,
+        "btyx",
+        *pairs,
+        new_axes={"b": len(bands)},
+        dtype=np.float32,
+        model=_model_node(model),
+        variables=list(variables),
+        meta=np.empty((0, 0, 0, 0), dtype=np.float32),
+    )
+    return xr.DataArray(
+        out,
+        coords={"band": list(bands), "time": ref["time"], "y": ref["y"], "x": ref["x"]},
+        dims=("band", "time", "y", "x"),
+        name="prediction",
+    )
+
+
+def write_maps(
+    cube: xr.Dataset,
+    model: TrainedModel,
+    variables: Sequence[VariableSpec],
+    geobox: GeoBox,
+    outputs: Mapping[int, Sequence[RasterSpec]],
+    scheduler: str | Scheduler | None = "threads",
+    overwrite: bool = False,
+    progress: bool = False,
+    workers: int | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """Predict every band chunk by chunk and stream it into one COG per band and time step.
+
+    Parameters
+    ----------
+    cube : driver cube on ``geobox`` (dask-backed, chunked in y/x; time chunks of 1).
+    model : the fitted model (library or compiled predictor, see :mod:`geoflux.inference`).
+    variables : driver definitions.
+    geobox : the output grid (the cube's).
+    outputs : time index in the cube → one :class:`RasterSpec` per model band (``model.bands`` order).
+    scheduler : ``threads``, ``processes``, ``local``, ``tcp://host:port`` or an open scheduler.
+    overwrite : rewrite files that exist (default: skip them, i.e. resume; a step with some bands
+        missing is computed again and only the missing files are written).
+    progress : a progress bar on stderr (chunks written).
+    workers : parallel task slots (default: all CPUs).
+    echo : where to print the dashboard address of a distributed cluster.
+
+    Returns
+    -------
+    All output paths (skipped ones included), in ``outputs`` order.
+
+    Raises
+    ------
+    ModelError
+        if the model's features differ from the drivers', or ``outputs`` has the wrong number of bands.
+    GridError
+        if the cube is not on ``geobox``.
+    """
+    _check_features(model, variables)
+    bands = tuple(model.bands)
+    for t, specs in outputs.items():
+        if len(specs) != len(bands):
+            raise ModelError(f"time step {t}: {len(specs)} output files for {len(bands)} bands {bands}")
+    # per step, the bands still to write: a step is redone only for its missing files
+    missing = {
+        t: [k for k, s in enumerate(specs) if overwrite or not s.path.exists()]
+        for t, specs in outputs.items()
+    }
+    todo = [t for t in outputs if missing[t]]
+    paths = [s.path for specs in outputs.values() for s in specs]
+    if not todo:
+        return paths
+    with open_scheduler(scheduler, workers=workers, echo=echo) as sched:
+        # a scheduler mapping many tiles with one model ships it once
+        handle = sched.broadcast(single_threaded(model), origin=model)
+        pred = predict_bands(cube, handle, variables, bands)
+        if tuple(pred.shape[2:]) != tuple(geobox.shape):
+            raise GridError(
+                f"cube is {pred.shape[2]} x {pred.shape[3]} px, output grid {tuple(geobox.shape)}"
+            )
+        _, _, ychunks, xchunks = pred.data.chunks
+        y0 = np.concatenate([[0], np.cumsum(ychunks)])
+        x0 = np.concatenate([[0], np.cumsum(xchunks)])
+        chunk = max(ychunks[0], xchunks[0])
+        # Optimized once for the whole cube; each time step then computes only its own blocks.
+        blocks = pred.data.to_delayed(optimize_graph=True)
+        nbx = len(xchunks)
+        bar = _progress(len(todo) * len(ychunks) * nbx, progress)
+        finishing: list[Future] = []
+        # One background thread converts a finished step to COGs while the next step computes.
+        with ThreadPoolExecutor(1, thread_name_prefix="geoflux-cog") as finisher:
+            try:
+                for t in todo:
+                    keep = missing[t]
+                    stream = COGStream(geobox, [outputs[t][k] for k in keep], chunk=chunk)
+                    try:
+
+                        def put(i: int, block: np.ndarray, stream: COGStream = stream, keep=keep) -> None:
+                            iy, ix = divmod(i, nbx)
+                            rows, cols = slice(y0[iy], y0[iy + 1]), slice(x0[ix], x0[ix + 1])
+                            stream.write(rows, cols, block[keep, 0])
+                            bar.update(1)
+
+                        sched.stream(list(blocks[0, t].ravel()), put)
+                    except BaseException:
+                        stream.abort()
+                        raise
+                    finishing.append(finisher.submit(stream.finish))
+                    # at most one step converting while the next computes: bounded disk and memory
+                    while len(finishing) > 1:
+                        finishing.pop(0).result()
+                for f in finishing:
+                    f.result()
+            finally:
+                bar.close()
+    return paths
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool) -> Any:
+    if not show:
+        return _NoBar()
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="mapping", unit="chunk", file=sys.stderr, leave=False)

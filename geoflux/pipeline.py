@@ -14,6 +14,7 @@ run one at a time from the CLI (``geoflux towers|extract|train|map|validate CONF
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob
 import json
@@ -156,27 +157,123 @@ def stage_train(cfg: RunConfig) -> dict:
     return cv
 
 
-def map_paths(cfg: RunConfig) -> dict[pd.Timestamp, Path]:
-    """Output map path per period start."""
-    return {p: cfg.out_dir / MAPS / f"nee_{p:%Y%m%d}.tif" for p in cfg.periods()}
+def map_paths(cfg: RunConfig, band: str = "NEE", folder: Path | None = None) -> dict[pd.Timestamp, Path]:
+    """Output map path per period start: ``maps/<band>_YYYYMMDD.tif`` (``nee_...`` for NEE).
 
-
-def stage_map(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> list[Path]:
-    """Predict NEE over the cube chunk by chunk and stream it into one COG per time step.
-
-    Finished maps are skipped unless ``overwrite`` (a re-run resumes); a STAC catalog describes them.
+    ``folder`` replaces ``maps/`` (tile outputs live in ``maps/tiles-<size>/x<X>_y<Y>/``).
     """
-    from geoflux.cog import RasterSpec, save_catalog, stac_item_for_cog, write_cogs
+    from geoflux.mapping import band_stem
+
+    base = cfg.out_dir / MAPS if folder is None else folder
+    return {p: base / f"{band_stem(band)}_{p:%Y%m%d}.tif" for p in cfg.periods()}
+
+
+def _input_item_ids(cfg: RunConfig) -> dict[pd.Timestamp, str]:
+    """Per period, the ids of the STAC items feeding it (static drivers' items in every period)."""
+    from geoflux.catalog import search_items
+    from geoflux.cube import target_grid
+
+    lonlat = tuple(target_grid(cfg.grid).extent.to_crs("EPSG:4326").boundingbox)
+    periods = cfg.periods()
+    step = pd.tseries.frequencies.to_offset(cfg.time.step)
+    catalog = cfg.catalog if "://" in cfg.catalog else str(cfg.path(cfg.catalog))
+    ids: dict[pd.Timestamp, list[str]] = {p: [] for p in periods}
+    for v in cfg.variables:
+        items = search_items(catalog, v.collection, lonlat, periods[0], periods[-1] + step, static=v.static)
+        for it in items:
+            t = it.datetime or pd.Timestamp(it.properties.get("start_datetime"))
+            t = pd.Timestamp(t).tz_localize(None) if pd.Timestamp(t).tzinfo else pd.Timestamp(t)
+            for p in periods:
+                if v.static or p <= t < p + step:
+                    ids[p].append(it.id)
+    return {p: ",".join(sorted(set(v))) for p, v in ids.items()}
+
+
+def _tile_cube(cfg: RunConfig, geobox):
+    """The driver cube on one tile's grid (the run's config with the tile's bbox)."""
     from geoflux.cube import cube_from_config, target_grid
-    from geoflux.mapping import predict_map
+    from geoflux.errors import GridError
+
+    bbox = tuple(geobox.extent.boundingbox)
+    tile_cfg = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"bbox": bbox})})
+    got = target_grid(tile_cfg.grid)
+    if got.shape != geobox.shape or not got.affine.almost_equals(geobox.affine, precision=1e-6):
+        raise GridError(f"tile grid {got} differs from the tiling's {geobox} (grid bbox not pixel-aligned?)")
+    return cube_from_config(tile_cfg)
+
+
+def _map_item(cfg, band_files: dict[str, Path], geobox, item_id: str, p: pd.Timestamp, props: dict):
+    from geoflux.cog import stac_item_for_cog
+    from geoflux.mapping import band_stem
+
+    step = pd.tseries.frequencies.to_offset(cfg.time.step)
+    units = props.get("geoflux:units", "")
+    item = stac_item_for_cog(
+        band_files["NEE"],
+        geobox,
+        item_id,
+        p.to_pydatetime(),
+        (p + step).to_pydatetime(),
+        properties=props,
+        asset_title=f"NEE ({units})",
+    )
+    for band, path in band_files.items():
+        if band != "NEE":
+            extra = stac_item_for_cog(
+                path, geobox, item_id, p.to_pydatetime(), (p + step).to_pydatetime(), asset_title=band
+            )
+            item.add_asset(band_stem(band), extra.assets["data"])
+    return item
+
+
+def stage_map(
+    cfg: RunConfig,
+    overwrite: bool = False,
+    progress: bool = True,
+    scheduler: str = "threads",
+    workers: int | None = None,
+    tiles: list[tuple[int, int]] | None = None,
+    bbox: tuple[float, float, float, float] | None = None,
+    tile_size: int | None = None,
+    inference: str = "library",
+    mosaic_cog: bool = False,
+    echo: Callable[[str], None] = log.info,
+) -> list[Path]:
+    """Predict every model band chunk by chunk and stream it into one COG per band and time step.
+
+    Without ``tiles``/``bbox`` the whole grid is mapped to ``maps/<band>_YYYYMMDD.tif``; with them, the
+    selected tiles of the fixed tiling (:mod:`geoflux.tiles`) are mapped to
+    ``maps/tiles-<size>/x<X>_y<Y>/<band>_YYYYMMDD.tif`` and ``maps/<band>_YYYYMMDD.vrt`` mosaics list every
+    finished tile (``mosaic_cog`` also writes the mosaic as ``maps/<band>_YYYYMMDD.tif`` once all tiles
+    are done). Finished outputs are skipped unless ``overwrite`` (a re-run resumes); ``maps/catalog.json``
+    (STAC) describes all outputs on disk.
+
+    Parameters
+    ----------
+    cfg : run configuration.
+    overwrite : redo finished outputs.
+    progress : progress bar on stderr.
+    scheduler : ``threads``, ``processes``, ``local`` (dask.distributed LocalCluster) or ``tcp://host:port``.
+    workers : parallel task slots (default: all CPUs).
+    tiles : tile indices (X, Y) to map.
+    bbox : map the tiles intersecting this (xmin, ymin, xmax, ymax) in the grid CRS.
+    tile_size : tile edge in pixels (default :data:`geoflux.tiles.DEFAULT_TILE_PIXELS`).
+    inference : ``library``, ``compiled`` or ``auto`` (see :mod:`geoflux.inference`).
+    mosaic_cog : with tiles, convert complete mosaics to COGs.
+    echo : progress messages (dashboard address, inference used).
+    """
+    from geoflux.cube import cube_from_config, target_grid
+    from geoflux.inference import prepare
+    from geoflux.mapping import band_spec, write_maps
     from geoflux.model import load_model
+    from geoflux.scheduler import open_scheduler
+    from geoflux.tiles import TileScheme, tile_pixels
 
     model_path = _read_stage(cfg, MODEL, "train")
     model = load_model(model_path)
+    model, how = prepare(model, inference, cfg.out_dir / "model" / "compiled")
+    echo(f"map: {how}")
     geobox = target_grid(cfg.grid)
-    cube = cube_from_config(cfg)
-    nee = predict_map(cube, model, cfg.variables)
-    paths = map_paths(cfg)
     sha = json.loads(model_path.with_suffix(".json").read_text())["sha256"]
     tags = {
         "software": f"geoflux {geoflux.__version__}",
@@ -186,33 +283,125 @@ def stage_map(cfg: RunConfig, overwrite: bool = False, progress: bool = True) ->
         "variables": ",".join(v.name for v in cfg.variables),
         "quantity": "net ecosystem exchange (positive = CO2 source to the atmosphere)",
     }
-    arrays, specs = [], []
-    for i, (p, path) in enumerate(paths.items()):
-        arrays.append(nee.data[i])
-        specs.append(
-            RasterSpec(
-                path,
-                units=model.target_units,
-                description="NEE",
-                tags={**tags, "period_start": f"{p:%Y-%m-%d}", "period": cfg.time.step},
+    item_ids = _input_item_ids(cfg)
+    periods = cfg.periods()
+    bands = tuple(model.bands)
+
+    def outputs_for(folder: Path | None) -> dict[int, list]:
+        per_band = {b: map_paths(cfg, b, folder) for b in bands}
+        out = {}
+        for i, p in enumerate(periods):
+            ptags = {
+                **tags,
+                "period_start": f"{p:%Y-%m-%d}",
+                "period": cfg.time.step,
+                "input_items": item_ids[p],
+            }
+            out[i] = [band_spec(b, per_band[b][p], model.target_units, ptags) for b in bands]
+        return out
+
+    props = {"geoflux:units": model.target_units, "geoflux:model_sha256": sha, "geoflux:bands": list(bands)}
+    tiled = tiles is not None or bbox is not None
+    with open_scheduler(scheduler, workers=workers, echo=echo) as sched:
+        if not tiled:
+            outputs = outputs_for(None)
+            written = write_maps(
+                cube_from_config(cfg),
+                model,
+                cfg.variables,
+                geobox,
+                outputs,
+                sched,
+                overwrite=overwrite,
+                progress=progress,
             )
-        )
-    write_cogs(arrays, geobox, specs, overwrite=overwrite, progress=progress)
-    step = pd.tseries.frequencies.to_offset(cfg.time.step)
+        else:
+            scheme = TileScheme(geobox, tile_pixels(cfg.grid.chunk, tile_size))
+            chosen = [scheme.tile(x, y) for x, y in tiles or []]
+            if bbox is not None:
+                chosen += [t for t in scheme.tiles_in_bbox(bbox) if t not in chosen]
+            written = []
+            for tile in chosen:
+                folder = cfg.out_dir / MAPS / scheme.folder / tile.id
+                outputs = outputs_for(folder)
+                if not overwrite and all(s.path.exists() for specs in outputs.values() for s in specs):
+                    written += [s.path for specs in outputs.values() for s in specs]
+                    continue
+                echo(f"map: tile {tile.id} ({tile.geobox.shape[1]} x {tile.geobox.shape[0]} px)")
+                written += write_maps(
+                    _tile_cube(cfg, tile.geobox),
+                    model,
+                    cfg.variables,
+                    tile.geobox,
+                    outputs,
+                    sched,
+                    overwrite=overwrite,
+                    progress=progress,
+                )
+    collections = {}
+    full = {b: map_paths(cfg, b) for b in bands}
     items = [
-        stac_item_for_cog(
-            path,
-            geobox,
-            f"nee-{p:%Y%m%d}",
-            p.to_pydatetime(),
-            (p + step).to_pydatetime(),
-            properties={"geoflux:units": model.target_units, "geoflux:model_sha256": sha},
-            asset_title=f"NEE ({model.target_units})",
-        )
-        for p, path in paths.items()
+        _map_item(cfg, {b: full[b][p] for b in bands}, geobox, f"nee-{p:%Y%m%d}", p, props)
+        for p in periods
+        if all(full[b][p].exists() for b in bands)
     ]
-    save_catalog(cfg.out_dir / MAPS, "geoflux-maps", "geoflux NEE maps", {"geoflux-nee": items}, geobox)
-    return list(paths.values())
+    if items:
+        collections["geoflux-nee"] = items
+    if tiled:
+        tile_items = _mosaic_tiles(cfg, scheme, bands, model.target_units, tags, mosaic_cog)
+        tile_items = [_map_item(cfg, files, g, iid, p, props) for files, g, iid, p in tile_items]
+        if tile_items:
+            collections["geoflux-nee-tiles"] = tile_items
+    if collections:
+        save_catalog_maps(cfg, collections, geobox)
+    return written
+
+
+def save_catalog_maps(cfg: RunConfig, collections: dict, geobox) -> Path:
+    """Write ``maps/catalog.json`` describing the map outputs (one collection per kind)."""
+    from geoflux.cog import save_catalog
+
+    return save_catalog(cfg.out_dir / MAPS, "geoflux-maps", "geoflux NEE maps", collections, geobox)
+
+
+def _mosaic_tiles(cfg: RunConfig, scheme, bands, target_units: str, tags: dict, mosaic_cog: bool) -> list:
+    """VRT mosaics of every finished tile per band and period (and COGs of complete ones if asked).
+
+    Returns (band files, tile grid, item id, period) of every finished tile output, for STAC items.
+    """
+    from geoflux.cog import mosaic_to_cog
+    from geoflux.mapping import band_spec, band_stem
+    from geoflux.tiles import write_vrt
+
+    root = cfg.out_dir / MAPS
+    n_tiles = scheme.shape[0] * scheme.shape[1]
+    found = []
+    for p in cfg.periods():
+        per_band: dict[str, list] = {b: [] for b in bands}
+        for tile in scheme.tiles():
+            folder = root / scheme.folder / tile.id
+            files = {b: map_paths(cfg, b, folder)[p] for b in bands}
+            if all(f.exists() for f in files.values()):
+                found.append((files, tile.geobox, f"nee-{p:%Y%m%d}-{tile.id}", p))
+                for b in bands:
+                    per_band[b].append((files[b], tile.rows, tile.cols))
+        for b, sources in per_band.items():
+            if not sources:
+                continue
+            spec = band_spec(b, root / f"{band_stem(b)}_{p:%Y%m%d}.vrt", target_units, tags)
+            vrt = write_vrt(
+                spec.path,
+                scheme.geobox,
+                sources,
+                nodata=spec.nodata,
+                units=spec.units,
+                description=spec.description,
+                resampling="nearest" if spec.resampling == "NEAREST" else "average",
+            )
+            cog = vrt.with_suffix(".tif")
+            if mosaic_cog and len(sources) == n_tiles and not cog.exists():
+                mosaic_to_cog(vrt, dataclasses.replace(spec, path=cog))
+    return found
 
 
 VALIDATION_PAIRS = "validation/pairs.parquet"

@@ -23,6 +23,7 @@ import datetime as dt
 import html
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -90,15 +91,16 @@ class _Run:
         return p if p.exists() else None
 
     def interval_stems(self) -> tuple[str, str] | None:
+        """Stems of the lowest and highest quantile band files (``nee-q05`` or ``nee_q05`` style)."""
         first = next(iter(self.maps), None)
         if first is None:
             return None
-        qs = sorted(
-            int(p.name.split("_")[1][1:])
-            for p in (self.out / "maps").glob(f"nee_q*_{first:%Y%m%d}.tif")
-            if p.name.split("_")[1][1:].isdigit()
-        )
-        return (f"nee_q{qs[0]:02d}", f"nee_q{qs[-1]:02d}") if len(qs) >= 2 else None
+        found = {}
+        for p in (self.out / "maps").glob(f"nee[-_]q*_{first:%Y%m%d}.tif"):
+            m = re.match(r"^(nee[-_]q(\d+))_", p.name)
+            if m:
+                found[int(m.group(2))] = m.group(1)
+        return (found[min(found)], found[max(found)]) if len(found) >= 2 else None
 
     def truth_path(self, period: pd.Timestamp) -> Path | None:
         if not self.cfg.truth:

@@ -207,8 +207,9 @@ def _sibling_files(path: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     rest = m.group(2)
     quant = {}
-    for q in path.parent.glob(f"{m.group(1)}_q*_{rest}"):
-        level = re.match(r"(?i)^nee_q(\d+)_", q.name)
+    # the mapping stage writes nee-q05_<date>.tif; nee_q05_<date>.tif is accepted for other producers
+    for q in path.parent.glob(f"{m.group(1)}[-_]q*_{rest}"):
+        level = re.match(r"(?i)^nee[-_]q(\d+)_", q.name)
         if level:
             quant[int(level.group(1))] = q
     if len(quant) >= 2:

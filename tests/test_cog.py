@@ -82,3 +82,26 @@ def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, grid):
     write_cogs([da.zeros(tuple(grid.shape), chunks=256, dtype="float32")], grid, [spec], overwrite=True)
     with rasterio.open(spec.path) as ds:
         assert ds.read(1).max() == 0
+
+
+def test_cog_stream_blocks_nodata_and_abort(tmp_path, grid):
+    from geoflux.cog import COGStream
+
+    specs = [RasterSpec(tmp_path / "a.tif", units="u", description="A"), RasterSpec(tmp_path / "b.tif")]
+    stream = COGStream(grid, specs, chunk=128)
+    ny, nx = grid.shape
+    for r in range(0, ny, 128):
+        for c in range(0, nx, 128):
+            h, w = min(128, ny - r), min(128, nx - c)
+            block = np.stack([np.full((h, w), r + c, "float32"), np.full((h, w), np.nan, "float32")])
+            stream.write(slice(r, r + h), slice(c, c + w), block)
+    assert not specs[0].path.exists()  # nothing under the final name before finish
+    stream.finish()
+    assert not list(tmp_path.glob("*.part*"))
+    with rasterio.open(specs[0].path) as a, rasterio.open(specs[1].path) as b:
+        assert a.read(1)[130, 260] == 128 + 256 and a.descriptions == ("A",)
+        assert b.nodata == -9999 and (b.read(1) == -9999).all()  # NaN is written as the nodata value
+    assert all(is_valid_cog(s.path)[0] for s in specs)
+    aborted = COGStream(grid, [RasterSpec(tmp_path / "c.tif")])
+    aborted.abort()
+    assert not list(tmp_path.glob("c.tif*"))

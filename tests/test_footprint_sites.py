@@ -31,7 +31,7 @@ def test_ffp_from_records_points_upwind():
     fw = tower_footprint(gb, _site(), _records(wd=270.0))  # wind from the west: source area to the west
     assert fw.method == "ffp-neutral"
     assert 0.9 < fw.coverage <= 1.0 + 1e-9
-    rows, cols = fw.window
+    _, cols = fw.window
     xs = gb.affine.c + gb.affine.a * (np.arange(cols.start, cols.stop) + 0.5)
     x_centroid = (fw.weights.sum(axis=0) * xs).sum() / fw.weights.sum()
     from geoflux.footprint import tower_xy
