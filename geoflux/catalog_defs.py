@@ -36,7 +36,7 @@ import pystac
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from geoflux.catalog import item_crs
-from geoflux.config import VariableSpec, read_yaml
+from geoflux.config import VariableSpec, format_validation_error, read_yaml
 from geoflux.errors import CatalogError
 
 CATALOGS_DIR = Path(__file__).resolve().parents[1] / "catalogs"
@@ -211,18 +211,6 @@ def _check_query(v: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any
     return v
 
 
-def _format(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<top level>"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif first["type"] == "missing":
-        msg = "required key is missing"
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {key}: {msg}{more}"
-
-
 def definition_from_dict(data: Any, source: str = "<definition>", name: str = "") -> CatalogDef:
     """Schema-check a mapping into a :class:`CatalogDef`.
 
@@ -244,7 +232,7 @@ def definition_from_dict(data: Any, source: str = "<definition>", name: str = ""
     try:
         return CatalogDef.model_validate({**data, "name": name})
     except ValidationError as err:
-        raise CatalogError(_format(source, err)) from None
+        raise CatalogError(format_validation_error(source, err)) from None
 
 
 def load_definition(path: str | Path) -> CatalogDef:

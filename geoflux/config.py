@@ -242,10 +242,11 @@ class RunConfig(_Strict):
         return pd.date_range(self.time.start, self.time.end, freq=self.time.step)
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """One line for a pydantic error: ``<source>: <dotted key>: <reason> (+N more)``."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<top level>"
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":
@@ -280,7 +281,7 @@ def config_from_dict(data: dict, source: str = "<config>", base_dir: str | Path 
     try:
         return RunConfig.model_validate({**data, "base_dir": str(base_dir)})
     except ValidationError as err:
-        raise ConfigError(_format_error(source, err)) from None
+        raise ConfigError(format_validation_error(source, err)) from None
 
 
 def read_yaml(path: Path, error: type[GeofluxError], what: str) -> Any:
