@@ -13,7 +13,7 @@ import pystac
 import pytest
 import rasterio
 import xarray as xr
-from dask.callbacks import Callback
+from dask_counting import CountTasks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -35,16 +35,6 @@ from geoflux.cube import (
     vpd_from_dewpoint,
 )
 from geoflux.errors import CatalogError, CubeError
-
-
-class _CountTasks(Callback):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def _pretask(self, key, dsk, state):
-        self.n += 1
-
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -91,7 +81,7 @@ def test_fill_gaps_is_lazy_and_same_on_numpy_and_dask():
     arr = xr.DataArray(a, dims=("time", "y", "x"), coords={"time": t}, name="v").chunk(
         {"time": 1, "y": 10, "x": 12}
     )
-    counter = _CountTasks()
+    counter = CountTasks()
     with counter:
         filled, flag = fill_gaps(arr, 2)
     assert counter.n == 0 and filled.chunks[0] == (1,) * 12 and flag.name == "v_filled"
@@ -124,7 +114,7 @@ def test_composite_aggregations_are_lazy():
     periods = pd.date_range("2021-01-01", periods=3, freq="8D")
     expect = {"mean": 2.5, "median": 2.5, "max": 4.0, "min": 1.0, "sum": 5.0}
     for agg, first in expect.items():
-        counter = _CountTasks()
+        counter = CountTasks()
         with counter:
             out = composite(arr, periods, "8D", agg)
         assert counter.n == 0 and out.chunks[0] == (1, 1, 1)
@@ -239,7 +229,7 @@ def test_s2_definition_qa_derived_composite_gapfill(s2_world, tmp_path):
         find_definition("earth-search-sentinel-2-l2a"), ["red", "ndvi"], catalog=str(s2_world)
     )
     cfg = _cfg(s2_world, specs, tmp_path)
-    counter = _CountTasks()
+    counter = CountTasks()
     with counter:
         cube = cube_from_config(cfg)
     assert counter.n == 0, "building the cube computed something"

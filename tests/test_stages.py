@@ -9,19 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import rasterio
-from dask.callbacks import Callback
+from dask_counting import CountTasks
 
 from geoflux.config import ModelSpec, load_config
 from geoflux.errors import CatalogError, GridError, ModelError
-
-
-class _CountTasks(Callback):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def _pretask(self, key, dsk, state):
-        self.n += 1
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +49,7 @@ def test_item_interval_uses_start_end_when_datetime_null(realdata):
 def test_cube_is_lazy_and_decodes_scale_offset(cfg):
     from geoflux.cube import cube_from_config
 
-    counter = _CountTasks()
+    counter = CountTasks()
     with counter:
         cube = cube_from_config(cfg)
     assert counter.n == 0, "building the cube computed something"
