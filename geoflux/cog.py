@@ -101,8 +101,10 @@ def _cog_blocksize(width: int, height: int) -> int:
 
 
 # GDAL's block cache defaults to 5 % of RAM; while it builds overviews for a big COG it would fill it (about
-# 0.45 GB more peak RSS for an 8192² float32 map), so conversions run with a fixed cache instead.
-COG_CACHE_BYTES = 128 * 2**20
+# 0.45 GB more peak RSS for an 8192² float32 map), so conversions run with a small fixed cache instead:
+# measured on an 8192² map, 128 MB -> +231 MB peak, 16 MB -> +116 MB, same conversion time (the rest is
+# GDAL's full-width overview buffers).
+COG_CACHE_BYTES = 16 * 2**20
 
 
 def _to_cog(src: Path, dst: Path, resampling: str) -> None:

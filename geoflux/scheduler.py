@@ -45,6 +45,7 @@ from dask.delayed import Delayed
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from geoflux.errors import GeofluxError
+from geoflux.memory import trim_heap
 
 SCHEDULERS = ("threads", "processes", "local")
 
@@ -120,14 +121,21 @@ def _closure(dsk: dict, key: Any) -> dict:
     return out
 
 
-def _compute_one(dsk: dict, key: Any) -> Any:
-    """Compute one block from its own graph, synchronously, in a pool thread or worker process."""
-    return dask.local.get_sync(dsk, key)
+def _compute_one(dsk: dict, key: Any, trim: bool = False) -> Any:
+    """Compute one block from its own graph, synchronously, in a pool thread or worker process.
+
+    ``trim``: give the block's freed buffers back to the system afterwards (worker processes; see
+    :mod:`geoflux.memory`).
+    """
+    value = dask.local.get_sync(dsk, key)
+    if trim:
+        trim_heap()
+    return value
 
 
 def _compute_pickled(blob: bytes, key: Any) -> Any:
     """:func:`_compute_one` for a graph sent as bytes (cloudpickle, made by :meth:`Scheduler.stream`)."""
-    return dask.local.get_sync(cloudpickle.loads(blob), key)
+    return _compute_one(cloudpickle.loads(blob), key, trim=True)
 
 
 @dataclass
@@ -251,7 +259,7 @@ class Scheduler:
             pool = self._thread_pool() if self.kind == "threads" else self._process_pool()
 
             def submit_one(sub: dict, key: Any) -> Any:
-                return pool.submit(_compute_one, sub, key)
+                return pool.submit(_compute_one, sub, key, self.kind == "processes")
 
         todo = iter(enumerate(keys))
         pending: dict[Any, int] = {}
@@ -274,6 +282,8 @@ class Scheduler:
                     value = fut.result()
                     fut.release()
                     on_result(i, value)
+                    del value
+                    trim_heap()  # the block's buffers, freed, would otherwise stay in malloc's heap
                     submit()
                 return
             while pending:
@@ -281,6 +291,8 @@ class Scheduler:
                 for fut in done:
                     i = pending.pop(fut)
                     on_result(i, fut.result())
+                    # the block's inputs, freed in the pool thread, would otherwise stay in malloc's heap
+                    trim_heap()
                     submit()
         finally:
             for fut in pending:
