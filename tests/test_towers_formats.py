@@ -23,8 +23,15 @@ needs_tables = pytest.mark.skipif(not FORMATS.is_dir(), reason=f"ONEFlux tables 
 
 GC_PER_DAY_PER_UMOL = 1.0377504  # 12.011e-6 g C per umol x 86400 s per day, by hand
 PERCENTILES = ("05", "16", "25", "50", "75", "84", "95")  # what ONEFlux's "XX" stands for
-MET_MEMBERS = {"TA": "TA", "SW_IN": "SW_IN", "(TA, RH)(VPD)": "VPD", "P": "P", "WS": "WS", "WD": "WD",
-               "USTAR": "USTAR"}
+MET_MEMBERS = {
+    "TA": "TA",
+    "SW_IN": "SW_IN",
+    "(TA, RH)(VPD)": "VPD",
+    "P": "P",
+    "WS": "WS",
+    "WD": "WD",
+    "USTAR": "USTAR",
+}
 
 
 def _norm_unit(u: str) -> str:
@@ -41,7 +48,7 @@ def _table(res: str) -> list[tuple[str, str, str]]:
         if not line.strip():
             continue
         name, unit, _desc, members = (line.split("||") + [""] * 4)[:4]
-        for n in ([name.replace("XX", p) for p in PERCENTILES] if "_XX" in name else [name]):
+        for n in [name.replace("XX", p) for p in PERCENTILES] if "_XX" in name else [name]:
             rows.append((n.strip(), unit.strip(), members.strip()))
     return rows
 
@@ -65,8 +72,11 @@ TABLE_RES = [("hh", "HH"), ("hh", "HR"), ("dd", "DD"), ("ww", "WW"), ("mm", "MM"
 def test_units_match_oneflux_tables(table: str, res: str) -> None:
     rows = _nee_and_met_rows(table)
     assert len(rows) > 20  # the parse found the table's NEE and met sections
-    mismatches = [(n, u, fluxnet_units(n, res)) for n, u, _ in rows
-                  if fluxnet_units(n, res) is None or _norm_unit(fluxnet_units(n, res)) != _norm_unit(u)]
+    mismatches = [
+        (n, u, fluxnet_units(n, res))
+        for n, u, _ in rows
+        if fluxnet_units(n, res) is None or _norm_unit(fluxnet_units(n, res)) != _norm_unit(u)
+    ]
     assert not mismatches
 
 
@@ -96,12 +106,16 @@ def _stamps(res: str, n: int) -> dict[str, list[str]]:
     if res in ("HH", "HR"):
         step = pd.Timedelta("30min" if res == "HH" else "1h")
         t = pd.date_range("2001-01-01", periods=n, freq=step)
-        return {"TIMESTAMP_START": list(t.strftime("%Y%m%d%H%M")),
-                "TIMESTAMP_END": list((t + step).strftime("%Y%m%d%H%M"))}
+        return {
+            "TIMESTAMP_START": list(t.strftime("%Y%m%d%H%M")),
+            "TIMESTAMP_END": list((t + step).strftime("%Y%m%d%H%M")),
+        }
     if res == "WW":
         t = pd.date_range("2001-01-01", periods=n, freq="7D")
-        return {"TIMESTAMP_START": list(t.strftime("%Y%m%d")),
-                "TIMESTAMP_END": list((t + pd.Timedelta("6D")).strftime("%Y%m%d"))}
+        return {
+            "TIMESTAMP_START": list(t.strftime("%Y%m%d")),
+            "TIMESTAMP_END": list((t + pd.Timedelta("6D")).strftime("%Y%m%d")),
+        }
     if res == "DD":
         return {"TIMESTAMP": list(pd.date_range("2001-01-01", periods=n, freq="D").strftime("%Y%m%d"))}
     if res == "MM":
@@ -194,8 +208,11 @@ def test_hourly_file(tmp_path: Path) -> None:
 
 
 def test_weekly_file_inclusive_end(tmp_path: Path) -> None:
-    f = _write(tmp_path / "FLX_US-Tst_FLUXNET2015_FULLSET_WW_2001-2001_1-4.csv", "WW",
-               {"NEE_VUT_REF": [1.0, 2.0], "NEE_VUT_REF_QC": [1.0, 0.5]})
+    f = _write(
+        tmp_path / "FLX_US-Tst_FLUXNET2015_FULLSET_WW_2001-2001_1-4.csv",
+        "WW",
+        {"NEE_VUT_REF": [1.0, 2.0], "NEE_VUT_REF_QC": [1.0, 0.5]},
+    )
     recs = read_tower_file(f)
     assert recs.attrs["resolution"] == "WW"
     # TIMESTAMP_END 20010107 is the week's last day; the record ends at the start of 8 January.
@@ -212,7 +229,7 @@ def test_qc_rules_and_weights(tmp_path: Path) -> None:
     # Weight: 0.5**QC times (median JOINTUNC of the passing records / JOINTUNC)**2, 0 when rejected.
     unc = raw["NEE_VUT_REF_JOINTUNC"].to_numpy()
     med = np.median(unc[qc <= 1])
-    expect = np.where(qc <= 1, 0.5 ** qc * np.minimum((med / unc) ** 2, 4.0), 0.0)
+    expect = np.where(qc <= 1, 0.5**qc * np.minimum((med / unc) ** 2, 4.0), 0.0)
     np.testing.assert_allclose(recs["NEE_weight"], expect, rtol=1e-12)
     # Met QC 2 (downscaled from ERA) is kept by default and dropped with met_qc_max=1.
     assert recs["TA"].notna().all()
@@ -225,14 +242,40 @@ def test_qc_rules_and_weights(tmp_path: Path) -> None:
 def test_ameriflux_base_with_qualifiers_and_comment_lines(tmp_path: Path) -> None:
     n = 4
     t = pd.date_range("2015-06-01", periods=n, freq="30min")
-    header = ["TIMESTAMP_START", "TIMESTAMP_END", "FC_1_1_1", "FC_SSITC_TEST_1_1_1", "TA_1_2_1", "TA_1_1_1",
-              "SW_IN_1_1_1", "VPD_PI_1", "P", "USTAR"]
-    lines = [",".join(["# Site: US-Tst"] + [""] * (len(header) - 1)),
-             ",".join(["# Version: 1-1"] + [""] * (len(header) - 1)), ",".join(header)]
+    header = [
+        "TIMESTAMP_START",
+        "TIMESTAMP_END",
+        "FC_1_1_1",
+        "FC_SSITC_TEST_1_1_1",
+        "TA_1_2_1",
+        "TA_1_1_1",
+        "SW_IN_1_1_1",
+        "VPD_PI_1",
+        "P",
+        "USTAR",
+    ]
+    lines = [
+        ",".join(["# Site: US-Tst"] + [""] * (len(header) - 1)),
+        ",".join(["# Version: 1-1"] + [""] * (len(header) - 1)),
+        ",".join(header),
+    ]
     for i, ts in enumerate(t):
-        lines.append(",".join([ts.strftime("%Y%m%d%H%M"), (ts + pd.Timedelta("30min")).strftime("%Y%m%d%H%M"),
-                               str(-3.0 - i), str([0, 1, 2, 0][i]), "15.0", str(20.0 + i), "500", "8.5",
-                               "0", "-9999"]))
+        lines.append(
+            ",".join(
+                [
+                    ts.strftime("%Y%m%d%H%M"),
+                    (ts + pd.Timedelta("30min")).strftime("%Y%m%d%H%M"),
+                    str(-3.0 - i),
+                    str([0, 1, 2, 0][i]),
+                    "15.0",
+                    str(20.0 + i),
+                    "500",
+                    "8.5",
+                    "0",
+                    "-9999",
+                ]
+            )
+        )
     f = tmp_path / "AMF_US-Tst_BASE_HH_1-1.csv"
     f.write_text("\n".join(lines) + "\n")
     recs = read_tower_file(f)
@@ -248,8 +291,11 @@ def test_ameriflux_base_with_qualifiers_and_comment_lines(tmp_path: Path) -> Non
 
 def _fluxnet_zip(tmp_path: Path) -> Path:
     hh = _fluxnet_hh(tmp_path / "FLX_DE-Tst_FLUXNET2015_FULLSET_HH_2001-2001_1-4.csv", n=96)
-    dd = _write(tmp_path / "FLX_DE-Tst_FLUXNET2015_FULLSET_DD_2001-2001_1-4.csv", "DD",
-                {"NEE_VUT_REF": [1.5, 2.5], "NEE_VUT_REF_QC": [1.0, 0.9]})
+    dd = _write(
+        tmp_path / "FLX_DE-Tst_FLUXNET2015_FULLSET_DD_2001-2001_1-4.csv",
+        "DD",
+        {"NEE_VUT_REF": [1.5, 2.5], "NEE_VUT_REF_QC": [1.0, 0.9]},
+    )
     era = _write(tmp_path / "FLX_DE-Tst_FLUXNET2015_ERAI_HH_1989-2014_1-4.csv", "HH", {"TA_ERA": [1.0, 2.0]})
     z = tmp_path / "FLX_DE-Tst_FLUXNET2015_FULLSET_2001-2001_1-4.zip"
     with zipfile.ZipFile(z, "w") as zf:
@@ -275,7 +321,9 @@ def test_erai_file_is_refused(tmp_path: Path) -> None:
 
 def test_fluxdatakit_with_nee_is_adapted(tmp_path: Path) -> None:
     f = tmp_path / "FLX_XX-Fdk_FLUXDATAKIT_FULLSET_DD_2004_2004_2-3.csv"
-    f.write_text("TIMESTAMP,NEE_VUT_REF,NEE_VUT_REF_QC,TA_F_MDS\n2004-01-01,1.25,0.9,NA\n2004-01-02,NA,1,3.5\n")
+    f.write_text(
+        "TIMESTAMP,NEE_VUT_REF,NEE_VUT_REF_QC,TA_F_MDS\n2004-01-01,1.25,0.9,NA\n2004-01-02,NA,1,3.5\n"
+    )
     with pytest.warns(UserWarning, match="FluxDataKit derivative"):
         recs = read_tower_file(f)
     assert recs["NEE"].iloc[0] == 1.25 and np.isnan(recs["NEE"].iloc[1])
@@ -289,10 +337,15 @@ def test_demo_world_layout(tmp_path: Path) -> None:
 
     (tmp_path / "sites.csv").write_text(
         "SITE_ID,LAT,LON,IGBP,ELEV,HEIGHT_MEAS,HEIGHT_CANOPY\nXX-D01,50.0,10.0,ENF,300,30,20\n"
-        "XX-D02,50.5,10.5,GRA,250,3,0.5\n")
+        "XX-D02,50.5,10.5,GRA,250,3,0.5\n"
+    )
     for site in ("XX-D01", "XX-D02"):
-        _fluxnet_hh(tmp_path / f"FLX_{site}_FLUXNET2015_FULLSET_HH_2001-2001_1-4.csv", n=96 * 4,
-                    WS=[2.0] * 384, WD=[180.0] * 384)
+        _fluxnet_hh(
+            tmp_path / f"FLX_{site}_FLUXNET2015_FULLSET_HH_2001-2001_1-4.csv",
+            n=96 * 4,
+            WS=[2.0] * 384,
+            WD=[180.0] * 384,
+        )
     sites = read_sites(tmp_path / "sites.csv")
     recs = read_towers(str(tmp_path / "FLX_*.csv"), sites)
     assert set(recs["site"]) == {"XX-D01", "XX-D02"}

@@ -105,7 +105,8 @@ def summarize(records: pd.DataFrame, *, min_gap: str | pd.Timedelta = "1D") -> p
                 "first": pd.Timestamp(t0.min()),
                 "last": pd.Timestamp(t1.max()),
                 "years": (f"{years.min()}-{years.max()}" if years.min() != years.max() else str(years.min()))
-                if len(years) else "",
+                if len(years)
+                else "",
                 "n_years": int(years.nunique()),
                 "n_records": len(g),
                 "n_nee": int(valid.sum()),

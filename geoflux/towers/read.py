@@ -76,16 +76,24 @@ class _NameInfo:
 
 
 _NAME_RULES: tuple[tuple[re.Pattern, str, str], ...] = (
-    (re.compile(rf"^FLX_{_SITE}_FLUXNET2015_(?P<aux>ERAI|AUXMETEO|AUXNEE)_"), "auxiliary",
-     "FLUXNET2015 {aux}"),
-    (re.compile(rf"^FLX_{_SITE}_FLUXNET2015_(?P<set>FULLSET|SUBSET)_{_RES}_"), "fluxnet",
-     "FLUXNET2015 {set}"),
-    (re.compile(rf"^(?:FLX|AMF|ICOSETC)_{_SITE}_FLUXNET_(?P<set>FLUXMET|FULLSET|SUBSET)_{_RES}_"), "fluxnet",
-     "ONEFlux FLUXNET {set}"),
+    (
+        re.compile(rf"^FLX_{_SITE}_FLUXNET2015_(?P<aux>ERAI|AUXMETEO|AUXNEE)_"),
+        "auxiliary",
+        "FLUXNET2015 {aux}",
+    ),
+    (
+        re.compile(rf"^FLX_{_SITE}_FLUXNET2015_(?P<set>FULLSET|SUBSET)_{_RES}_"),
+        "fluxnet",
+        "FLUXNET2015 {set}",
+    ),
+    (
+        re.compile(rf"^(?:FLX|AMF|ICOSETC)_{_SITE}_FLUXNET_(?P<set>FLUXMET|FULLSET|SUBSET)_{_RES}_"),
+        "fluxnet",
+        "ONEFlux FLUXNET {set}",
+    ),
     (re.compile(rf"^ICOSETC_{_SITE}_FLUXNET_{_RES}_L2"), "fluxnet", "ICOS ETC L2 FLUXNET"),
     (re.compile(rf"^AMF_{_SITE}_BASE_{_RES}_"), "base", "AmeriFlux BASE"),
-    (re.compile(rf"^FLX_{_SITE}_FLUXDATAKIT_(?P<set>[A-Z]+)_{_RES}_"), "fluxdatakit",
-     "FluxDataKit {set}"),
+    (re.compile(rf"^FLX_{_SITE}_FLUXDATAKIT_(?P<set>[A-Z]+)_{_RES}_"), "fluxdatakit", "FluxDataKit {set}"),
 )
 _ANY_SITE = re.compile(r"(?:FLX|AMF|ICOSETC)_([A-Z]{2}-[A-Za-z0-9]{3})_")
 
@@ -265,8 +273,9 @@ def _zip_member(path: Path, resolution: str | None) -> tuple[str, str, bytes]:
     return f"{path}!{member}", Path(member).name, data
 
 
-def _parse(label: str, name: str, data: bytes, *, site: str | None, columns: dict[str, str],
-           require_nee: bool) -> pd.DataFrame:
+def _parse(
+    label: str, name: str, data: bytes, *, site: str | None, columns: dict[str, str], require_nee: bool
+) -> pd.DataFrame:
     if not data.strip():
         raise TowerFormatError(f"{label}: empty tower file")
     # Old Mac files end lines with CR only, Windows ones with CRLF; make every line end with LF.
@@ -280,7 +289,7 @@ def _parse(label: str, name: str, data: bytes, *, site: str | None, columns: dic
         )
     header_start = _skip_comments(data)
     eol = data.find(b"\n", header_start)
-    header = data[header_start: eol if eol >= 0 else len(data)].decode("utf-8", "replace")
+    header = data[header_start : eol if eol >= 0 else len(data)].decode("utf-8", "replace")
     site = site or (info.site if info else None) or _site_from_name(name) or Path(name).stem
     if header.split("\t")[:3] == ["Year", "DoY", "Hour"]:
         df = _read_reddyproc(label, data[header_start:])
@@ -351,8 +360,9 @@ def _check_fields(label: str, body: bytes, n_names: int, sep: str) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # CSV formats (FLUXNET, ICOS, AmeriFlux BASE, FluxDataKit).
-def _read_csv(label: str, body: bytes, info: _NameInfo | None, columns: dict[str, str],
-              require_nee: bool) -> pd.DataFrame:
+def _read_csv(
+    label: str, body: bytes, info: _NameInfo | None, columns: dict[str, str], require_nee: bool
+) -> pd.DataFrame:
     names = [c.strip().strip('"') for c in body[: body.find(b"\n")].decode("utf-8", "replace").split(",")]
     if len(set(names)) != len(names):
         dup = sorted({c for c in names if names.count(c) > 1})
@@ -648,8 +658,9 @@ def _digits_to_time(s: pd.Series, fmt: str) -> pd.Series:
     month_start = (np.where(ok, year, 1970) - 1970).astype("datetime64[Y]").astype("datetime64[M]") + (
         np.where(ok, month, 1) - 1
     ).astype("timedelta64[M]")
-    month_days = ((month_start + np.timedelta64(1, "M")).astype("datetime64[D]")
-                  - month_start.astype("datetime64[D]")).astype("int64")
+    month_days = (
+        (month_start + np.timedelta64(1, "M")).astype("datetime64[D]") - month_start.astype("datetime64[D]")
+    ).astype("int64")
     ok &= day <= month_days
     t = (
         month_start.astype("datetime64[ns]")
@@ -728,10 +739,24 @@ def _read_reddyproc(label: str, body: bytes) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # Checks common to every format.
 # Absolute values beyond these are implausible in the tidy unit (unit-suspicious column when many).
-_PLAUSIBLE_SUBDAILY = {"NEE": 100.0, "TA": 70.0, "SW_IN": 1500.0, "VPD": 150.0, "USTAR": 10.0, "WS": 75.0,
-                       "P": 300.0}
-_PLAUSIBLE_DAILY = {"NEE": 60.0, "TA": 70.0, "SW_IN": 1500.0, "VPD": 150.0, "USTAR": 10.0, "WS": 75.0,
-                    "P": 1000.0}
+_PLAUSIBLE_SUBDAILY = {
+    "NEE": 100.0,
+    "TA": 70.0,
+    "SW_IN": 1500.0,
+    "VPD": 150.0,
+    "USTAR": 10.0,
+    "WS": 75.0,
+    "P": 300.0,
+}
+_PLAUSIBLE_DAILY = {
+    "NEE": 60.0,
+    "TA": 70.0,
+    "SW_IN": 1500.0,
+    "VPD": 150.0,
+    "USTAR": 10.0,
+    "WS": 75.0,
+    "P": 1000.0,
+}
 # A few wild values are spikes, many are a unit problem.
 _MAX_SPIKE_FRACTION = 0.01
 
