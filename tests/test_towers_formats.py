@@ -326,7 +326,8 @@ def test_fluxdatakit_with_nee_is_adapted(tmp_path: Path) -> None:
     )
     with pytest.warns(UserWarning, match="FluxDataKit derivative"):
         recs = read_tower_file(f)
-    assert recs["NEE"].iloc[0] == 1.25 and np.isnan(recs["NEE"].iloc[1])
+    # FluxDataKit daily NEE is a mean of half-hourly umol m-2 s-1: 1.25 * 12.011e-6 * 86400 gC m-2 d-1.
+    assert recs["NEE"].iloc[0] == pytest.approx(1.25 * 1.0377504, rel=1e-12) and np.isnan(recs["NEE"].iloc[1])
     assert np.isnan(recs["TA"].iloc[0]) and recs["TA"].iloc[1] == 3.5
     assert recs["time"].tolist() == [pd.Timestamp("2004-01-01"), pd.Timestamp("2004-01-02")]
 

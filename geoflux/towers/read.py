@@ -11,7 +11,7 @@ ONEFlux FLUXNET (FLUXMET)   ``FLX|AMF|ICOSETC_<SITE>_FLUXNET_<SET>_<RES>_...``  
 ICOS ETC L2                 ``ICOSETC_<SITE>_FLUXNET_<RES>_L2.csv``               TIMESTAMP[_START]
 AmeriFlux BASE              ``AMF_<SITE>_BASE_<HH|HR>_<v>.csv``                   TIMESTAMP_START
 REddyProc input             any name; header ``Year DoY Hour NEE ...``            Hour = end of record
-FluxDataKit-like            ``FLX_<SITE>_FLUXDATAKIT_<SET>_<RES>_...``            ISO dates, ``NA``
+FluxDataKit-like            ``FLX_<SITE>_FLUXDATAKIT|PLUMBER_<SET>_<RES>_...``    ISO dates, ``NA``
 any of these, zipped        ``*.zip`` (one data file is picked, see below)
 ==========================  ====================================================  ==================
 
@@ -20,6 +20,10 @@ Time: every record keeps the stamps written in the file. ``time`` is the start o
 (no daylight saving); geoflux never shifts them (use :func:`geoflux.towers.to_utc` with a site table
 that has ``UTC_OFFSET`` to get UTC). REddyProc's ``Hour`` is the *end* of the half-hour, so its record
 starts 30 min earlier — that is the file's own convention made explicit, not a shift.
+
+Units: FLUXNET-family daily and coarser files give NEE in gC m-2 d-1, but FluxDataKit daily files are
+plain means of the half-hourly values and so keep umolCO2 m-2 s-1 (FluxDataKit's
+``fdk_downsample_fluxnet``); their NEE and its uncertainty are converted to gC m-2 d-1 (x 1.0377504).
 """
 
 from __future__ import annotations
@@ -94,6 +98,12 @@ _NAME_RULES: tuple[tuple[re.Pattern, str, str], ...] = (
     (re.compile(rf"^ICOSETC_{_SITE}_FLUXNET_{_RES}_L2"), "fluxnet", "ICOS ETC L2 FLUXNET"),
     (re.compile(rf"^AMF_{_SITE}_BASE_{_RES}_"), "base", "AmeriFlux BASE"),
     (re.compile(rf"^FLX_{_SITE}_FLUXDATAKIT_(?P<set>[A-Z]+)_{_RES}_"), "fluxdatakit", "FluxDataKit {set}"),
+    # FluxDataKit's own down-sampling writes FLX_<SITE>_PLUMBER_FULLSET_DD_<y1>_<y2>_2-3.csv.
+    (
+        re.compile(rf"^FLX_{_SITE}_PLUMBER_(?P<set>[A-Z]+)_{_RES}_"),
+        "fluxdatakit",
+        "FluxDataKit (PLUMBER) {set}",
+    ),
 )
 _ANY_SITE = re.compile(r"(?:FLX|AMF|ICOSETC)_([A-Z]{2}-[A-Za-z0-9]{3})_")
 
@@ -137,7 +147,8 @@ def read_tower_file(
     meteorology ``TA``, ``SW_IN``, ``VPD``, ``P``, ``USTAR``, ``WS``, ``WD`` with ``<VAR>_QC`` where the
     file has one (those present); NaN for missing (-9999 / NA). Units: :data:`RECORD_UNITS`.
     ``attrs``: ``resolution`` (HH/HR/DD/WW/MM/YY), ``format``, ``source`` (file), ``columns``
-    (tidy → source column), ``units``, ``nee_qc_kind`` (``flag`` or ``fraction``), ``time_reference``.
+    (tidy → source column), ``source_units`` (tidy → unit of the source column before conversion, CSV
+    formats), ``units``, ``nee_qc_kind`` (``flag`` or ``fraction``), ``time_reference``.
 
     Raises
     ------
@@ -388,6 +399,7 @@ def _read_csv(
     out = pd.DataFrame({"time": time, "time_end": end})
     record_days = ((end - time) / pd.Timedelta("1D")).to_numpy()
     used: dict[str, str] = {}
+    source_units: dict[str, str] = {}
     for var, src in pick.items():
         if src not in raw.columns:
             continue
@@ -395,6 +407,7 @@ def _read_csv(
         unit = _source_unit(flavour, var, src, resolution)
         if unit is not None and not var.endswith("_QC"):
             values = convert(values, unit, resolution, record_days)
+            source_units[var] = unit
         out[var] = values
         used[var] = src
     nee_qc_kind = "flag" if resolution in SUBDAILY else "fraction"
@@ -433,12 +446,19 @@ def _read_csv(
         resolution=resolution,
         format=_product(info, flavour),
         columns=used,
+        source_units=source_units,
         nee_qc_kind=nee_qc_kind,
     )
     if flavour == "fluxdatakit":
+        carbon = (
+            "NEE taken as the mean of half-hourly umol m-2 s-1 (FluxDataKit averages half-hours) and "
+            "converted to gC m-2 d-1"
+            if resolution not in SUBDAILY
+            else "NEE in umol m-2 s-1"
+        )
         warnings.warn(
             f"{label}: read as a FluxDataKit derivative (ISO dates, NA for missing), not a FLUXNET release; "
-            "units taken as those of FLUXNET2015 files of the same resolution",
+            f"{carbon}; meteorology units as in FLUXNET2015 files of the same resolution",
             TowerDataWarning,
             stacklevel=4,
         )
@@ -508,6 +528,10 @@ def _base_qc_name(col: str) -> str:
 def _source_unit(flavour: str, var: str, src: str, resolution: str) -> str | None:
     if flavour == "base":
         return BASE_UNITS.get(var.removesuffix("_UNC"))
+    if flavour == "fluxdatakit" and var in ("NEE", "NEE_UNC"):
+        # FluxDataKit down-samples by averaging the half-hours, so its daily carbon fluxes stay in
+        # umol m-2 s-1 (ONEFlux's DD files hold gC m-2 d-1; reading FDK as those is 3.6 % low).
+        return "umolCO2 m-2 s-1"
     unit = fluxnet_units(src, resolution)
     if unit is None and var in ("NEE", "NEE_UNC"):
         # A plain 'NEE' column in a FLUXNET-like file: assume the FLUXNET unit of its resolution.
