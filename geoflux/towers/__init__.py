@@ -9,7 +9,7 @@ Public API (used by the pipeline, the CLI and the notebooks)::
     qc_filter(records, ...)         -> failing NEE masked, per-record NEE_weight added
     aggregate(records, periods, …)  -> per-site means per model time step, with coverage
     write_records(df, path)         -> parquet, written atomically
-    summarize(records)              -> per-site years, coverage, gaps
+    summarize(records)              -> per-site years, raw and QC-passing coverage, gaps
 
 Tidy record columns: ``site``, ``time`` (start of the record) and ``time_end`` (exclusive end), both
 local standard time as written in the files (tz-naive, never shifted), ``NEE``, ``NEE_QC``
@@ -18,7 +18,7 @@ local standard time as written in the files (tz-naive, never shifted), ``NEE``, 
 :data:`RECORD_UNITS` / :data:`AGGREGATE_UNITS`.
 """
 
-from geoflux.towers.aggregate import AGGREGATE_UNITS, aggregate, make_periods, qc_filter
+from geoflux.towers.aggregate import AGGREGATE_UNITS, aggregate, make_periods, qc_filter, qc_pass, qc_rule
 from geoflux.towers.columns import RECORD_UNITS, UMOL_TO_GC_PER_DAY, fluxnet_units
 from geoflux.towers.output import read_records, summarize, write_records
 from geoflux.towers.read import TowerDataWarning, read_tower_file, read_towers
@@ -33,6 +33,8 @@ __all__ = [
     "fluxnet_units",
     "make_periods",
     "qc_filter",
+    "qc_pass",
+    "qc_rule",
     "read_records",
     "read_sites",
     "read_tower_file",

@@ -12,15 +12,23 @@ QC rules (ONEFlux conventions, see the variable tables of FLUXNET2015/ONEFlux):
   ``met_qc_max`` / ``met_min_fraction`` are given (ERA-downscaled drivers are usually fine as model inputs).
 
 Rejected records keep their row (NEE set to NaN) so coverage can be counted.
+
+No tower disappears without a word: :func:`qc_filter` warns (:class:`TowerDataWarning`) naming every site
+whose NEE is all missing or all fails QC, and :func:`aggregate` names every site that has records but
+yields no period (no record inside the periods, no valid NEE there, or no period reaching
+``min_coverage``).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pandas as pd
 
 from geoflux.errors import TowerFormatError
 from geoflux.towers.columns import MET_VARIABLES, SUBDAILY, UMOL_TO_GC_PER_DAY
+from geoflux.towers.read import TowerDataWarning
 
 AGGREGATE_UNITS: dict[str, str] = {
     "NEE": "gC m-2 d-1 (positive = source to the atmosphere)",
@@ -73,6 +81,11 @@ def qc_filter(
     A copy with failing NEE set to NaN and a column ``NEE_weight`` (0 for rejected records): the QC
     factor (above for HH/HR; the QC fraction itself for DD and coarser) times, where ``NEE_UNC`` is
     given, an inverse-variance factor ``(median NEE_UNC of the site / NEE_UNC)**2`` capped at 4.
+
+    Warns
+    -----
+    TowerDataWarning
+        naming each site whose NEE is missing in every record, or whose every NEE record fails QC.
     """
     out = records.copy()
     out.attrs = dict(records.attrs)
@@ -80,12 +93,12 @@ def qc_filter(
         out["NEE_QC"] = np.nan
     qc = out["NEE_QC"].to_numpy(dtype="float64")
     if _qc_is_flag(records):
-        bad = ~(qc <= qc_max)
         factor = np.power(gapfill_weight, np.nan_to_num(qc, nan=0.0))
     else:
-        bad = ~(qc >= min_fraction)
         factor = np.clip(np.nan_to_num(qc, nan=0.0), 0.0, 1.0)
+    bad = ~qc_pass(records, qc_max, min_fraction)
     nee = out["NEE"].to_numpy(dtype="float64").copy()
+    _warn_sites_without_nee(out["site"].to_numpy(), nee, bad, qc_rule(records, qc_max, min_fraction))
     nee[bad] = np.nan
     out["NEE"] = nee
     weight = np.where(np.isnan(nee), 0.0, factor)
@@ -109,6 +122,55 @@ def qc_filter(
         elif not sub and met_min_fraction is not None:
             out.loc[mq < met_min_fraction, var] = np.nan
     return out
+
+
+def qc_pass(records: pd.DataFrame, qc_max: int = 1, min_fraction: float = 0.8) -> np.ndarray:
+    """Whether each record's ``NEE_QC`` passes the rule of :func:`qc_filter` (missing QC fails).
+
+    Parameters
+    ----------
+    records : tidy records with ``NEE_QC`` and ``attrs['nee_qc_kind']`` (or ``attrs['resolution']``).
+    qc_max : flag files (HH/HR): pass ``NEE_QC <= qc_max``.
+    min_fraction : fraction files (DD and coarser): pass ``NEE_QC >= min_fraction``.
+
+    Returns
+    -------
+    Boolean array, one value per record; NEE itself is not looked at.
+    """
+    if "NEE_QC" not in records.columns:
+        return np.zeros(len(records), dtype=bool)
+    qc = records["NEE_QC"].to_numpy(dtype="float64")
+    with np.errstate(invalid="ignore"):
+        return qc <= qc_max if _qc_is_flag(records) else qc >= min_fraction
+
+
+def qc_rule(records: pd.DataFrame, qc_max: int = 1, min_fraction: float = 0.8) -> str:
+    """The QC rule :func:`qc_pass` applies to ``records``, as text (e.g. ``'NEE_QC<=1'``)."""
+    return f"NEE_QC<={qc_max}" if _qc_is_flag(records) else f"NEE_QC>={min_fraction:g}"
+
+
+def _warn_sites_without_nee(site: np.ndarray, nee: np.ndarray, bad: np.ndarray, rule: str) -> None:
+    """Warn, naming them, about sites whose NEE is all missing or all fails QC."""
+    frame = pd.DataFrame({"site": site, "valid": ~np.isnan(nee), "passed": ~np.isnan(nee) & ~bad})
+    per_site = frame.groupby("site", sort=True)[["valid", "passed"]].sum()
+    per_site["n"] = frame.groupby("site", sort=True).size()
+    empty = per_site.loc[per_site["valid"] == 0]
+    failing = per_site.loc[(per_site["valid"] > 0) & (per_site["passed"] == 0)]
+    if len(empty):
+        warnings.warn(
+            f"site(s) {list(empty.index)}: NEE is missing in every record "
+            f"({', '.join(str(n) for n in empty['n'])} records); these towers give no observations",
+            TowerDataWarning,
+            stacklevel=3,
+        )
+    if len(failing):
+        detail = ", ".join(f"{s}: {int(r.valid)} records with NEE" for s, r in failing.iterrows())
+        warnings.warn(
+            f"site(s) {list(failing.index)}: every NEE record fails QC ({rule}; {detail}); "
+            "these towers give no observations",
+            TowerDataWarning,
+            stacklevel=3,
+        )
 
 
 def _qc_is_flag(records: pd.DataFrame) -> bool:
@@ -169,6 +231,33 @@ def _period_edges(periods: pd.DatetimeIndex, end: pd.Timestamp | None) -> np.nda
     return np.append(periods.to_numpy(dtype="datetime64[ns]"), np.datetime64(end, "ns"))
 
 
+def _warn_dropped_sites(
+    records: pd.DataFrame, edges: np.ndarray, periods: pd.DataFrame, kept: pd.Series, min_coverage: float
+) -> None:
+    """Warn about sites that have records but no aggregated period, saying why."""
+    all_sites = pd.unique(records["site"])
+    have = set(periods.loc[kept, "site"])
+    dropped = [s for s in all_sites if s not in have]
+    if not dropped:
+        return
+    span = f"{pd.Timestamp(edges[0])}..{pd.Timestamp(edges[-1])}"
+    reasons = []
+    for s in dropped:
+        p = periods.loc[periods["site"] == s]
+        if p.empty:
+            reasons.append(f"{s}: no records in {span}")
+        elif (p["n_records"] == 0).all():
+            reasons.append(f"{s}: no valid (QC-passed) NEE in {span}")
+        else:
+            best = float(p.loc[p["n_records"] > 0, "NEE_coverage"].max())
+            reasons.append(f"{s}: best period coverage {best:.3g} < min_coverage={min_coverage:g}")
+    warnings.warn(
+        f"site(s) {dropped} dropped from the aggregation ({'; '.join(reasons)})",
+        TowerDataWarning,
+        stacklevel=3,
+    )
+
+
 def aggregate(
     records: pd.DataFrame,
     periods: pd.DatetimeIndex,
@@ -194,6 +283,12 @@ def aggregate(
     (gC m-2 d-1), ``NEE_coverage``, ``NEE_measured``, ``n_records``, ``NEE_weight`` / ``NEE_UNC`` when
     the records have them, and the duration-weighted mean meteorology (P as mm d-1). Units in
     :data:`AGGREGATE_UNITS` and ``attrs['units']``.
+
+    Warns
+    -----
+    TowerDataWarning
+        naming each site that has records but no period in the result, and why (no records in the
+        periods, no valid NEE there, or its best period coverage below ``min_coverage``).
     """
     res = records.attrs.get("resolution")
     if res is None:
@@ -277,7 +372,9 @@ def aggregate(
             out[v] = np.where(sums[f"_{v}_days"] > 0, sums[f"_{v}"] / sums[f"_{v}_days"], np.nan)
     out = out.reset_index()
     out.insert(1, "time", edges[out["period"].to_numpy()])
-    out = out.loc[(out["NEE_coverage"] >= min_coverage) & (out["n_records"] > 0)].drop(columns="period")
+    kept = (out["NEE_coverage"] >= min_coverage) & (out["n_records"] > 0)
+    _warn_dropped_sites(records, edges, out, kept, min_coverage)
+    out = out.loc[kept].drop(columns="period")
     first = ["site", "time", "NEE", "NEE_coverage", "n_records", "NEE_measured"]
     out = out[first + [c for c in out.columns if c not in first]].reset_index(drop=True)
     out.attrs = {

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from geoflux.atomic import atomic_path
 from geoflux.errors import TowerFormatError
+from geoflux.towers.aggregate import qc_pass, qc_rule
 
 _META_KEY = b"geoflux.towers"
 
@@ -60,25 +61,42 @@ def read_records(path: str | Path) -> pd.DataFrame:
     return df
 
 
-def summarize(records: pd.DataFrame, *, min_gap: str | pd.Timedelta = "1D") -> pd.DataFrame:
+def summarize(
+    records: pd.DataFrame,
+    *,
+    min_gap: str | pd.Timedelta = "1D",
+    qc_max: int = 1,
+    min_fraction: float = 0.8,
+) -> pd.DataFrame:
     """Per-site summary of tidy records: years, coverage and gaps (what the CLI prints).
 
     Parameters
     ----------
     records : tidy records, QC-filtered or not (NaN NEE counts as missing).
     min_gap : a stretch without valid NEE at least this long counts as a gap.
+    qc_max, min_fraction : the QC rule of :func:`~geoflux.towers.qc_filter` (defaults as there) used
+        for ``n_qc`` / ``qc_coverage``: flag files (HH/HR) pass ``NEE_QC <= qc_max``, fraction files
+        (DD, WW, MM, YY) pass ``NEE_QC >= min_fraction`` (share of measured and good gap-filled data).
 
     Returns
     -------
     One row per site: ``site``, ``resolution``, ``first`` (first record start), ``last`` (last record
     end), ``years`` (e.g. ``'1997-2014'``), ``n_years`` (calendar years with any valid NEE),
-    ``n_records``, ``n_nee`` (records with valid NEE), ``coverage`` (time covered by valid NEE over the
-    span from first to last record, 0-1), ``measured`` (share of valid NEE that is measured, QC 0, at
+    ``n_records``, ``n_nee`` (records with valid NEE), ``n_qc`` (records with valid NEE that pass QC),
+    ``coverage`` (time covered by valid NEE over the span from first to last record, 0-1; gap-filled
+    NEE counts), ``qc_coverage`` (the same for QC-passing NEE: what the pipeline can use), ``qc_rule``
+    (e.g. ``NEE_QC<=1`` or ``NEE_QC>=0.8``), ``measured`` (share of valid NEE that is measured, QC 0, at
     HH/HR; NaN for coarser records), ``n_gaps`` (stretches without valid NEE of at least ``min_gap``,
     including the file's own missing rows) and ``longest_gap_days``.
     """
     res = records.attrs.get("resolution")
     min_gap = pd.Timedelta(min_gap)
+    try:
+        passed = qc_pass(records, qc_max, min_fraction)
+        rule = qc_rule(records, qc_max, min_fraction)
+    except TowerFormatError:  # QC flags and fractions mixed: no single rule applies
+        passed, rule = np.full(len(records), np.nan), "mixed QC kinds"
+    records = records.assign(_qc_pass=passed)
     rows = []
     for site, g in records.groupby("site", sort=True):
         t0 = g["time"].to_numpy(dtype="datetime64[ns]")
@@ -86,6 +104,9 @@ def summarize(records: pd.DataFrame, *, min_gap: str | pd.Timedelta = "1D") -> p
         valid = g["NEE"].notna().to_numpy()
         span = (t1.max() - t0.min()) / np.timedelta64(1, "D")
         covered = ((t1 - t0)[valid] / np.timedelta64(1, "D")).sum()
+        mixed = g["_qc_pass"].isna().any()
+        good = valid & (g["_qc_pass"].to_numpy() == 1)
+        qc_covered = np.nan if mixed else ((t1 - t0)[good] / np.timedelta64(1, "D")).sum()
         # Gaps between consecutive valid records, plus the lead-in and tail without valid NEE.
         if valid.any():
             starts = np.concatenate((t0[valid], [t1.max()]))
@@ -110,7 +131,10 @@ def summarize(records: pd.DataFrame, *, min_gap: str | pd.Timedelta = "1D") -> p
                 "n_years": int(years.nunique()),
                 "n_records": len(g),
                 "n_nee": int(valid.sum()),
+                "n_qc": np.nan if mixed else int(good.sum()),
                 "coverage": float(covered / span) if span > 0 else np.nan,
+                "qc_coverage": float(qc_covered / span) if span > 0 else np.nan,
+                "qc_rule": rule,
                 "measured": measured,
                 "n_gaps": len(long),
                 "longest_gap_days": float(gaps.max()) if len(gaps) else 0.0,
