@@ -111,7 +111,11 @@ def read_sites(path: str | Path) -> pd.DataFrame:
     header = {c.strip().strip('"').upper() for c in first.split(sep)}
     badm = _BADM_HEADER <= header
     # BADM values are text until the variable says what they are; a wide table's columns are inferred.
-    dtype = str if badm else {c: str for c in first.split(sep) if c.strip().strip('"').upper() == "SITE_ID"}
+    dtype = (
+        str
+        if badm
+        else {n: str for n in (c.strip().strip('"') for c in first.split(sep)) if n.upper() == "SITE_ID"}
+    )
     try:
         df = pd.read_csv(
             io.StringIO(text),
