@@ -12,7 +12,8 @@ A definition is data, one file per collection::
         scale: 0.0001                                               # physical = raw * scale + offset
         nodata: -3000
         units: "1"
-        valid_range: [-0.2, 1.0]                                    # physical units
+        valid_range: [-0.2, 1.0]                                    # physical units; outside: masked
+        physical_range: [-1.0, 1.0]                                 # outside (after masking): reported
         qa: {asset: 500m_16_days_VI_Quality, bits: {"0-1": [0, 1]}} # keep MODLAND QA 0 or 1
         aggregation: max
         resampling: bilinear
@@ -54,6 +55,8 @@ _DTYPE_RANGE = {
     "int32": (-(2**31), 2**31 - 1),
     "uint32": (0, 2**32 - 1),
 }
+# keys a run-config entry naming a definition may set on top of it
+_ENTRY_OVERRIDES = ("on_implausible", "missing_max", "physical_range")
 KELVIN_OFFSET = -273.15  # K -> degC: a definition may convert a Kelvin product to degC
 
 
@@ -131,6 +134,10 @@ class VariableDef(_Strict):
     kind: Literal["continuous", "categorical"] = "continuous"
     classes: list[int] | None = None
     valid_range: tuple[float, float] | None = None
+    physical_range: tuple[float, float] | None = Field(
+        default=None, description="physically possible [min, max]; values left outside it are reported"
+    )
+    missing_max: float = Field(default=0.5, ge=0.0, le=1.0)
     qa: QADef | None = None
     aggregation: Literal["mean", "median", "max", "min", "sum"] = "mean"
     resampling: Literal["nearest", "mode", "bilinear", "cubic", "average", "min", "max", "med"] | None = None
@@ -161,8 +168,10 @@ class VariableDef(_Strict):
                 )
             if self.derive is not None:
                 raise ValueError("a categorical variable cannot be derived")
-        if self.valid_range is not None and not self.valid_range[0] <= self.valid_range[1]:
-            raise ValueError("valid_range must be [min, max]")
+        for key in ("valid_range", "physical_range"):
+            rng = getattr(self, key)
+            if rng is not None and not rng[0] <= rng[1]:
+                raise ValueError(f"{key} must be [min, max]")
         if not math.isfinite(self.scale) or self.scale == 0:
             raise ValueError("scale must be finite and non-zero")
         return self
@@ -312,6 +321,8 @@ def variable_specs(
                 query=query,
                 filter=defn.filter,
                 valid_range=v.valid_range,
+                physical_range=v.physical_range,
+                missing_max=v.missing_max,
                 qa_asset=v.qa.asset if v.qa is not None else None,
                 qa_mask=mask,
                 qa_keep=keep,
@@ -329,7 +340,8 @@ def expand_variables(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
     """Expand run-config variable entries that refer to a definition into plain variable mappings.
 
     An entry ``{definition: pc-modis-13A1-061, variable: ndvi, name: ndvi_modis, catalog: ...}`` becomes
-    the full mapping of that variable (``name`` and ``catalog`` optional); other entries pass unchanged.
+    the full mapping of that variable (``name`` and ``catalog`` optional; ``on_implausible``,
+    ``missing_max`` and ``physical_range`` override the definition's); other entries pass unchanged.
     Meant for a config loader: ``data["variables"] = expand_variables(data["variables"])``.
     """
     out: list[dict[str, Any]] = []
@@ -337,16 +349,18 @@ def expand_variables(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
         if "definition" not in e:
             out.append(dict(e))
             continue
-        extra = set(e) - {"definition", "variable", "name", "catalog"}
+        extra = set(e) - {"definition", "variable", "name", "catalog", *_ENTRY_OVERRIDES}
         if extra or "variable" not in e:
             why = f"unknown key '{sorted(extra)[0]}'" if extra else "'variable' is missing"
             raise CatalogError(
-                f"variables.{i}: {why} (a definition entry takes definition, variable, name, catalog)"
+                f"variables.{i}: {why} (a definition entry takes definition, variable, name, catalog, "
+                f"{', '.join(_ENTRY_OVERRIDES)})"
             )
         defn = find_definition(e["definition"])
         rename = {e["variable"]: e["name"]} if "name" in e else None
         (spec,) = variable_specs(defn, [e["variable"]], catalog=e.get("catalog"), rename=rename)
-        out.append(spec.model_dump(mode="json"))
+        # run-level choices on top of the definition; validated with the rest of the run config
+        out.append({**spec.model_dump(mode="json"), **{k: e[k] for k in _ENTRY_OVERRIDES if k in e}})
     return out
 
 

@@ -24,7 +24,10 @@ class _Strict(BaseModel):
 class VariableSpec(_Strict):
     """One driver: which STAC collection/asset holds it and how to decode it.
 
-    Physical value = raw * ``scale`` + ``offset``; raw == ``nodata`` is missing.
+    Physical value = raw * ``scale`` + ``offset``; raw == ``nodata`` (or the file's or the STAC item's
+    nodata, or outside the raster) is missing. ``valid_range`` masks values silently (a product's fill
+    codes); ``physical_range`` is what the quantity can physically be: anything left outside it is
+    reported, as is a scene leaving more than ``missing_max`` of the region missing.
     """
 
     name: str = Field(description="driver name used as model feature")
@@ -54,6 +57,22 @@ class VariableSpec(_Strict):
     filter: dict[str, Any] | None = Field(default=None, description="CQL2-JSON filter for STAC API searches")
     valid_range: tuple[float, float] | None = Field(
         default=None, description="physical values outside [min, max] (after scale/offset) are missing"
+    )
+    physical_range: tuple[float, float] | None = Field(
+        default=None,
+        description="physically possible [min, max] in the driver's units; a value outside it (after "
+        "nodata, QA and valid_range masking) means mis-decoding and is reported",
+    )
+    missing_max: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="largest share of the region a scene may leave missing (nodata or outside the raster)",
+    )
+    on_implausible: Literal["error", "warn"] = Field(
+        default="error",
+        description="values outside physical_range or too much missing: stop (error) or warn (values "
+        "outside physical_range then become missing)",
     )
     qa_asset: str | None = Field(
         default=None, description="asset of the same item holding the QA/cloud layer"
@@ -100,6 +119,8 @@ class VariableSpec(_Strict):
             raise ValueError(f"variable '{self.name}': qa_asset and qa_keep go together")
         if self.valid_range is not None and self.valid_range[0] > self.valid_range[1]:
             raise ValueError(f"variable '{self.name}': valid_range must be [min, max]")
+        if self.physical_range is not None and self.physical_range[0] > self.physical_range[1]:
+            raise ValueError(f"variable '{self.name}': physical_range must be [min, max]")
         if self.derive is not None:
             roles = {"ndvi": {"red", "nir"}, "nirv": {"red", "nir"}, "vpd": {"t", "td"}}[self.derive]
             if not self.inputs or set(self.inputs) != roles:

@@ -5,6 +5,20 @@ the read is lazy too and chunk-local: decoding (nodata, scale/offset), QA/cloud 
 derived variables (NDVI, NIRv, VPD), compositing to the model time step and short-gap filling, so nothing
 is read until an output is computed.
 
+Missing stays missing. Measured with odc-stac 0.5.3 and ``dtype="float32"``: a ``nodata`` given to
+odc-stac (its ``stac_cfg`` or the item's ``raster:bands``) becomes the *fill value*: pixels outside a
+raster's footprint and the file's own nodata pixels come out as that number (e.g. -3000.0), not NaN,
+and a file without a nodata tag keeps its fill pixels as plain values (GDAL also blends them into
+neighbours when resampling). The cube therefore loads every band with fill NaN and a reader that tells
+GDAL the declared nodata when the file has no tag of its own (:class:`NodataRioDriver`), and masks the
+declared value exactly once more before scaling; derived drivers are NaN wherever an input is.
+
+Checks, named by variable, item and asset: each local raster's header up front (readable, band count,
+dtype, CRS, nodata fits the dtype; remote rasters at read time), the share of the region a scene leaves
+missing (``missing_max``, measured once on a coarse copy of the grid read from overviews) and values
+outside the driver's ``physical_range`` (inside each chunk's task, no extra pass over the data);
+``on_implausible: warn`` turns these into warnings (implausible values then become missing).
+
 Per driver (:class:`~geoflux.config.VariableSpec`): load the data asset(s) and the QA asset of the same
 items with odc-stac (data resampled as configured, QA by nearest neighbour so flag values are never
 blended) → physical = raw × scale + offset → QA mask → derive → valid range → composite scenes per model
@@ -14,16 +28,21 @@ period (mean/median/max/min/sum) → fill gaps of up to ``max_gap`` periods line
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.parse
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import odc.stac
 import pandas as pd
 import pystac
+import rasterio
 import xarray as xr
 from odc.geo.geobox import GeoBox
+from odc.loader._rio import RioDriver, RioReader, rio_read
 from urllib3.util.retry import Retry
 
 from geoflux.catalog import item_crs
@@ -147,13 +166,114 @@ def _is_local(href: str) -> bool:
     return scheme in ("", "file") or (len(scheme) == 1 and href[1:3] in (":\\", ":/"))  # Windows drive
 
 
+def _href(item: pystac.Item, key: str) -> str:
+    asset = item.assets[key]
+    return asset.get_absolute_href() or asset.href
+
+
+def _local_path(href: str) -> Path:
+    return Path(urllib.parse.urlparse(href).path if href.startswith("file:") else href)
+
+
+def _uri_key(uri: str) -> str:
+    # odc-stac hands the reader the patched href (e.g. with a SAS token appended): match without query
+    return uri.split("?", 1)[0]
+
+
+def _band_meta(item: pystac.Item, key: str) -> tuple[int | None, dict[str, Any]]:
+    """(number of bands the item declares for the asset or None, its first raster:bands entry)."""
+    bands = item.assets[key].extra_fields.get("raster:bands")
+    if not bands:
+        return None, {}
+    return len(bands), bands[0]
+
+
+def declared_nodata(item: pystac.Item, key: str, var: VariableSpec) -> list[float]:
+    """Nodata values declared for a data asset: the variable's (config/definition), then the item's
+    ``raster:bands`` nodata (both when they differ; the file's own tag is read by GDAL)."""
+    out = [] if var.nodata is None else [float(var.nodata)]
+    nd = _band_meta(item, key)[1].get("nodata")
+    if nd is not None and not (isinstance(nd, str) and nd.lower() == "nan"):
+        try:
+            nd = float(nd)
+        except (TypeError, ValueError):
+            nd = None
+        if nd is not None and np.isfinite(nd) and nd not in out:
+            out.append(nd)
+    return out
+
+
+def _fits(value: float, dtype: str) -> bool:
+    dt = np.dtype(dtype)
+    if np.issubdtype(dt, np.integer):
+        info = np.iinfo(dt)
+        return float(value).is_integer() and info.min <= value <= info.max
+    return True
+
+
+def check_header(
+    path: str | Path,
+    item: pystac.Item,
+    key: str,
+    var: VariableSpec,
+    *,
+    data: bool = True,
+    where: str = "",
+) -> None:
+    """Check one raster's header (cheap: no pixels are read) against what the driver expects.
+
+    The file must open with rasterio, have as many bands as the item's ``raster:bands`` declare (one
+    when it declares none: a driver is one band), the declared ``data_type`` if any, a CRS, and, for
+    data assets, a dtype that can hold every declared nodata value and no nodata tag of its own that
+    differs from a declared one (GDAL can skip only one value while resampling).
+
+    Raises
+    ------
+    CubeError
+        ``<where>variable '<name>': item <id>: asset '<key>': <path>: <what> (expected ...)``.
+    """
+    at = f"{where}variable '{var.name}': item {item.id}: asset '{key}': {path}"
+    try:
+        with rasterio.open(path) as ds:
+            count, dtype, crs, tag = ds.count, ds.dtypes[0], ds.crs, ds.nodata
+            gcps = bool(ds.gcps[0])
+    except rasterio.errors.RasterioError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CubeError(f"{at}: not a readable raster ({msg}) (expected a GeoTIFF/COG)") from None
+    n_decl, band = _band_meta(item, key)
+    expect = n_decl or 1
+    if count != expect:
+        raise CubeError(
+            f"{at}: has {count} bands (expected {expect}"
+            f"{' as its raster:bands declare' if n_decl else ': one driver per asset'})"
+        )
+    if band.get("data_type") and band["data_type"] != dtype:
+        raise CubeError(f"{at}: data type {dtype} (expected {band['data_type']} as raster:bands declare)")
+    if crs is None and not gcps:
+        raise CubeError(f"{at}: the file has no CRS (expected a georeferenced raster)")
+    if data:
+        for nd in declared_nodata(item, key, var):
+            if not _fits(nd, dtype):
+                raise CubeError(
+                    f"{at}: data type {dtype} cannot hold nodata {nd:g} (expected a dtype that can)"
+                )
+            if tag is not None and not np.isnan(tag) and tag != nd:
+                # GDAL skips one nodata value when resampling; the other would be blended into data
+                raise CubeError(
+                    f"{at}: the file's nodata is {tag:g} but {nd:g} is declared (expected the same value; "
+                    "set the variable's nodata to the file's)"
+                )
+
+
 def check_loadable(items: Sequence[pystac.Item], var: VariableSpec, source: str = "") -> None:
     """Fail early, naming catalog/item/asset, on what odc-stac would only trip over later (or obscurely).
 
     Every asset the variable reads must exist, declare a CRS through the projection extension (we never
-    guess one), not be Zarr, and, when local, exist on disk (a missing remote COG surfaces at read time).
+    guess one), not be Zarr, and, when local, exist on disk and pass :func:`check_header` (readable,
+    band count, dtype, CRS, nodata fits); a remote raster's header is checked when it is read.
     """
     where = f"{source}: " if source else ""
+    data_assets = _data_assets(var)
     for item in items:
         for key in _assets_of(var):
             if key not in item.assets:
@@ -169,16 +289,212 @@ def check_loadable(items: Sequence[pystac.Item], var: VariableSpec, source: str 
                     f"{where}item {item.id}: asset '{key}' has no CRS (proj:code, proj:epsg, proj:wkt2 "
                     "or proj:projjson expected; geoflux does not guess one)"
                 )
-            href = asset.get_absolute_href() or asset.href
+            href = _href(item, key)
             if _is_local(href):
-                path = Path(urllib.parse.urlparse(href).path if href.startswith("file:") else href)
+                path = _local_path(href)
                 if not path.exists():
                     raise CubeError(f"{where}item {item.id}: asset '{key}': COG not found at {path}")
+                check_header(path, item, key, var, data=key in data_assets, where=where)
+
+
+def _data_assets(var: VariableSpec) -> list[str]:
+    return list(dict.fromkeys(var.inputs.values())) if var.derive and var.inputs else [var.asset]
 
 
 def _assets_of(var: VariableSpec) -> list[str]:
-    data = list(dict.fromkeys(var.inputs.values())) if var.derive and var.inputs else [var.asset]
+    data = _data_assets(var)
     return data + ([var.qa_asset] if var.qa_asset and var.qa_asset not in data else [])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """What the reader needs to know about one asset href (picklable: travels with the graph)."""
+
+    nodata: float | None  # told to GDAL when the file has no nodata tag of its own
+    label: str  # "variable 'x': item <id>: asset '<key>'" for messages
+    var: VariableSpec
+    item: dict[str, Any]  # the item as a dict: rebuilt only when a remote header is checked
+    key: str
+    data: bool
+
+
+class NodataRioReader(RioReader):
+    """odc-stac's rasterio reader, plus: the declared nodata is GDAL's source nodata when the file has
+    none (so fill pixels are never resampled into data), a remote file's header is checked once per read
+    (local ones were checked up front), and read errors name the variable, item and asset."""
+
+    def __init__(self, src: Any, ctx: Any, info: _Source | None) -> None:
+        super().__init__(src, ctx)
+        self._info = info
+
+    def read(self, cfg: Any, dst_geobox: GeoBox, *, dst: Any = None, selection: Any = None) -> Any:
+        info = self._info
+        if info is not None and info.nodata is not None:
+            cfg = dataclasses.replace(cfg, src_nodata_fallback=info.nodata)
+        uri = self._src.uri
+        if info is not None and not _is_local(uri):
+            check_header(uri, pystac.Item.from_dict(info.item), info.key, info.var, data=info.data)
+        try:
+            return rio_read(self._src, cfg, dst_geobox, dst=dst, selection=selection)
+        except rasterio.errors.RasterioError as exc:
+            what = info.label if info is not None else "asset"
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CubeError(f"{what}: {_uri_key(uri)}: cannot read ({msg})") from None
+
+
+class NodataRioDriver(RioDriver):
+    """A :class:`RioDriver` whose readers are :class:`NodataRioReader` (see there)."""
+
+    def __init__(self, sources: Mapping[str, _Source]) -> None:
+        super().__init__()
+        self._sources = dict(sources)
+
+    def open(self, src: Any, ctx: Any) -> NodataRioReader:
+        return NodataRioReader(src, ctx, self._sources.get(_uri_key(src.uri)))
+
+
+def _sources(items: Sequence[pystac.Item], var: VariableSpec, where: str) -> dict[str, _Source]:
+    data = _data_assets(var)
+    out = {}
+    for item in items:
+        d = item.to_dict(transform_hrefs=False)
+        for key in _assets_of(var):
+            nds = declared_nodata(item, key, var) if key in data else []
+            out[_uri_key(_href(item, key))] = _Source(
+                nds[0] if nds else None,
+                f"{where}variable '{var.name}': item {item.id}: asset '{key}'",
+                var,
+                d,
+                key,
+                key in data,
+            )
+    return out
+
+
+def _step_items(times: np.ndarray, items: Sequence[pystac.Item], static: bool) -> list[list[str]]:
+    """Ids of the items that make each loaded time slice (odc-stac groups by nominal time)."""
+    if static:
+        return [[i.id for i in items]] * len(times)
+
+    def nominal(item: pystac.Item) -> np.datetime64:
+        t = pd.Timestamp(item.datetime or item.properties.get("start_datetime"))
+        t = t.tz_convert("UTC").tz_localize(None) if t.tzinfo is not None else t
+        return np.datetime64(t, "s")
+
+    nom = [(nominal(i), i.id) for i in items]
+    out = []
+    for t in times:
+        ts = np.datetime64(t, "s")
+        ids = [i for n, i in nom if n == ts]
+        if not ids:  # grouping by solar day or similar: name the nearest instead of nothing
+            ids = [min(nom, key=lambda p: abs(p[0] - ts))[1]]
+        out.append(ids)
+    return out
+
+
+def _where_step(var: VariableSpec, t: Any, ids: Sequence[str], assets: Sequence[str], source: str) -> str:
+    where = f"{source}: " if source else ""
+    step = "static" if var.static else f"{pd.Timestamp(t):%Y-%m-%d %H:%M}"
+    shown = ", ".join(ids[:3]) + (f" (+{len(ids) - 3} more)" if len(ids) > 3 else "")
+    return (
+        f"{where}variable '{var.name}': step {step}: item{'s' if len(ids) > 1 else ''} {shown}: "
+        f"asset{'s' if len(assets) > 1 else ''} {', '.join(repr(a) for a in assets)}"
+    )
+
+
+def _implausible(var: VariableSpec, msg: str) -> None:
+    if var.on_implausible == "warn":
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    else:
+        raise CubeError(msg)
+
+
+COARSE_EDGE = 64  # pixels: the coarse grid of the coverage check (overview reads, a few KB per asset)
+
+
+def check_coverage(
+    items: Sequence[pystac.Item],
+    var: VariableSpec,
+    geobox: GeoBox,
+    *,
+    driver: NodataRioDriver,
+    groupby: Any,
+    patch_url: Callable[[str], str] | None = None,
+    source: str = "",
+) -> np.ndarray:
+    """Share of the region each loaded time slice leaves missing, per data asset, from a coarse read.
+
+    Loads the data assets onto the grid zoomed to at most :data:`COARSE_EDGE` pixels a side (odc-stac then
+    reads the rasters' overviews), eagerly, without dask, with the same nodata handling as the cube;
+    missing = nodata or outside every raster's footprint (QA masks and valid ranges are not applied: a
+    cloudy scene is not a broken one). A share above ``var.missing_max`` is reported (error, or warning
+    with ``on_implausible: warn``) naming variable, step, items and asset.
+
+    Returns
+    -------
+    (time, asset) missing shares, 0..1.
+    """
+    data = _data_assets(var)
+    scale = max(geobox.shape) / COARSE_EDGE
+    coarse = geobox.zoom_out(scale) if scale > 1 else geobox
+    ds = odc.stac.load(
+        items,
+        bands=data,
+        geobox=coarse,
+        dtype="float32",
+        nodata=np.nan,
+        resampling="nearest",
+        groupby=groupby,
+        patch_url=patch_url,
+        driver=driver,
+    )
+    nodata = _declared_set(items, var)
+    shares = np.stack(
+        [np.isnan(ds[b].where(~ds[b].isin(nodata.get(b, []))).to_numpy()).mean(axis=(1, 2)) for b in data],
+        axis=-1,
+    )
+    steps = _step_items(ds["time"].to_numpy(), items, var.static)
+    for k, t in enumerate(ds["time"].to_numpy()):
+        for j, b in enumerate(data):
+            if shares[k, j] > var.missing_max:
+                _implausible(
+                    var,
+                    f"{_where_step(var, t, steps[k], [b], source)}: {shares[k, j]:.0%} of the region is "
+                    f"missing (nodata or outside the raster) (expected at most missing_max "
+                    f"{var.missing_max:.0%})",
+                )
+    return shares
+
+
+def _declared_set(items: Sequence[pystac.Item], var: VariableSpec) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for b in _data_assets(var):
+        vals = {v for i in items if b in i.assets for v in declared_nodata(i, b, var)}
+        out[b] = sorted(vals)
+    return out
+
+
+def _check_physical(
+    block: np.ndarray,
+    block_info: dict | None = None,
+    *,
+    var: VariableSpec,
+    labels: Sequence[str],
+) -> np.ndarray:
+    """Chunk task: values outside ``var.physical_range`` raise (or warn and become NaN)."""
+    lo, hi = var.physical_range  # type: ignore[misc]
+    bad = (block < lo) | (block > hi)  # NaN compares False: missing is never implausible
+    if not bad.any():
+        return block
+    k = block_info[0]["array-location"][0][0] if block_info else 0
+    vals = block[bad]
+    _implausible(
+        var,
+        f"{labels[k]}: {int(bad.sum())} pixel(s) outside physical_range [{lo:g}, {hi:g}] {var.units} "
+        f"(min {np.nanmin(vals):.4g}, max {np.nanmax(vals):.4g}; expected values inside: check "
+        "scale/offset/nodata)",
+    )
+    return np.where(bad, np.float32(np.nan), block)
 
 
 def load_variable(
@@ -195,7 +511,7 @@ def load_variable(
     Parameters
     ----------
     items : STAC items of the driver's collection (each with every asset the driver reads).
-    var : driver definition (assets, decoding, QA, derivation, valid range, resampling).
+    var : driver definition (assets, decoding, QA, derivation, valid and physical range, resampling).
     geobox : target grid.
     chunk : spatial chunk edge, pixels.
     patch_url : applied to every href at read time (e.g. Planetary Computer signing).
@@ -205,24 +521,29 @@ def load_variable(
     -------
     dims (time, y, x) in the order of the items' times; static drivers are mosaicked into one time step.
     Continuous drivers are resampled bilinearly unless ``var.resampling`` says otherwise, categorical
-    ones by nearest neighbour (or mode); class codes are never interpolated.
+    ones by nearest neighbour (or mode); class codes are never interpolated. NaN wherever a raster is
+    nodata (the file's tag, the variable's ``nodata``, the item's ``raster:bands`` nodata) or does not
+    cover the grid, before scaling; a derived driver is NaN wherever one of its inputs is.
 
     Raises
     ------
     CubeError
-        naming the catalog, item and asset (missing asset, no CRS, missing local COG, Zarr asset).
+        naming the catalog, item and asset (missing asset, no CRS, missing local COG, Zarr asset, bad
+        raster header, too much of the region missing); at compute time, from the chunk's task, values
+        outside ``physical_range`` and unreadable remote rasters. ``on_implausible: warn`` turns the
+        coverage and range checks into warnings.
     """
     check_loadable(items, var, source)
-    data_assets = list(dict.fromkeys(var.inputs.values())) if var.derive and var.inputs else [var.asset]
+    where = f"{source}: " if source else ""
+    data_assets = _data_assets(var)
     bands = _assets_of(var)
     default = "nearest" if var.kind == "categorical" else "bilinear"
     resampling = {b: var.resampling or default for b in data_assets}
     if var.qa_asset:
         resampling[var.qa_asset] = "nearest"  # flags: never blend bit patterns
-    stac_cfg: dict = {"*": {"assets": {b: {} for b in bands}}}
-    if var.nodata is not None:
-        for b in data_assets:
-            stac_cfg["*"]["assets"][b]["nodata"] = var.nodata
+    # Fill NaN for every band: outside a footprint and on the file's nodata (odc-stac would otherwise
+    # fill with the declared nodata number, which scaling turns into a plausible-looking value).
+    driver = NodataRioDriver(_sources(items, var, where))
     # A static driver is one map: mosaic every item into one plane whatever their timestamps.
     groupby = (lambda item, parsed, idx: 0) if var.static else "time"
     try:
@@ -232,38 +553,56 @@ def load_variable(
             geobox=geobox,
             chunks={"time": 1, "y": chunk, "x": chunk},
             dtype="float32",
+            nodata=np.nan,
             resampling=resampling,
-            stac_cfg=stac_cfg,
             groupby=groupby,
             patch_url=patch_url,
+            driver=driver,
         )
     except Exception as exc:  # odc-stac raises plain ValueError/KeyError/AssertionError for odd items
-        where = f"{source}: " if source else ""
         raise CubeError(
             f"{where}variable '{var.name}': cannot load items ({exc or type(exc).__name__})"
         ) from None
+    check_coverage(items, var, geobox, driver=driver, groupby=groupby, patch_url=patch_url, source=source)
+    nodata = _declared_set(items, var)
 
-    def decode(a: xr.DataArray) -> xr.DataArray:
+    def decode(a: xr.DataArray, asset: str) -> xr.DataArray:
+        # GDAL already masked the file's tag (or the declared value where the file has none, see
+        # NodataRioReader); masking the declared value again is exact and cheap, and covers what the
+        # header check cannot see (a remote file read where its header was not checked), before scaling.
+        for nd in nodata.get(asset, []):
+            a = a.where(a != np.float32(nd))
         if var.kind == "continuous" and (var.scale != 1.0 or var.offset != 0.0):
             a = a * np.float32(var.scale) + np.float32(var.offset)
         return a
 
     if var.derive:
-        roles = {role: decode(ds[asset]) for role, asset in (var.inputs or {}).items()}
+        roles = {role: decode(ds[asset], asset) for role, asset in (var.inputs or {}).items()}
         arr = DERIVE[var.derive](**roles)
     else:
-        arr = decode(ds[var.asset])
+        arr = decode(ds[var.asset], var.asset)
     if var.qa_asset:
         arr = arr.where(qa_mask(ds[var.qa_asset], var.qa_mask, var.qa_keep or []))
     if var.valid_range is not None:
         lo, hi = var.valid_range
         arr = arr.where((arr >= lo) & (arr <= hi))
     arr = arr.astype("float32").rename(var.name)
+    if var.physical_range is not None and var.kind == "continuous":
+        # after valid_range: values a product marks invalid (fill codes) are already missing, so what is
+        # left outside the physical range means mis-decoding (scale, offset, units, nodata)
+        steps = _step_items(arr["time"].to_numpy(), items, var.static)
+        labels = [
+            _where_step(var, t, ids, data_assets, source)
+            for t, ids in zip(arr["time"].to_numpy(), steps, strict=True)
+        ]
+        arr = arr.copy(data=arr.data.map_blocks(_check_physical, var=var, labels=labels, dtype=np.float32))
     arr.attrs = {"units": var.units, "kind": var.kind}
     if var.derive:
         arr.attrs["derived"] = var.derive
     if var.qa_asset:
         arr.attrs["qa"] = f"{var.qa_asset} & {var.qa_mask} in {var.qa_keep}"
+    if var.physical_range is not None:
+        arr.attrs["physical_range"] = list(var.physical_range)
     return arr
 
 

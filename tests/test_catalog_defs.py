@@ -158,6 +158,12 @@ _DELETE = object()
         ("variables.ndvi.inputs", {"red": "red"}, r"variables\.ndvi: derive: ndvi needs inputs with roles"),
         ("variables.red.asset", _DELETE, r"variables\.red: needs 'asset'"),
         ("variables.red.valid_range", [1.0, 0.0], r"variables\.red: valid_range must be \[min, max\]"),
+        ("variables.red.physical_range", [1.0, 0.0], r"variables\.red: physical_range must be \[min, max\]"),
+        (
+            "variables.red.missing_max",
+            1.5,
+            r"variables\.red\.missing_max: Input should be less than or equal",
+        ),
         ("query", {"eo:cloud_cover": {"less": 5}}, r"query: .*unknown operator"),
         ("signing", "aws", r"signing: Input should be 'planetary-computer'"),
         (
@@ -220,3 +226,30 @@ def test_variable_specs_options_and_expand_variables():
         expand_variables([{"definition": "pc-modis-13A1-061", "variable": "ndvi", "asset": "x"}])
     with pytest.raises(CatalogError, match=r"nope: no such catalog definition"):
         expand_variables([{"definition": "nope", "variable": "ndvi"}])
+
+
+def test_shipped_physical_ranges_hold_the_valid_ranges():
+    """Every shipped continuous driver has a physical range; a valid range inside it (values the product
+    marks valid are never reported as implausible)."""
+    for name, d in load_definitions().items():
+        for vname, v in d.variables.items():
+            if v.kind != "continuous":
+                continue
+            assert v.physical_range is not None, f"{name}: {vname}"
+            lo, hi = v.physical_range
+            if v.valid_range is not None:
+                assert lo <= v.valid_range[0] <= v.valid_range[1] <= hi, f"{name}: {vname}"
+    (spec,) = variable_specs(load_definitions()["pc-modis-11A2-061"], ["lst_day"])
+    assert spec.physical_range == (-95.0, 95.0) and spec.missing_max == 0.5 and spec.on_implausible == "error"
+    (entry,) = expand_variables(
+        [
+            {
+                "definition": "pc-modis-11A2-061",
+                "variable": "lst_day",
+                "on_implausible": "warn",
+                "missing_max": 0.8,
+            }
+        ]
+    )
+    spec = VariableSpec.model_validate(entry)
+    assert spec.on_implausible == "warn" and spec.missing_max == 0.8 and spec.physical_range == (-95.0, 95.0)
