@@ -131,3 +131,19 @@ def test_input_items_are_the_items_the_cube_loaded(tiny_world):
                     want.add(item.id)
         assert set(ids[p].split(",")) == want, p
     assert "ndvi-20210314" not in ids[dropped] and "sw-20210314" in ids[dropped]
+
+
+def test_demo_refuses_a_non_empty_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.yaml").write_text("my own config\n")
+    before = {p: p.read_bytes() for p in out.rglob("*")}
+    res = CliRunner().invoke(cli, ["demo", "--out", str(out), "--size", "tiny"])
+    assert res.exit_code == 1
+    lines = res.output.strip().splitlines()
+    assert lines == [f"error: {out}: folder is not empty (expected a new or empty folder, or --overwrite)"]
+    assert {p: p.read_bytes() for p in out.rglob("*")} == before  # nothing written, nothing replaced
