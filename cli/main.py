@@ -80,7 +80,11 @@ def cli(verbose: int) -> None:
     help="World size: 'default' 256x256 px at 250 m, 46 8-day steps, 30 towers; 'tiny' for tests.",
 )
 @click.option("--seed", type=int, default=None, help="Random seed of the world (default: the size's seed).")
-@click.option("--overwrite", is_flag=True, help="Redo maps that already exist.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Write into a non-empty OUT (replacing world/, config.yaml) and redo maps.",
+)
 @_fail_cleanly
 def demo(out: Path, size: str, seed: int | None, overwrite: bool) -> None:
     """Generate a demo world (STAC catalog of COG drivers, FLUXNET-format towers, true NEE) and map it.
@@ -90,7 +94,13 @@ def demo(out: Path, size: str, seed: int | None, overwrite: bool) -> None:
     """
     from geoflux import pipeline
     from geoflux.demo import write_world
+    from geoflux.errors import OutputExistsError
 
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        # write_world would replace OUT/config.yaml (maybe the user's own) and world/: only with --overwrite
+        raise OutputExistsError(
+            f"{out}: folder is not empty (expected a new or empty folder, or --overwrite)"
+        )
     t0 = time.perf_counter()
     click.echo(f"generating the {size} world in {out}/world ...", err=True)
     cfg_path = write_world(out, size, seed=seed)

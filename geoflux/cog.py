@@ -1,8 +1,9 @@
 """Cloud-Optimized GeoTIFF output (I/O edge).
 
 Chunks are streamed into a tiled GeoTIFF as they finish (never the whole array in memory), then GDAL's COG
-driver copies that file into a COG with overviews. Both steps write under ``*.part`` names; the final name
-appears only when the COG is complete, so a killed run leaves nothing that looks finished.
+driver copies that file into a COG with overviews. The steps write under ``<name>.part-tiled`` and
+``<name>.part``; the final name appears only when the COG is complete, so a killed run leaves nothing that
+looks finished (and nothing that a ``*.tif`` glob matches).
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ from odc.geo.geobox import GeoBox
 from pystac.extensions.projection import ProjectionExtension
 from rasterio.windows import Window
 
-from geoflux.atomic import atomic_path, part_path
+from geoflux.atomic import atomic_path
+
+# Suffix of the intermediate tiled GeoTIFF of an output ``<name>``: ``<name>.part-tiled``. Like the COG's own
+# ``<name>.part`` it does not end in ``.tif``, so no ``*.tif`` glob (``geoflux validate --maps
+# 'maps/nee_*.tif'``) picks up an unfinished file after a kill; GDAL gets the driver explicitly.
+TILED_SUFFIX = ".part-tiled"
+
+
+def tiled_path(path: Path) -> Path:
+    """The intermediate (uncompressed, tiled GeoTIFF) name used while ``path`` is being written."""
+    return path.with_name(path.name + TILED_SUFFIX)
+
 
 COG_OPTIONS = {
     "BLOCKSIZE": 256,
@@ -108,7 +120,7 @@ COG_CACHE_BYTES = 16 * 2**20
 
 
 def _to_cog(src: Path, dst: Path, resampling: str) -> None:
-    with rasterio.open(src) as ds:
+    with rasterio.open(src, driver="GTiff") as ds:
         block = _cog_blocksize(ds.width, ds.height)
     opts = {**COG_OPTIONS, "OVERVIEW_RESAMPLING": resampling, "BLOCKSIZE": block}
     if resampling.upper() == "NEAREST":
@@ -123,7 +135,7 @@ def mosaic_to_cog(src: str | os.PathLike, spec: RasterSpec, overwrite: bool = Tr
     GDAL streams the copy block by block (no whole-array buffering); written under ``.part`` names.
     """
     with atomic_path(spec.path, overwrite=overwrite) as part:
-        tiled = part.with_name(part.name + ".tiled.tif")
+        tiled = tiled_path(spec.path)
         try:
             with rasterio.open(src) as ds:
                 block = _intermediate_block(None, ds.width, ds.height)
@@ -136,7 +148,7 @@ def mosaic_to_cog(src: str | os.PathLike, spec: RasterSpec, overwrite: bool = Tr
                 blockysize=block,
                 BIGTIFF="IF_SAFER",
             )
-            with rasterio.open(tiled, "r+") as dst:
+            with rasterio.open(tiled, "r+", driver="GTiff") as dst:
                 _describe(dst, spec)
             _to_cog(tiled, part, spec.resampling)
         finally:
@@ -156,7 +168,7 @@ def write_cog(data: np.ndarray, geobox: GeoBox, spec: RasterSpec, overwrite: boo
     if data.shape != tuple(geobox.shape):
         raise ValueError(f"{spec.path}: array shape {data.shape} != grid shape {tuple(geobox.shape)}")
     with atomic_path(spec.path, overwrite=overwrite) as part:
-        tiled = part.with_name(part.name + ".tiled.tif")
+        tiled = tiled_path(spec.path)
         try:
             with rasterio.open(tiled, "w", **_profile(geobox, spec)) as dst:
                 dst.write(_fill_nodata(data, spec), 1)
@@ -212,7 +224,7 @@ def write_cogs(
     try:
         for _, spec in todo:
             spec.path.parent.mkdir(parents=True, exist_ok=True)
-            tiled = part_path(spec.path).with_name(spec.path.name + ".part.tiled.tif")
+            tiled = tiled_path(spec.path)
             tiled_paths.append(tiled)
             dst = rasterio.open(tiled, "w", **_profile(geobox, spec))
             handles.append(dst)
@@ -255,7 +267,7 @@ def _intermediate_block(chunk: int | None, width: int, height: int) -> int:
 class COGStream:
     """Several single-band outputs on one grid, written block by block, finished as COGs.
 
-    Opens one uncompressed tiled GeoTIFF per spec under ``<name>.part.tiled.tif``; :meth:`write` puts a
+    Opens one uncompressed tiled GeoTIFF per spec under ``<name>.part-tiled``; :meth:`write` puts a
     block of every output into its window as soon as it is computed (nothing else is buffered);
     :meth:`finish` closes them, copies each into a COG with overviews under ``<name>.part`` and renames
     it into place. Not thread-safe: one writer thread (the mapping stage writes from the thread that
@@ -278,7 +290,7 @@ class COGStream:
         try:
             for spec in self.specs:
                 spec.path.parent.mkdir(parents=True, exist_ok=True)
-                tiled = spec.path.with_name(spec.path.name + ".part.tiled.tif")
+                tiled = tiled_path(spec.path)
                 self._tiled.append(tiled)
                 # Uncompressed: the writer thread stays cheap; compression happens once, in the COG copy.
                 dst = rasterio.open(tiled, "w", **_profile(geobox, spec, block=block, compress=None))

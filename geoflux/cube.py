@@ -710,6 +710,9 @@ def cube_from_config(
     ``sas_token_url`` overrides the Planetary Computer token endpoint for drivers with
     ``signing: planetary-computer`` (default: env ``GEOFLUX_PC_SAS_URL`` or the public endpoint);
     ``retry`` the HTTP retry policy of API searches (default :func:`geoflux.catalog.default_retry`).
+
+    The cube's attribute ``geoflux_loaded_items`` (JSON) records, per driver, whether it is static and the
+    ``[id, time]`` of every item it was loaded from (time: ISO, naive UTC, as odc-stac orders scenes).
     """
     from geoflux.catalog import check_assets, make_signer, search_items
 
@@ -741,7 +744,7 @@ def cube_from_config(
         if v.signing not in shared:
             shared[v.signing] = make_signer(v.signing, sas_token_url)
         signers[v.name] = shared[v.signing]
-    return load_cube(
+    cube = load_cube(
         items,
         cfg.variables,
         geobox,
@@ -751,3 +754,28 @@ def cube_from_config(
         patch_urls=signers,
         sources=sources,
     )
+    # The items each driver was loaded from, so outputs can name their inputs without searching again (a
+    # second search could differ: per-driver catalogs, queries, filters). JSON text: zarr/netCDF-safe attrs.
+    import json
+
+    loaded = {
+        v.name: {
+            "static": bool(v.static),
+            "items": [[it.id, _item_time(it)] for it in items[v.name]],
+        }
+        for v in cfg.variables
+    }
+    cube.attrs[LOADED_ITEMS_ATTR] = json.dumps(loaded)
+    return cube
+
+
+LOADED_ITEMS_ATTR = "geoflux_loaded_items"
+
+
+def _item_time(item: pystac.Item) -> str | None:
+    """The item's time as odc-stac groups it (``datetime``, else ``start_datetime``); naive UTC, ISO."""
+    t = item.datetime or item.common_metadata.start_datetime
+    if t is None:
+        return None
+    ts = pd.Timestamp(t)
+    return (ts.tz_convert("UTC").tz_localize(None) if ts.tzinfo else ts).isoformat()

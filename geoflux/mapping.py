@@ -11,12 +11,15 @@ intermediate tiled GeoTIFF (one per band) in the thread that collects results, w
 (threads, processes, dask.distributed), so memory is bounded by the chunks in flight and every scheduler
 writes the same bytes. Each time step's files are converted to COGs and renamed into place as soon as the
 step is done (overlapping the next step's computation), so a killed run loses at most the steps in flight
-and a re-run skips what is finished.
+and a re-run skips what is finished — but only files whose provenance tags (model hash, input items,
+variables, ...) equal the current run's: after a retrain or a change of inputs they are redone, so a map's
+tags always describe how its bytes were made (:func:`redo_reason`).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +28,8 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+import rasterio
+import rasterio.errors
 import xarray as xr
 from odc.geo.geobox import GeoBox
 
@@ -34,6 +39,8 @@ from geoflux.errors import GridError, ModelError
 from geoflux.features import feature_names, pixel_features
 from geoflux.model import TrainedModel
 from geoflux.scheduler import Scheduler, Shared, open_scheduler
+
+log = logging.getLogger("geoflux")
 
 # Units and overview resampling of the bands a model may produce (see TrainedModel.predict_bands).
 BAND_UNITS = {"DI": "1", "AOA": "1"}
@@ -72,6 +79,33 @@ def band_spec(band: str, path: Path, target_units: str, tags: Mapping[str, str])
         tags={**tags, "band": band, "long_name": desc},
         resampling="NEAREST" if band in CATEGORICAL_BANDS else "AVERAGE",
     )
+
+
+# Tags that do not decide what the bytes are: a new geoflux version alone does not force a re-map (the file
+# keeps saying which version wrote it, so its provenance stays true).
+UNCHECKED_TAGS = frozenset({"software"})
+
+
+def redo_reason(spec: RasterSpec) -> str | None:
+    """Why the file at ``spec.path`` must be (re)written, or None if it can be kept as it is.
+
+    An existing file is kept only when every tag of ``spec`` (but :data:`UNCHECKED_TAGS`) has the same
+    value in the file, e.g. ``model_sha256``, ``input_items``, ``variables``, ``period_start``, ``band``:
+    then it was made by the same model from the same inputs. A file that cannot be read is redone too.
+
+    Returns
+    -------
+    None, or a short reason such as ``"missing"`` or ``"model_sha256 differs"``.
+    """
+    if not spec.path.exists():
+        return "missing"
+    try:
+        with rasterio.open(spec.path) as src:
+            have = src.tags()
+    except rasterio.errors.RasterioIOError:
+        return "unreadable"
+    differ = [k for k, v in spec.tags.items() if k not in UNCHECKED_TAGS and have.get(k) != str(v)]
+    return f"{', '.join(differ)} differ{'s' if len(differ) == 1 else ''}" if differ else None
 
 
 def single_threaded(model: TrainedModel) -> TrainedModel:
@@ -248,11 +282,13 @@ def write_maps(
     geobox : the output grid (the cube's).
     outputs : time index in the cube → one :class:`RasterSpec` per model band (``model.bands`` order).
     scheduler : ``threads``, ``processes``, ``local``, ``tcp://host:port`` or an open scheduler.
-    overwrite : rewrite files that exist (default: skip them, i.e. resume; a step with some bands
-        missing is computed again and only the missing files are written).
+    overwrite : rewrite files that exist (default: keep those whose provenance tags equal the specs',
+        i.e. resume; a step with some bands missing or stale (:func:`redo_reason`) is computed again and only
+        those files are written, each replacing its old version atomically).
     progress : a progress bar on stderr (chunks written).
     workers : parallel task slots (default: all CPUs).
-    echo : where to print the dashboard address of a distributed cluster.
+    echo : where to print the dashboard address of a distributed cluster and which existing files are
+        redone because their provenance differs (default: the ``geoflux`` logger).
 
     Returns
     -------
@@ -270,11 +306,18 @@ def write_maps(
     for t, specs in outputs.items():
         if len(specs) != len(bands):
             raise ModelError(f"time step {t}: {len(specs)} output files for {len(bands)} bands {bands}")
-    # per step, the bands still to write: a step is redone only for its missing files
-    missing = {
-        t: [k for k, s in enumerate(specs) if overwrite or not s.path.exists()]
-        for t, specs in outputs.items()
-    }
+    say = echo or log.info
+    # per step, the bands still to write: a step is redone only for its missing or stale files
+    missing: dict[int, list[int]] = {}
+    for t, specs in outputs.items():
+        missing[t] = []
+        for k, spec in enumerate(specs):
+            why = "overwrite" if overwrite else redo_reason(spec)
+            if why is None:
+                continue
+            if why not in ("missing", "overwrite"):
+                say(f"map: {spec.path}: {why} from this run's (redoing it)")
+            missing[t].append(k)
     todo = [t for t in outputs if missing[t]]
     paths = [s.path for specs in outputs.values() for s in specs]
     if not todo:

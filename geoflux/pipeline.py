@@ -168,25 +168,34 @@ def map_paths(cfg: RunConfig, band: str = "NEE", folder: Path | None = None) -> 
     return {p: base / f"{band_stem(band)}_{p:%Y%m%d}.tif" for p in cfg.periods()}
 
 
-def _input_item_ids(cfg: RunConfig) -> dict[pd.Timestamp, str]:
-    """Per period, the ids of the STAC items feeding it (static drivers' items in every period)."""
-    from geoflux.catalog import search_items
-    from geoflux.cube import target_grid
+def _input_item_ids(cfg: RunConfig, cube) -> dict[pd.Timestamp, str]:
+    """Per period, the ids of the STAC items the cube was loaded from (static drivers' in every period).
 
-    lonlat = tuple(target_grid(cfg.grid).extent.to_crs("EPSG:4326").boundingbox)
+    Taken from the cube itself (attribute written by :func:`geoflux.cube.cube_from_config`), never from a
+    second search, so they are exactly the items behind the map. A scene counts for the period its time
+    falls in, as :func:`geoflux.cube.composite` bins it.
+    """
+    from geoflux.cube import LOADED_ITEMS_ATTR
+
+    if LOADED_ITEMS_ATTR not in cube.attrs:
+        raise GeofluxError(
+            f"driver cube: attribute '{LOADED_ITEMS_ATTR}' missing (expected from cube_from_config)"
+        )
+    loaded = json.loads(cube.attrs[LOADED_ITEMS_ATTR])
     periods = cfg.periods()
     step = pd.tseries.frequencies.to_offset(cfg.time.step)
-    catalog = cfg.catalog if "://" in cfg.catalog else str(cfg.path(cfg.catalog))
-    ids: dict[pd.Timestamp, list[str]] = {p: [] for p in periods}
-    for v in cfg.variables:
-        items = search_items(catalog, v.collection, lonlat, periods[0], periods[-1] + step, static=v.static)
-        for it in items:
-            t = it.datetime or pd.Timestamp(it.properties.get("start_datetime"))
-            t = pd.Timestamp(t).tz_localize(None) if pd.Timestamp(t).tzinfo else pd.Timestamp(t)
-            for p in periods:
-                if v.static or p <= t < p + step:
-                    ids[p].append(it.id)
-    return {p: ",".join(sorted(set(v))) for p, v in ids.items()}
+    edges = periods.append(pd.DatetimeIndex([periods[-1] + step]))
+    ids: dict[pd.Timestamp, set[str]] = {p: set() for p in periods}
+    for var in loaded.values():
+        for item_id, time in var["items"]:
+            if var["static"]:
+                for p in periods:
+                    ids[p].add(item_id)
+                continue
+            k = int(edges.searchsorted(pd.Timestamp(time), side="right")) - 1
+            if 0 <= k < len(periods):
+                ids[periods[k]].add(item_id)
+    return {p: ",".join(sorted(v)) for p, v in ids.items()}
 
 
 def _tile_cube(cfg: RunConfig, geobox):
@@ -202,27 +211,69 @@ def _tile_cube(cfg: RunConfig, geobox):
     return cube_from_config(tile_cfg)
 
 
-def _map_item(cfg, band_files: dict[str, Path], geobox, item_id: str, p: pd.Timestamp, props: dict):
+# Map tags copied into each STAC item as ``geoflux:<tag>`` (lists for the comma-separated ones).
+_ITEM_TAGS = ("model_sha256", "model_kind", "software", "catalog", "variables", "input_items", "period")
+_LIST_TAGS = ("variables", "input_items")
+
+
+def _file_props(path: Path) -> tuple:
+    """(STAC properties, GeoBox, period start or None) read from a map file's own tags and georeferencing."""
+    import rasterio
+    from odc.geo.geobox import GeoBox
+
+    with rasterio.open(path) as src:
+        tags, units = src.tags(), src.tags(1).get("units", "")
+        geobox = GeoBox(src.shape, src.transform, src.crs.to_wkt())
+    props = {"geoflux:units": units}
+    for k in _ITEM_TAGS:
+        if k in tags:
+            props[f"geoflux:{k}"] = [x for x in tags[k].split(",") if x] if k in _LIST_TAGS else tags[k]
+    start = pd.Timestamp(tags["period_start"]) if "period_start" in tags else None
+    return props, geobox, start
+
+
+def _map_item(cfg: RunConfig, band_files: dict[str, Path], item_id: str, p: pd.Timestamp):
+    """The STAC item of one period's map files, described by the files' own tags (not by this run's).
+
+    Band files whose model hash or input items differ from the NEE file's (a run interrupted between
+    bands) are left out of the item rather than described wrongly; ``geoflux:bands`` lists those in it.
+    """
     from geoflux.cog import stac_item_for_cog
     from geoflux.mapping import band_stem
 
-    step = pd.tseries.frequencies.to_offset(cfg.time.step)
-    units = props.get("geoflux:units", "")
+    props, geobox, start = _file_props(band_files["NEE"])
+    start = start if start is not None else p
+    period = props.get("geoflux:period", cfg.time.step)
+    end = start + pd.tseries.frequencies.to_offset(period)
+    same = ("geoflux:model_sha256", "geoflux:input_items")
+    extras = {}
+    for band, path in band_files.items():
+        if band == "NEE":
+            continue
+        bprops, _, _ = _file_props(path)
+        if all(bprops.get(k) == props.get(k) for k in same):
+            extras[band] = path
+        else:
+            log.warning(
+                "map: %s: made by another model or from other inputs than %s; not in the STAC item",
+                path,
+                band_files["NEE"],
+            )
+    props["geoflux:bands"] = ["NEE", *extras]
     item = stac_item_for_cog(
         band_files["NEE"],
         geobox,
         item_id,
-        p.to_pydatetime(),
-        (p + step).to_pydatetime(),
+        start.to_pydatetime(),
+        end.to_pydatetime(),
         properties=props,
-        asset_title=f"NEE ({units})",
+        asset_title=f"NEE ({props['geoflux:units']})",
     )
-    for band, path in band_files.items():
-        if band != "NEE":
-            extra = stac_item_for_cog(
-                path, geobox, item_id, p.to_pydatetime(), (p + step).to_pydatetime(), asset_title=band
-            )
-            item.add_asset(band_stem(band), extra.assets["data"])
+    for band, path in extras.items():
+        extra = stac_item_for_cog(
+            path, geobox, item_id, start.to_pydatetime(), end.to_pydatetime(), asset_title=band
+        )
+        item.add_asset(band_stem(band), extra.assets["data"])
     return item
 
 
@@ -245,13 +296,15 @@ def stage_map(
     selected tiles of the fixed tiling (:mod:`geoflux.tiles`) are mapped to
     ``maps/tiles-<size>/x<X>_y<Y>/<band>_YYYYMMDD.tif`` and ``maps/<band>_YYYYMMDD.vrt`` mosaics list every
     finished tile (``mosaic_cog`` also writes the mosaic as ``maps/<band>_YYYYMMDD.tif`` once all tiles
-    are done). Finished outputs are skipped unless ``overwrite`` (a re-run resumes); ``maps/catalog.json``
-    (STAC) describes all outputs on disk.
+    are done). Finished outputs are skipped unless ``overwrite`` (a re-run resumes) — but only if their
+    provenance tags (``model_sha256``, ``input_items``, ``variables``, ...) equal this run's; otherwise they
+    are redone, each replaced atomically. ``maps/catalog.json`` (STAC) describes all outputs on disk, each
+    item built from its files' own tags.
 
     Parameters
     ----------
     cfg : run configuration.
-    overwrite : redo finished outputs.
+    overwrite : redo finished outputs even when their provenance equals this run's.
     progress : progress bar on stderr.
     scheduler : ``threads``, ``processes``, ``local`` (dask.distributed LocalCluster) or ``tcp://host:port``.
     workers : parallel task slots (default: all CPUs).
@@ -264,7 +317,7 @@ def stage_map(
     """
     from geoflux.cube import cube_from_config, target_grid
     from geoflux.inference import prepare
-    from geoflux.mapping import band_spec, write_maps
+    from geoflux.mapping import band_spec, redo_reason, write_maps
     from geoflux.model import load_model
     from geoflux.scheduler import open_scheduler
     from geoflux.tiles import TileScheme, tile_pixels
@@ -283,11 +336,12 @@ def stage_map(
         "variables": ",".join(v.name for v in cfg.variables),
         "quantity": "net ecosystem exchange (positive = CO2 source to the atmosphere)",
     }
-    item_ids = _input_item_ids(cfg)
     periods = cfg.periods()
     bands = tuple(model.bands)
 
-    def outputs_for(folder: Path | None) -> dict[int, list]:
+    def outputs_for(folder: Path | None, cube) -> dict[int, list]:
+        # input_items from the items this cube was loaded from (a tile's cube: the tile's items)
+        item_ids = _input_item_ids(cfg, cube)
         per_band = {b: map_paths(cfg, b, folder) for b in bands}
         out = {}
         for i, p in enumerate(periods):
@@ -300,20 +354,25 @@ def stage_map(
             out[i] = [band_spec(b, per_band[b][p], model.target_units, ptags) for b in bands]
         return out
 
-    props = {"geoflux:units": model.target_units, "geoflux:model_sha256": sha, "geoflux:bands": list(bands)}
     tiled = tiles is not None or bbox is not None
+    # Files are about to be replaced: a run that dies before the end leaves no catalog rather than one that
+    # describes the files it replaced (the next run writes it again from the files on disk).
+    _drop_catalog_maps(cfg)
+    # Existing outputs are kept only if their provenance tags equal this run's (same model, inputs,
+    # variables): after a retrain they are redone rather than kept under a catalog naming the new model.
     with open_scheduler(scheduler, workers=workers, echo=echo) as sched:
         if not tiled:
-            outputs = outputs_for(None)
+            cube = cube_from_config(cfg)
             written = write_maps(
-                cube_from_config(cfg),
+                cube,
                 model,
                 cfg.variables,
                 geobox,
-                outputs,
+                outputs_for(None, cube),
                 sched,
                 overwrite=overwrite,
                 progress=progress,
+                echo=echo,
             )
         else:
             scheme = TileScheme(geobox, tile_pixels(cfg.grid.chunk, tile_size))
@@ -323,13 +382,15 @@ def stage_map(
             written = []
             for tile in chosen:
                 folder = cfg.out_dir / MAPS / scheme.folder / tile.id
-                outputs = outputs_for(folder)
-                if not overwrite and all(s.path.exists() for specs in outputs.values() for s in specs):
-                    written += [s.path for specs in outputs.values() for s in specs]
+                cube = _tile_cube(cfg, tile.geobox)
+                outputs = outputs_for(folder, cube)
+                specs = [s for specs in outputs.values() for s in specs]
+                if not overwrite and all(redo_reason(s) is None for s in specs):
+                    written += [s.path for s in specs]
                     continue
                 echo(f"map: tile {tile.id} ({tile.geobox.shape[1]} x {tile.geobox.shape[0]} px)")
                 written += write_maps(
-                    _tile_cube(cfg, tile.geobox),
+                    cube,
                     model,
                     cfg.variables,
                     tile.geobox,
@@ -337,40 +398,83 @@ def stage_map(
                     sched,
                     overwrite=overwrite,
                     progress=progress,
+                    echo=echo,
                 )
+    # STAC items are built from each file's own tags, so the catalog describes the bytes on disk
     collections = {}
     full = {b: map_paths(cfg, b) for b in bands}
     items = [
-        _map_item(cfg, {b: full[b][p] for b in bands}, geobox, f"nee-{p:%Y%m%d}", p, props)
+        _map_item(cfg, {b: full[b][p] for b in bands}, f"nee-{p:%Y%m%d}", p)
         for p in periods
         if all(full[b][p].exists() for b in bands)
     ]
     if items:
-        collections["geoflux-nee"] = items
+        collections[MAP_COLLECTIONS[0]] = items
     if tiled:
-        tile_items = _mosaic_tiles(cfg, scheme, bands, model.target_units, tags, mosaic_cog)
-        tile_items = [_map_item(cfg, files, g, iid, p, props) for files, g, iid, p in tile_items]
+        tile_items = _mosaic_tiles(cfg, scheme, bands, model.target_units, mosaic_cog)
+        tile_items = [_map_item(cfg, files, iid, p) for files, iid, p in tile_items]
         if tile_items:
-            collections["geoflux-nee-tiles"] = tile_items
+            collections[MAP_COLLECTIONS[1]] = tile_items
     if collections:
         save_catalog_maps(cfg, collections, geobox)
     return written
 
 
+MAP_COLLECTIONS = ("geoflux-nee", "geoflux-nee-tiles")
+
+
+def _drop_catalog_maps(cfg: RunConfig) -> None:
+    """Remove ``maps/catalog.json`` and the collection folders :func:`save_catalog_maps` writes."""
+    import shutil
+
+    root = cfg.out_dir / MAPS
+    (root / "catalog.json").unlink(missing_ok=True)
+    for cid in MAP_COLLECTIONS:
+        if (root / cid / "collection.json").exists():
+            shutil.rmtree(root / cid)
+
+
 def save_catalog_maps(cfg: RunConfig, collections: dict, geobox) -> Path:
-    """Write ``maps/catalog.json`` describing the map outputs (one collection per kind)."""
+    """Write ``maps/catalog.json`` describing the map outputs (one collection per kind).
+
+    Replaces the catalog written before (collections or items that are gone leave nothing behind).
+    """
     from geoflux.cog import save_catalog
 
+    _drop_catalog_maps(cfg)
     return save_catalog(cfg.out_dir / MAPS, "geoflux-maps", "geoflux NEE maps", collections, geobox)
 
 
-def _mosaic_tiles(cfg: RunConfig, scheme, bands, target_units: str, tags: dict, mosaic_cog: bool) -> list:
+def _mosaic_tags(files: list[Path]) -> dict[str, str] | None:
+    """Tags of a mosaic of ``files``: the tags they share, ``input_items`` the union of theirs.
+
+    None when the files were made by different models or from different variables (a mosaic of them would
+    have no single provenance).
+    """
+    import rasterio
+
+    tags = []
+    for f in files:
+        with rasterio.open(f) as src:
+            tags.append(src.tags())
+    if len({(t.get("model_sha256"), t.get("variables")) for t in tags}) != 1:
+        return None
+    common = {k: v for k, v in tags[0].items() if all(t.get(k) == v for t in tags[1:])}
+    ids = {x for t in tags for x in t.get("input_items", "").split(",") if x}
+    common["input_items"] = ",".join(sorted(ids))
+    return common
+
+
+def _mosaic_tiles(cfg: RunConfig, scheme, bands, target_units: str, mosaic_cog: bool) -> list:
     """VRT mosaics of every finished tile per band and period (and COGs of complete ones if asked).
 
-    Returns (band files, tile grid, item id, period) of every finished tile output, for STAC items.
+    A mosaic COG gets the tags its tiles share (``input_items``: their union); it is (re)written when its
+    tags differ from those, and not at all when the tiles come from different models.
+
+    Returns (band files, item id, period) of every finished tile output, for STAC items.
     """
     from geoflux.cog import mosaic_to_cog
-    from geoflux.mapping import band_spec, band_stem
+    from geoflux.mapping import band_spec, band_stem, redo_reason
     from geoflux.tiles import write_vrt
 
     root = cfg.out_dir / MAPS
@@ -382,13 +486,13 @@ def _mosaic_tiles(cfg: RunConfig, scheme, bands, target_units: str, tags: dict, 
             folder = root / scheme.folder / tile.id
             files = {b: map_paths(cfg, b, folder)[p] for b in bands}
             if all(f.exists() for f in files.values()):
-                found.append((files, tile.geobox, f"nee-{p:%Y%m%d}-{tile.id}", p))
+                found.append((files, f"nee-{p:%Y%m%d}-{tile.id}", p))
                 for b in bands:
                     per_band[b].append((files[b], tile.rows, tile.cols))
         for b, sources in per_band.items():
             if not sources:
                 continue
-            spec = band_spec(b, root / f"{band_stem(b)}_{p:%Y%m%d}.vrt", target_units, tags)
+            spec = band_spec(b, root / f"{band_stem(b)}_{p:%Y%m%d}.vrt", target_units, {})
             vrt = write_vrt(
                 spec.path,
                 scheme.geobox,
@@ -398,9 +502,15 @@ def _mosaic_tiles(cfg: RunConfig, scheme, bands, target_units: str, tags: dict, 
                 description=spec.description,
                 resampling="nearest" if spec.resampling == "NEAREST" else "average",
             )
-            cog = vrt.with_suffix(".tif")
-            if mosaic_cog and len(sources) == n_tiles and not cog.exists():
-                mosaic_to_cog(vrt, dataclasses.replace(spec, path=cog))
+            if not (mosaic_cog and len(sources) == n_tiles):
+                continue
+            tags = _mosaic_tags([f for f, _, _ in sources])
+            if tags is None:
+                log.warning("map: %s: tiles made by different models; no mosaic COG", vrt)
+                continue
+            cog = dataclasses.replace(spec, path=vrt.with_suffix(".tif"), tags={**tags, **spec.tags})
+            if redo_reason(cog) is not None:
+                mosaic_to_cog(vrt, cog)
     return found
 
 

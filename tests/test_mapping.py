@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -20,7 +21,7 @@ from test_mapping_helpers import VARIABLES, bands_model, cube, forest_model, gri
 
 from geoflux.cog import is_valid_cog
 from geoflux.features import pixel_features
-from geoflux.mapping import band_spec, band_stem, predict_bands, write_maps
+from geoflux.mapping import band_spec, band_stem, predict_bands, redo_reason, write_maps
 from geoflux.scheduler import Shared, open_scheduler
 
 HERE = Path(__file__).parent
@@ -34,6 +35,7 @@ def _outputs(folder: Path, model, nt: int) -> dict:
 
 
 def _finished(folder: Path) -> list[Path]:
+    # names of finished outputs only (temporary names end in .part / .part-tiled)
     return sorted(p for p in folder.glob("*.tif") if ".part" not in p.name)
 
 
@@ -148,6 +150,31 @@ def test_finished_files_are_skipped_unless_overwrite(tmp_path, gb, ds):
     assert all(p.stat().st_mtime_ns != m for p, m in mtimes.items())
 
 
+def test_outputs_with_other_provenance_are_redone(tmp_path, gb, ds):
+    model = bands_model()
+    outputs = _outputs(tmp_path, model, 2)
+    write_maps(ds, model, VARIABLES, gb, outputs, workers=2)
+    assert all(redo_reason(s) is None for specs in outputs.values() for s in specs)
+    mtimes = {s.path: s.path.stat().st_mtime_ns for specs in outputs.values() for s in specs}
+    # same specs: nothing is rewritten (resume)
+    write_maps(ds, model, VARIABLES, gb, outputs, workers=2)
+    assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
+    # step 1 now comes from another model (its tag differs): only step 1 is redone, with the new tags
+    new = dict(outputs)
+    new[1] = [dataclasses.replace(s, tags={**s.tags, "model_sha256": "other"}) for s in outputs[1]]
+    assert redo_reason(new[1][0]) == "model_sha256 differs"
+    said: list[str] = []
+    write_maps(ds, model, VARIABLES, gb, new, workers=2, echo=said.append)
+    assert [p for p, m in mtimes.items() if p.stat().st_mtime_ns != m] == [s.path for s in outputs[1]]
+    for s in new[1]:
+        with rasterio.open(s.path) as src:
+            assert src.tags()["model_sha256"] == "other"
+    assert any("model_sha256 differs" in m and "nee_1.tif" in m for m in said), said
+    # an unreadable file under the final name is redone too
+    outputs[0][0].path.write_bytes(b"not a tiff")
+    assert redo_reason(outputs[0][0]) == "unreadable"
+
+
 _JOB = textwrap.dedent(
     """
     import pickle, sys
@@ -183,7 +210,7 @@ def test_killed_run_resumes_to_identical_files(tmp_path, gb):
         deadline = time.monotonic() + 100
         # SIGKILL once a step is finished and the next one is being written
         while time.monotonic() < deadline and proc.poll() is None:
-            if _finished(killed) and list(killed.glob("*.part.tiled.tif")):
+            if _finished(killed) and list(killed.glob("*.part-tiled")):
                 break
             time.sleep(0.01)
         assert proc.poll() is None, "the job finished before it could be killed"
@@ -193,6 +220,11 @@ def test_killed_run_resumes_to_identical_files(tmp_path, gb):
     finished = _finished(killed)
     assert 1 <= len(finished) < nt, finished
     assert list(killed.glob("*.part*")), "a killed run leaves its unfinished step under .part names"
+    # no unfinished file matches a *.tif glob (as `geoflux validate --maps 'maps/nee_*.tif'` would use)
+    assert sorted(killed.glob("*.tif")) == finished
+    for p in finished:
+        with rasterio.open(p) as src:
+            src.read(1)
     # resume in this process: finished files are kept, the rest is redone, leftovers are replaced
     mtimes = {p: p.stat().st_mtime_ns for p in finished}
     write_maps(cube(gb, nt=nt), model, VARIABLES, gb, _outputs(killed, model, nt), workers=2)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from odc.geo.geobox import GeoBox
-from pyproj import Transformer
+from pyproj import CRS, Proj, Transformer
 
 from geoflux.errors import GridError
 
@@ -51,6 +51,35 @@ def tower_xy(geobox: GeoBox, lon: float, lat: float) -> tuple[float, float]:
     return float(x), float(y)
 
 
+# Largest Tissot distortion at the tower (|scale - 1| in any direction) for which the grid's own plane
+# distances are taken as ground distances. UTM (scale 0.9996-1.001 inside its zone) and other metre grids that
+# are nearly true to scale there keep their plane geometry (and their exact historical weights); geographic
+# grids, sinusoidal grids away from the central meridian (shear: 600 m in the plane is 340-1058 m on the
+# ground at 60 N, 40 E) and the like measure geodesic distances on the CRS's ellipsoid instead.
+PLANE_TOLERANCE = 0.005
+# Points on the ground circle used to find the window a geodesic disk covers on the grid.
+_RIM_POINTS = 72
+
+
+def plane_is_ground(crs: object, lon: float, lat: float, tolerance: float = PLANE_TOLERANCE) -> bool:
+    """True when distances in ``crs``'s plane are ground metres near (``lon``, ``lat``) within ``tolerance``.
+
+    Geographic CRSs (degrees) and CRSs whose axes are not in metres never are; a projected metre CRS is when
+    both semi-axes of its Tissot indicatrix at the point are within ``tolerance`` of 1 (so a circle on the
+    ground stays a circle of the same radius in the plane). ``crs``: anything pyproj accepts (odc-geo CRS
+    too); ``lon``, ``lat`` in degrees on the CRS's own datum.
+    """
+    crs = CRS.from_user_input(crs)
+    if not crs.is_projected or any(a.unit_name not in ("metre", "meter") for a in crs.axis_info[:2]):
+        return False
+    try:
+        f = Proj(crs).get_factors(lon, lat)
+    except Exception:  # PROJ cannot evaluate its factors here: do not trust the plane
+        return False
+    a, b = f.tissot_semimajor, f.tissot_semiminor
+    return bool(np.isfinite(a) and np.isfinite(b) and max(abs(a - 1), abs(b - 1)) <= tolerance)
+
+
 def disk_weights(
     geobox: GeoBox,
     x: float,
@@ -59,23 +88,27 @@ def disk_weights(
     supersample: int = 8,
     site: str = "",
 ) -> FootprintWeights:
-    """Uniform disk footprint of ``radius`` around a tower at grid coordinates ``x, y``.
+    """Uniform disk footprint of ``radius`` metres on the ground around a tower at grid coordinates ``x, y``.
 
     Each pixel is sampled on a ``supersample``² sub-grid so that weights are the area fraction of the
-    disk in the pixel.
+    disk in the pixel. On a grid that is true to scale at the tower (UTM and other metre grids within
+    :data:`PLANE_TOLERANCE`, see :func:`plane_is_ground`) distances are measured in the grid's plane; on any
+    other grid (geographic degrees, sinusoidal, ...) each sub-pixel centre's geodesic distance from the tower
+    on the CRS's ellipsoid decides, and the window is sized from the disk's rim projected onto the grid, so
+    the disk is ``radius`` metres on the ground whatever the CRS units.
 
     Parameters
     ----------
-    geobox : target grid (axis-aligned, units of its CRS; metres for UTM).
-    x, y : tower position in the grid CRS.
-    radius : disk radius in grid CRS units (m).
+    geobox : target grid (axis-aligned).
+    x, y : tower position in the grid CRS (grid units: m, or degrees on a geographic grid).
+    radius : disk radius on the ground, m.
     supersample : sub-samples per pixel edge.
     site : name used in error messages.
 
     Raises
     ------
     GridError
-        if the tower lies outside the grid.
+        if the tower lies outside the grid, or the grid is rotated.
     """
     aff = geobox.affine
     if aff.b != 0 or aff.d != 0:
@@ -87,17 +120,43 @@ def disk_weights(
             f"site {site}: tower at ({x:.1f}, {y:.1f}) lies outside the grid "
             f"(bbox {tuple(round(v, 1) for v in geobox.boundingbox)})"
         )
-    px, py = abs(aff.a), abs(aff.e)
-    rc, rr = int(np.ceil(radius / px)) + 1, int(np.ceil(radius / py)) + 1
-    c0, c1 = int(np.floor(col_f)) - rc, int(np.floor(col_f)) + rc + 1
-    r0, r1 = int(np.floor(row_f)) - rr, int(np.floor(row_f)) + rr + 1
-    # sub-pixel centres in fractional pixel coordinates, then to metres from the tower
+    crs = CRS.from_user_input(geobox.crs)
+    to_lonlat = Transformer.from_crs(crs, crs.geodetic_crs, always_xy=True)
+    lon, lat = (float(v) for v in to_lonlat.transform(x, y))
     s = (np.arange(supersample) + 0.5) / supersample
-    cols = (np.arange(c0, c1)[:, None] + s[None, :]).ravel()
-    rows = (np.arange(r0, r1)[:, None] + s[None, :]).ravel()
-    dx = (cols - col_f) * px
-    dy = (rows - row_f) * py
-    inside = (dx[None, :] ** 2 + dy[:, None] ** 2) <= radius**2
+    if plane_is_ground(crs, lon, lat):
+        px, py = abs(aff.a), abs(aff.e)
+        rc, rr = int(np.ceil(radius / px)) + 1, int(np.ceil(radius / py)) + 1
+        c0, c1 = int(np.floor(col_f)) - rc, int(np.floor(col_f)) + rc + 1
+        r0, r1 = int(np.floor(row_f)) - rr, int(np.floor(row_f)) + rr + 1
+        # sub-pixel centres in fractional pixel coordinates, then to metres from the tower
+        cols = (np.arange(c0, c1)[:, None] + s[None, :]).ravel()
+        rows = (np.arange(r0, r1)[:, None] + s[None, :]).ravel()
+        dx = (cols - col_f) * px
+        dy = (rows - row_f) * py
+        inside = (dx[None, :] ** 2 + dy[:, None] ** 2) <= radius**2
+    else:
+        geod = crs.get_geod()
+        # the window: pixels touched by the ground circle of the disk, plus one pixel of margin
+        az = np.linspace(0.0, 360.0, _RIM_POINTS, endpoint=False)
+        rim_lon, rim_lat, _ = geod.fwd(
+            np.full(az.size, lon), np.full(az.size, lat), az, np.full(az.size, radius)
+        )
+        rim_x, rim_y = to_lonlat.transform(rim_lon, rim_lat, direction="INVERSE")
+        rim_c = (np.asarray(rim_x) - aff.c) / aff.a
+        rim_r = (np.asarray(rim_y) - aff.f) / aff.e
+        if not (np.all(np.isfinite(rim_c)) and np.all(np.isfinite(rim_r))):
+            raise GridError(f"site {site}: a {radius:g} m disk around the tower cannot be drawn on this grid")
+        c0, c1 = int(np.floor(min(rim_c.min(), col_f))) - 1, int(np.floor(max(rim_c.max(), col_f))) + 2
+        r0, r1 = int(np.floor(min(rim_r.min(), row_f))) - 1, int(np.floor(max(rim_r.max(), row_f))) + 2
+        cols = (np.arange(c0, c1)[:, None] + s[None, :]).ravel()
+        rows = (np.arange(r0, r1)[:, None] + s[None, :]).ravel()
+        gx, gy = np.meshgrid(aff.c + cols * aff.a, aff.f + rows * aff.e)
+        plon, plat = to_lonlat.transform(gx.ravel(), gy.ravel())
+        # equal-weight sub-samples: on a geographic grid their areas vary as cos(lat), < 0.2 % across a 5 km
+        # disk at 60 N, so the count is the area fraction
+        _, _, dist = geod.inv(np.full(plon.size, lon), np.full(plon.size, lat), plon, plat)
+        inside = (np.asarray(dist) <= radius).reshape(gy.shape)
     counts = inside.reshape(r1 - r0, supersample, c1 - c0, supersample).sum(axis=(1, 3))
     w = counts / inside.sum()
     # clip the window to the grid; weight outside is lost coverage
