@@ -432,3 +432,82 @@ def test_case_list_is_large_and_unique() -> None:
     ids = [f"{c.kind}-{c.name}" for c in CASES + CASES_PENDING_OTHER_BRANCHES]
     assert len(set(ids)) == len(ids)
     assert len(CASES) >= 60
+
+
+# ------------------------------------------------------------------------------ what is accepted, not refused
+
+
+def test_item_collection_is_searched_like_the_static_catalog(small_world: Path, tmp_path: Path) -> None:
+    from geoflux.catalog import search_items
+    from geoflux.errors import CatalogError
+
+    ic = item_collection(small_world)
+    for f in ic["features"]:  # relative hrefs resolve against the file's folder
+        for a in f["assets"].values():
+            a["href"] = os.path.relpath(a["href"], small_world / "world")
+    path = small_world / "world" / "items.json"
+    tmp = tmp_path / "world"
+    shutil.copytree(small_world / "world", tmp)
+    (tmp / "items.json").write_text(json.dumps(ic))
+    bbox = (8.15, 50.26, 8.33, 50.37)
+    kw = {"bbox": bbox, "start": "2021-03-06", "end": "2021-03-29"}
+    static = search_items(str(tmp / "catalog.json"), "demo-ta", **kw)
+    found = search_items(str(tmp / "items.json"), "demo-ta", **kw)
+    assert [i.id for i in found] == [i.id for i in static] and len(found) == 3
+    assert all(i.collection_id == "demo-ta" for i in found)
+    assert Path(found[0].assets["data"].href).is_file()
+    one = search_items(str(tmp / "items.json"), "demo-ta", bbox=bbox, start="2021-03-15", end="2021-03-16")
+    assert [i.id for i in one] == ["ta-20210314"]
+    static_one = search_items(str(tmp / "items.json"), "demo-elevation", static=True, **kw)
+    assert len(static_one) == 1
+    with pytest.raises(CatalogError, match="no items intersect"):
+        search_items(str(tmp / "items.json"), "demo-ta", bbox=(100.0, 10.0, 101.0, 11.0))
+    assert not path.exists()
+
+
+def test_extract_runs_on_an_item_collection(small_world: Path, tmp_path: Path) -> None:
+    w = tmp_path / "w"
+    shutil.copytree(small_world, w)
+    remove("training")(w)
+    as_item_collection()(w)
+    res = CliRunner().invoke(cli, ["extract", str(w / "config.yaml")])
+    assert res.exit_code == 0, res.output
+    assert (w / "training" / "training.parquet").is_file()
+
+
+def test_unquoted_yaml_dates_are_accepted(small_world: Path, tmp_path: Path) -> None:
+    from geoflux.config import load_config
+
+    w = tmp_path / "w"
+    w.mkdir()
+    text = (small_world / "config.yaml").read_text()
+    for key, day in (("start", "2021-03-06"), ("end", "2021-03-29")):
+        text = text.replace(f"{key}: '{day}'", f"{key}: {day}")
+    assert "start: 2021-03-06\n" in text
+    (w / "config.yaml").write_text(text)
+    cfg = load_config(w / "config.yaml")
+    assert (cfg.time.start, cfg.time.end) == ("2021-03-06", "2021-03-29")
+    assert len(cfg.periods()) == 3
+
+
+@pytest.mark.parametrize(
+    ("grid", "ok"),
+    [
+        ({"crs": "EPSG:32632", "resolution": 250, "bbox": [0, 0, 1000, 1000]}, True),  # 4 x 4: the smallest
+        ({"crs": "EPSG:32632", "resolution": 250, "bbox": [0, 0, 750, 1000]}, False),  # 3 x 4
+        ({"crs": "EPSG:4326", "resolution": 0.01, "bbox": [-180, -90, 180, 90]}, True),  # the whole globe
+        ({"crs": "EPSG:4326", "resolution": 0.01, "bbox": [-181, -10, 10, 10]}, False),
+        ({"crs": "EPSG:32632", "resolution": 100, "bbox": [-4e5, 0, 1.4e6, 9e6]}, True),  # past the zone edge
+        ({"crs": "EPSG:32632", "resolution": 1, "bbox": [0, 0, 100, 100], "max_pixels": 10_000}, True),
+        ({"crs": "EPSG:32632", "resolution": 1, "bbox": [0, 0, 100, 101], "max_pixels": 10_000}, False),
+        ({"crs": "EPSG:32632", "resolution": 1, "bbox": [0, 0, 100, 100], "max_pixels": "1e4"}, True),
+    ],
+)
+def test_grid_limits(grid: dict, ok: bool) -> None:
+    from geoflux.config import GridSpec
+
+    if ok:
+        GridSpec.model_validate(grid)
+    else:
+        with pytest.raises(ValueError, match=r"pixels|degrees"):
+            GridSpec.model_validate(grid)
