@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,24 +22,90 @@ CONFIG_HELP = (
 )
 
 
+log = logging.getLogger("geoflux")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
 def _fail_cleanly(fn: Callable) -> Callable:
-    """Turn a GeofluxError into 'error: <message>' on stderr and exit status 1 (no traceback)."""
+    """Turn any failure into one line ``error: <message>`` on stderr and exit status 1 (no traceback).
+
+    A :class:`GeofluxError` already names its culprit. An OSError the library did not anticipate (disk
+    full, permissions) names its file. Anything else is a bug: it is still one line, marked as an internal
+    error, and ``-vv`` logs the traceback. Click's own usage errors pass through (exit status 2).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except GeofluxError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            message = " ".join(str(exc).split("\n"))  # a message is one line, even a careless one
+        except OSError as exc:
+            # rasterio/GDAL errors are OSErrors whose text names the file but whose filename is unset
+            message = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else _first_line(exc)
+        except Exception as exc:
+            log.debug("internal error", exc_info=True)
+            message = (
+                f"internal error: {type(exc).__name__}: {_first_line(exc)} "
+                "(please report it; -vv shows the traceback)"
+            )
+        click.echo(f"error: {message}", err=True)
+        sys.exit(1)
 
     return wrapper
+
+
+def _check_output_dir(path: Path, what: str = "output") -> None:
+    """Refuse, before any work is done, an output folder that cannot be created or written.
+
+    Missing folders are created for the test and removed again, so a refused run leaves nothing behind.
+    A write probe (a temporary file, deleted at once) catches what permission bits do not tell (root on a
+    read-only mount, /proc).
+    """
+    import tempfile
+
+    from geoflux.errors import OutputError
+
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(
+            f"{what}: {existing}: is a file, not a folder (expected {path} to be a folder, not in a file)"
+        )
+    created = []
+    try:
+        for folder in reversed([path, *path.parents]):
+            if not folder.exists():
+                folder.mkdir()
+                created.append(folder)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".geoflux-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(
+            f"{what}: {path}: cannot create or write the folder ({exc.strerror or _first_line(exc)}; "
+            "expected a writable folder)"
+        ) from None
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _load(config: Path):
     from geoflux.config import load_config
 
-    return load_config(config)
+    cfg = load_config(config)
+    _check_output_dir(cfg.out_dir, f"{config}: output")
+    return cfg
 
 
 config_arg = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
@@ -164,17 +232,26 @@ def towers_summary(files: tuple[Path, ...]) -> None:
 
 @towers.command("analyze")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output folder for tables (parquet/CSV), PNG plots and summary.json.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output folder for tables (parquet/CSV), PNG plots and summary.json.",
+)
 @click.option("--site", default=None, help="Site ID (default: from the file name, e.g. FLX_<SITE>_...).")
-@click.option("--ustar", default="auto", show_default=True,
-              help="u* threshold: 'auto' (moving-point test), 'none', or a value in m s-1.")
+@click.option(
+    "--ustar",
+    default="auto",
+    show_default=True,
+    help="u* threshold: 'auto' (moving-point test), 'none', or a value in m s-1.",
+)
 @click.option("--no-daytime", is_flag=True, help="Skip day-time (Lasslop 2010) partitioning.")
 @click.option("--no-despike", is_flag=True, help="Skip spike detection.")
 @click.option("--csv", "as_csv", is_flag=True, help="Write record tables as CSV instead of parquet.")
 @_fail_cleanly
-def towers_analyze(file: Path, out: Path, site: str | None, ustar: str, no_daytime: bool,
-                   no_despike: bool, as_csv: bool) -> None:
+def towers_analyze(
+    file: Path, out: Path, site: str | None, ustar: str, no_daytime: bool, no_despike: bool, as_csv: bool
+) -> None:
     """Site carbon dynamics of one half-hourly tower FILE (not gap-filled data welcome).
 
     u* filtering (Papale 2006), MDS gap-filling (Reichstein 2005), night-time (Reichstein 2005) and day-time
@@ -193,12 +270,18 @@ def towers_analyze(file: Path, out: Path, site: str | None, ustar: str, no_dayti
         except ValueError:
             msg = f"'{ustar}' (expected auto, none or a number)"
             raise click.BadParameter(msg, param_hint="--ustar") from None
+    _check_output_dir(out, "--out")
     records = read_tower_file(file, site=site)
-    summary = analyze_site(records, out, table_format="csv" if as_csv else "parquet", ustar=ustar_opt,
-                           daytime=not no_daytime, despike=not no_despike)
+    summary = analyze_site(
+        records,
+        out,
+        table_format="csv" if as_csv else "parquet",
+        ustar=ustar_opt,
+        daytime=not no_daytime,
+        despike=not no_despike,
+    )
     keys = ("site", "budgets", "ustar_threshold", "e0", "q10", "alpha_max", "warnings")
-    click.echo(json.dumps({k: summary[k] for k in keys if k in summary},
-                          indent=2, default=str))
+    click.echo(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2, default=str))
     click.echo(f"tables and plots: {out}", err=True)
 
 
@@ -316,26 +399,64 @@ def map_(
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--maps", default=None, help="Maps made elsewhere: quoted glob of GeoTIFFs, or a NetCDF/Zarr.")
 @click.option("--towers", "tower_files", default=None, help="Quoted glob (or folder) of tower files.")
-@click.option("--sites", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Site table CSV (SITE_ID, LAT, LON, IGBP).")
+@click.option(
+    "--sites",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Site table CSV (SITE_ID, LAT, LON, IGBP).",
+)
 @click.option("--time-step", default=None, help="Period of the maps, e.g. 8D, 1D, MS (default: inferred).")
 @click.option("--variable", default=None, help="NetCDF variable holding NEE (default: NEE or the only one).")
 @click.option("--units", default=None, help="NEE units when the maps do not say (default gC m-2 d-1).")
-@click.option("--radius", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              help="Footprint disk radius, m.")
-@click.option("--qc-max", type=click.IntRange(0, 3), default=1, show_default=True,
-              help="Keep half-hourly NEE_VUT_REF_QC <= this.")
-@click.option("--min-coverage", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Drop tower periods with less QC-passed coverage.")
-@click.option("--training-sites", default=None,
-              help="Comma-separated sites the product was trained on (scored apart from the others).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="With --maps: write validation.json, pairs.csv and skill_*.csv here.")
+@click.option(
+    "--radius",
+    type=click.FloatRange(min=0, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Footprint disk radius, m.",
+)
+@click.option(
+    "--qc-max",
+    type=click.IntRange(0, 3),
+    default=1,
+    show_default=True,
+    help="Keep half-hourly NEE_VUT_REF_QC <= this.",
+)
+@click.option(
+    "--min-coverage",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Drop tower periods with less QC-passed coverage.",
+)
+@click.option(
+    "--training-sites",
+    default=None,
+    help="Comma-separated sites the product was trained on (scored apart from the others).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="With --maps: write validation.json, pairs.csv and skill_*.csv here.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @_fail_cleanly
-def validate(config: Path | None, maps: str | None, tower_files: str | None, sites: Path | None,
-             time_step: str | None, variable: str | None, units: str | None, radius: float, qc_max: int,
-             min_coverage: float, training_sites: str | None, out: Path | None, as_json: bool) -> None:
+def validate(
+    config: Path | None,
+    maps: str | None,
+    tower_files: str | None,
+    sites: Path | None,
+    time_step: str | None,
+    variable: str | None,
+    units: str | None,
+    radius: float,
+    qc_max: int,
+    min_coverage: float,
+    training_sites: str | None,
+    out: Path | None,
+    as_json: bool,
+) -> None:
     """Score NEE maps against towers through their footprints (and the truth when configured).
 
     \b
@@ -366,9 +487,21 @@ def validate(config: Path | None, maps: str | None, tower_files: str | None, sit
         raise click.UsageError(f"--maps needs {' and '.join(missing)}")
     from geoflux.validate import validate_product, write_validation
 
+    if out is not None:
+        _check_output_dir(out, "--out")
     train = [s.strip() for s in training_sites.split(",") if s.strip()] if training_sites else None
-    val = validate_product(maps, tower_files, sites, time_step=time_step, variable=variable, units=units,
-                           radius=radius, qc_max=qc_max, min_coverage=min_coverage, training_sites=train)
+    val = validate_product(
+        maps,
+        tower_files,
+        sites,
+        time_step=time_step,
+        variable=variable,
+        units=units,
+        radius=radius,
+        qc_max=qc_max,
+        min_coverage=min_coverage,
+        training_sites=train,
+    )
     if out is not None:
         click.echo(f"written: {write_validation(val, out)}", err=True)
     click.echo(_json.dumps(val.to_dict(), indent=2, default=str) if as_json else val.summary_text())
@@ -376,8 +509,13 @@ def validate(config: Path | None, maps: str | None, tower_files: str | None, sit
 
 @cli.command()
 @config_arg
-@click.option("--date", "dates", multiple=True, metavar="YYYY-MM-DD",
-              help="Map date to show (repeatable; default: first, strongest-uptake and last step).")
+@click.option(
+    "--date",
+    "dates",
+    multiple=True,
+    metavar="YYYY-MM-DD",
+    help="Map date to show (repeatable; default: first, strongest-uptake and last step).",
+)
 @_fail_cleanly
 def report(config: Path, dates: tuple[str, ...]) -> None:
     """Write report/index.html + PNGs from the run's outputs (run 'geoflux validate CONFIG' first)."""
@@ -388,10 +526,19 @@ def report(config: Path, dates: tuple[str, ...]) -> None:
 
 @cli.command()
 @config_arg
-@click.option("--pixels", type=int, default=2000, show_default=True,
-              help="Map pixels sampled for dependence, IAV and scenario analyses.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder (default: <output>/analysis).")
+@click.option(
+    "--pixels",
+    type=int,
+    default=2000,
+    show_default=True,
+    help="Map pixels sampled for dependence, IAV and scenario analyses.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (default: <output>/analysis).",
+)
 @_fail_cleanly
 def analyze(config: Path, pixels: int, out: Path | None) -> None:
     """What governs NEE: driver importance (grouped permutation), partial dependence and interactions,
@@ -402,7 +549,10 @@ def analyze(config: Path, pixels: int, out: Path | None) -> None:
     from geoflux.analysis import analyze as run_analysis
     from geoflux.analysis import multiscale_table
 
-    result = run_analysis(_load(config), out_dir=out, n_pixels=pixels)
+    cfg = _load(config)
+    if out is not None:
+        _check_output_dir(out, "--out")
+    result = run_analysis(cfg, out_dir=out, n_pixels=pixels)
     click.echo(multiscale_table(result["multiscale"]))
 
 

@@ -877,10 +877,10 @@ def analyze(
     from geoflux.pipeline import CV_PREDICTIONS, MODEL, TRAINING, load_sites
 
     out = Path(out_dir) if out_dir is not None else cfg.out_dir / ANALYSIS_DIR
-    out.mkdir(parents=True, exist_ok=True)
     for rel, stage in ((TRAINING, "extract"), (MODEL, "train"), (CV_PREDICTIONS, "train")):
         if not (cfg.out_dir / rel).exists():
             raise GeofluxError(f"{cfg.out_dir / rel}: not found (run 'geoflux {stage}' first)")
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are there: a refused run leaves nothing
     table = pd.read_parquet(cfg.out_dir / TRAINING)
     model = load_model(cfg.out_dir / MODEL)
     features = feature_names(cfg.variables)

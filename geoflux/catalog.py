@@ -8,8 +8,9 @@ Three sources, one result (a list of :class:`pystac.Item` with absolute asset hr
   ``Retry`` mounted in pystac-client's ``StacApiIO``; a 4xx is a one-line :class:`CatalogError` at once.
 * ``*.parquet`` / ``*.geoparquet``: a stac-geoparquet file, filtered with pyarrow (collection, time,
   bbox columns) before the rows are turned back into items with stac-geoparquet.
-* anything else: a static ``catalog.json``. pystac-client cannot search it, so it is walked with pystac
-  and filtered here (bbox, time, query extension, CQL2 filter via the ``cql2`` library).
+* anything else: a static ``catalog.json`` (walked with pystac) or a STAC ItemCollection JSON (a saved
+  search: a FeatureCollection of items). pystac-client cannot search them, so they are filtered here (bbox,
+  time, query extension, CQL2 filter via the ``cql2`` library).
 
 Planetary Computer assets live in Azure Blob Storage and need a SAS token per storage container;
 :class:`PlanetaryComputerSigner` signs only hrefs on ``*.blob.core.windows.net`` (the token endpoint is
@@ -175,15 +176,90 @@ def _keep(
 # -------------------------------------------------------------------------------------------------- static
 
 
-def open_static(path: str | Path) -> pystac.Catalog:
-    """Open a static STAC catalog (or collection) JSON file."""
-    path = Path(path)
+STATIC_KINDS = (
+    "a STAC catalog.json/collection.json, an ItemCollection JSON, a stac-geoparquet file or a STAC API URL"
+)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; every way it can fail is one :class:`CatalogError` naming the file."""
     if not path.exists():
-        raise CatalogError(f"{path}: catalog not found")
+        raise CatalogError(f"{path}: catalog not found (expected {STATIC_KINDS})")
+    if path.is_dir():
+        raise CatalogError(f"{path}: is a folder (expected {STATIC_KINDS})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CatalogError(
+            f"{path}: not a JSON file (byte {exc.start} is not UTF-8; expected STAC JSON)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise CatalogError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}; truncated file?)"
+        ) from None
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read catalog ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise CatalogError(f"{path}: not a STAC catalog (expected a JSON object, got {type(data).__name__})")
+    return data
+
+
+def open_static(path: str | Path) -> pystac.Catalog:
+    """Open a static STAC catalog (or collection) JSON file.
+
+    Raises
+    ------
+    CatalogError
+        naming the file when it is missing, a folder, not JSON, or not a STAC catalog/collection.
+    """
+    path = Path(path)
+    kind = _read_json(path).get("type")
+    if kind not in ("Catalog", "Collection"):
+        raise CatalogError(
+            f"{path}: not a STAC catalog (type is {kind!r}; expected 'Catalog' or 'Collection', or "
+            "'FeatureCollection' for an ItemCollection)"
+        )
     try:
         return pystac.read_file(str(path))
-    except (pystac.STACError, ValueError, KeyError) as exc:
-        raise CatalogError(f"{path}: not a STAC catalog ({exc})") from None
+    except (pystac.STACError, ValueError, KeyError, TypeError) as exc:
+        raise CatalogError(f"{path}: not a STAC catalog ({_first_line(exc)})") from None
+
+
+def open_item_collection(path: str | Path, data: Mapping[str, Any] | None = None) -> list[pystac.Item]:
+    """The items of a STAC ItemCollection (GeoJSON FeatureCollection of STAC Items) file.
+
+    Relative asset hrefs are resolved against the file's folder (an ItemCollection has no self links).
+
+    Parameters
+    ----------
+    path : the JSON file.
+    data : its parsed content, when already read.
+
+    Raises
+    ------
+    CatalogError
+        naming the file (and the feature) when it is not an ItemCollection or a feature is not a STAC Item.
+    """
+    path = Path(path)
+    data = _read_json(path) if data is None else data
+    features = data.get("features")
+    if data.get("type") != "FeatureCollection" or not isinstance(features, list):
+        raise CatalogError(f"{path}: not an ItemCollection (expected type FeatureCollection with 'features')")
+    items = []
+    for i, feat in enumerate(features):
+        fid = feat.get("id", "?") if isinstance(feat, dict) else "?"
+        where = f"{path}: feature {i} (id {fid})"
+        if not isinstance(feat, dict) or feat.get("type") != "Feature" or "stac_version" not in feat:
+            raise CatalogError(f"{where}: not a STAC Item (expected type Feature with stac_version)")
+        try:
+            item = pystac.Item.from_dict(feat)
+        except (pystac.STACError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CatalogError(f"{where}: not a STAC Item ({_first_line(exc)})") from None
+        for asset in item.assets.values():
+            if "://" not in asset.href and not Path(asset.href).is_absolute():
+                asset.href = str((path.parent / asset.href).resolve())
+        items.append(item)
+    return items
 
 
 def search_static(
@@ -198,24 +274,54 @@ def search_static(
     filter: Mapping[str, Any] | None = None,
     max_items: int = MAX_ITEMS,
 ) -> list[pystac.Item]:
-    """Walk a static catalog and keep the items of ``collection`` that match (see :func:`search_items`)."""
+    """Keep the items of ``collection`` that match (see :func:`search_items`) in a static catalog.
+
+    ``catalog`` is a STAC catalog/collection JSON (walked along its links) or an ItemCollection JSON (a
+    GeoJSON FeatureCollection of items, e.g. a saved API search; items belong to ``collection`` by their
+    ``collection`` field). Both are filtered here by bbox, time, query and CQL2 filter.
+    """
     source = str(catalog)
-    root = open_static(catalog)
-    if isinstance(root, pystac.Collection) and root.id == collection:
-        coll: pystac.Catalog | None = root
-    else:
-        coll = next((c for c in root.get_children() if c.id == collection), None)
-    if coll is None:
-        ids = sorted(c.id for c in root.get_children())
-        raise CatalogError(f"{source}: no collection '{collection}' (available: {', '.join(ids)})")
+    path = Path(catalog)
+    data = _read_json(path)
     cql = _cql2(filter, source) if filter else None
     out = []
-    for item in coll.get_items(recursive=True):
-        if _keep(item, bbox, intersects, start, end, query, cql, source):
-            item.make_asset_hrefs_absolute()
-            out.append(item)
-            if len(out) >= max_items:
-                break
+    if data.get("type") == "FeatureCollection":
+        items = open_item_collection(path, data)
+        ids = {i.collection_id for i in items}
+        if collection not in ids:
+            have = ", ".join(sorted(str(c) for c in ids)) or "none"
+            raise CatalogError(
+                f"{source}: no items of collection '{collection}' (items have collections: {have})"
+            )
+        for item in items:
+            if item.collection_id == collection and _keep(
+                item, bbox, intersects, start, end, query, cql, source
+            ):
+                out.append(item)
+                if len(out) >= max_items:
+                    break
+        return out
+    root = open_static(path)
+    # pystac resolves links lazily, so a missing or broken child/item file surfaces while walking
+    try:
+        if isinstance(root, pystac.Collection) and root.id == collection:
+            coll: pystac.Catalog | None = root
+        else:
+            coll = next((c for c in root.get_children() if c.id == collection), None)
+        if coll is None:
+            ids = sorted(c.id for c in root.get_children())
+            raise CatalogError(f"{source}: no collection '{collection}' (available: {', '.join(ids)})")
+        for item in coll.get_items(recursive=True):
+            if _keep(item, bbox, intersects, start, end, query, cql, source):
+                item.make_asset_hrefs_absolute()
+                out.append(item)
+                if len(out) >= max_items:
+                    break
+    except (pystac.STACError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise CatalogError(
+            f"{source}: broken link while reading collection '{collection}' ({_first_line(exc)}; expected "
+            "every child/item link to name an existing STAC JSON file)"
+        ) from None
     return out
 
 
@@ -440,7 +546,7 @@ def search_items(
     Parameters
     ----------
     catalog : ``http(s)://`` URL of a STAC API, path of a stac-geoparquet file (``.parquet``), or path of a
-        static ``catalog.json``.
+        static ``catalog.json`` or of an ItemCollection JSON.
     collection : collection id.
     bbox : lon_min, lat_min, lon_max, lat_max (EPSG:4326).
     start, end : time range (inclusive); ignored for ``static`` drivers (one item for all times).
@@ -457,6 +563,13 @@ def search_items(
     CatalogError
         if the catalog cannot be opened/reached, the collection does not exist, or nothing matches.
     """
+    if catalog.startswith("file://"):
+        catalog = urllib.parse.unquote(urllib.parse.urlparse(catalog).path)
+    elif "://" in catalog and not catalog.startswith(("http://", "https://")):
+        scheme = catalog.split("://", 1)[0]
+        raise CatalogError(
+            f"{catalog}: unsupported URL scheme '{scheme}' (expected an http(s):// STAC API or a local file)"
+        )
     t0 = None if static or start is None else _naive_utc(pd.Timestamp(start))
     t1 = None if static or end is None else _naive_utc(pd.Timestamp(end))
     kw = {"intersects": intersects, "query": query, "filter": filter, "max_items": max_items}

@@ -7,12 +7,22 @@ travel with its data.
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from geoflux.errors import ConfigError, GeofluxError
 
@@ -145,38 +155,154 @@ class TowersSpec(_Strict):
     )
 
 
+MIN_GRID_PIXELS = 4  # per axis: a smaller grid is a unit mistake (e.g. resolution in m on a km bbox)
+MAX_GRID_PIXELS = 1e10  # default grid.max_pixels: 100 000 x 100 000 px, ~40 GB per float32 map band
+_GEOGRAPHIC_LIMITS = (-180.0, -90.0, 180.0, 90.0)
+
+
+def _grid_crs(crs: str) -> Any:
+    """The pyproj CRS of a grid; ValueError (pydantic names it ``grid.crs``) when pyproj does not know it."""
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        return CRS.from_user_input(crs)
+    except CRSError:
+        raise ValueError(
+            f"{crs!r} is not a CRS pyproj knows (expected e.g. 'EPSG:32632', a PROJ string or WKT)"
+        ) from None
+
+
+def _crs_limits(crs: Any) -> tuple[float, float, float, float] | None:
+    """Coordinates a grid on ``crs`` can plausibly have: lon/lat ranges for geographic CRSs; for projected
+    ones the CRS's area of use projected to it, widened by its own width and height on every side (grids
+    legitimately reach past a UTM zone's edge). None when the CRS declares no area of use."""
+    if crs.is_geographic:
+        return _GEOGRAPHIC_LIMITS
+    aou = crs.area_of_use
+    if aou is None:
+        return None
+    from pyproj import Transformer
+
+    try:
+        x0, y0, x1, y1 = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform_bounds(
+            *aou.bounds, densify_pts=21
+        )
+    except Exception:  # pyproj raises ProjError/ValueError for areas it cannot project: skip the check
+        return None
+    if not all(map(math.isfinite, (x0, y0, x1, y1))):
+        return None
+    w, h = x1 - x0, y1 - y0
+    return x0 - w, y0 - h, x1 + w, y1 + h
+
+
 class GridSpec(_Strict):
-    """The target grid: every driver is loaded onto it and every map is written on it."""
+    """The target grid: every driver is loaded onto it and every map is written on it.
+
+    The bbox must be in the CRS's units (degrees within -180..180/-90..90 on a geographic CRS; on a
+    projected CRS near its area of use), and the grid must have at least ``MIN_GRID_PIXELS`` pixels per
+    axis and at most ``max_pixels`` pixels in all (a resolution or bbox typo otherwise makes a 1-pixel map
+    or a grid no disk holds).
+    """
 
     crs: str = Field(description="CRS of the grid, e.g. 'EPSG:32632' or a WKT string")
     resolution: float = Field(gt=0, description="pixel size in CRS units (m for UTM)")
     bbox: tuple[float, float, float, float] = Field(description="xmin, ymin, xmax, ymax in grid CRS units")
     chunk: int = Field(default=256, ge=16, le=8192, description="chunk edge in pixels")
+    max_pixels: float = Field(
+        default=MAX_GRID_PIXELS,
+        gt=0,
+        description="largest grid accepted (width x height, pixels); raise it deliberately for huge maps",
+    )
+
+    @field_validator("crs")
+    @classmethod
+    def _known_crs(cls, v: str) -> str:
+        _grid_crs(v)
+        return v
 
     @field_validator("bbox")
     @classmethod
-    def _ordered(cls, v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    def _ordered(cls, v: tuple[float, float, float, float], info: ValidationInfo) -> tuple[float, ...]:
+        if not all(map(math.isfinite, v)):
+            raise ValueError("bbox values must be finite numbers")
         if not (v[0] < v[2] and v[1] < v[3]):
             raise ValueError("bbox must be [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax")
+        crs_text = info.data.get("crs")
+        if crs_text is None:  # the crs itself was refused; that error is reported
+            return v
+        crs = _grid_crs(crs_text)
+        limits = _crs_limits(crs)
+        if limits is not None:
+            lx0, ly0, lx1, ly1 = limits
+            if v[0] < lx0 or v[2] > lx1 or v[1] < ly0 or v[3] > ly1:
+                if crs.is_geographic:
+                    raise ValueError(
+                        f"{list(v)} are not degrees on {crs_text} (expected -180 <= x <= 180 and "
+                        "-90 <= y <= 90; a bbox in metres needs a projected crs such as UTM)"
+                    )
+                raise ValueError(
+                    f"{list(v)} lies far outside {crs_text}'s area of use ({crs.area_of_use.name[:60]}; "
+                    f"expected x in {lx0:.0f}..{lx1:.0f}, y in {ly0:.0f}..{ly1:.0f} "
+                    f"{crs.axis_info[0].unit_name})"
+                )
         return v
+
+    @model_validator(mode="after")
+    def _size(self) -> GridSpec:
+        x0, y0, x1, y1 = self.bbox
+        # pixels as odc-geo counts them (a bbox edge within 1e-6 px of a pixel edge adds no pixel)
+        nx = max(1, math.ceil((x1 - x0) / self.resolution - 1e-6))
+        ny = max(1, math.ceil((y1 - y0) / self.resolution - 1e-6))
+        extent = f"resolution {self.resolution:g} on a bbox of {x1 - x0:g} x {y1 - y0:g}"
+        if min(nx, ny) < MIN_GRID_PIXELS:
+            raise ValueError(
+                f"{extent} gives {nx} x {ny} pixels (expected at least {MIN_GRID_PIXELS} x "
+                f"{MIN_GRID_PIXELS}; are resolution and bbox in the crs's units?)"
+            )
+        if nx * ny > self.max_pixels:
+            raise ValueError(
+                f"{extent} gives {nx} x {ny} = {nx * ny:.3g} pixels (expected at most max_pixels="
+                f"{self.max_pixels:.3g}; raise grid.max_pixels if that many is intended)"
+            )
+        return self
 
 
 class TimeSpec(_Strict):
-    """Map time steps: periods of length ``step`` starting at ``start`` up to ``end`` (inclusive)."""
+    """Map time steps: periods of length ``step`` starting at ``start`` up to ``end`` (inclusive).
+
+    Dates may be quoted strings or YAML dates (``start: 2021-01-01`` unquoted); the latter are kept as ISO
+    strings.
+    """
 
     start: str
     end: str
     step: str = Field(default="8D", description="pandas frequency of the model time step, e.g. '1D', '8D'")
 
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _yaml_dates(cls, v: Any) -> Any:
+        # YAML turns an unquoted 2021-01-01 into a date; it means the same as the quoted string
+        if isinstance(v, (dt.date, dt.datetime)):
+            return v.isoformat()
+        return v
+
     @model_validator(mode="after")
     def _parse(self) -> TimeSpec:
         try:
             start, end = pd.Timestamp(self.start), pd.Timestamp(self.end)
-            pd.tseries.frequencies.to_offset(self.step)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"cannot parse start/end/step ({exc})") from None
+            raise ValueError(f"cannot parse start/end as dates ({exc}; expected e.g. 2021-01-01)") from None
+        try:
+            step = pd.tseries.frequencies.to_offset(self.step)
+        except (ValueError, TypeError):
+            raise ValueError(
+                f"step {self.step!r} is not a pandas frequency (expected e.g. '1D', '8D', 'MS')"
+            ) from None
+        if step.n <= 0:
+            raise ValueError(f"step {self.step!r} must be a positive period (expected e.g. '1D', '8D', 'MS')")
         if end < start:
-            raise ValueError("end is before start")
+            raise ValueError(f"end {self.end} is before start {self.start}")
         return self
 
 
@@ -309,8 +435,12 @@ def read_yaml(path: Path, error: type[GeofluxError], what: str) -> Any:
     """``yaml.safe_load`` of a file; an unreadable file or bad YAML raises ``error`` naming the file."""
     try:
         text = path.read_text()
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder (expected a YAML {what} file)") from None
     except OSError as exc:
         raise error(f"{path}: cannot read {what} ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not a text file (byte {exc.start} is not UTF-8; expected YAML)") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -321,6 +451,8 @@ def load_config(path: str | Path) -> RunConfig:
     """Read and validate a YAML run configuration; relative paths resolve against its folder."""
     path = Path(path)
     data = read_yaml(path, ConfigError, "config")
+    if data is None:
+        raise ConfigError(f"{path}: config is empty (expected keys catalog, variables, towers, grid, time)")
     return config_from_dict(data, source=str(path), base_dir=path.resolve().parent)
 
 

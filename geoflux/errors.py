@@ -37,3 +37,11 @@ class ModelError(GeofluxError):
 
 class OutputExistsError(GeofluxError):
     """An output exists and ``overwrite`` was not requested."""
+
+
+class MapReadError(GeofluxError):
+    """A map file to score cannot be read (not a raster, truncated or corrupt)."""
+
+
+class OutputError(GeofluxError):
+    """An output folder cannot be created or written (under a file, read-only, a pseudo file system)."""

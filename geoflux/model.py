@@ -154,6 +154,18 @@ def make_estimator(spec: ModelSpec) -> RegressorMixin:
     LightGBM and XGBoost are optional extras (``pip install geoflux[boost]``); a clear error says so when the
     configured one is not installed.
     """
+    est = _construct(spec)
+    # scikit-learn checks parameter values only in fit; check them now so a bad value is a config error
+    check = getattr(est, "_validate_params", None)
+    if check is not None:
+        try:
+            check()
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"model.params: {str(exc).splitlines()[0]}") from None
+    return est
+
+
+def _construct(spec: ModelSpec) -> RegressorMixin:
     params = dict(spec.params)
     try:
         if spec.kind == "random_forest":

@@ -15,10 +15,11 @@ the area of applicability, always separating sites the model was trained on from
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +30,9 @@ import rasterio.windows
 from affine import Affine
 from odc.geo.geobox import GeoBox
 from pyproj import CRS, Transformer
+from rasterio._err import CPLE_BaseError  # GDAL errors rasterio does not wrap
 
-from geoflux.errors import GeofluxError, GridError
+from geoflux.errors import GeofluxError, GridError, MapReadError
 from geoflux.footprint import FootprintWeights
 from geoflux.metrics import grouped_skill, summary
 
@@ -183,7 +185,7 @@ def _role_of_description(desc: str) -> str | None:
 
 def _band_layout(path: Path) -> dict[str, int]:
     """Band index (1-based) of each role in a multi-band map; NEE defaults to band 1."""
-    with rasterio.open(path) as ds:
+    with _open_map(path) as ds:
         descs = [d or "" for d in ds.descriptions]
     roles: dict[str, int] = {}
     quant: dict[int, int] = {}
@@ -220,6 +222,23 @@ def _sibling_files(path: Path) -> dict[str, Path]:
             out["AOA"] = a
             break
     return out
+
+
+@contextlib.contextmanager
+def _open_map(path: str | Path) -> Iterator[rasterio.io.DatasetReader]:
+    """``rasterio.open`` whose failures (opening or reading) are one :class:`MapReadError` naming the file."""
+    try:
+        with rasterio.open(path) as ds:
+            yield ds
+    except (rasterio.errors.RasterioError, CPLE_BaseError) as exc:
+        # GDAL's own text ("Read failed. See previous exception") often hides the cause: say what to check
+        detail = str(exc).replace(str(path), "").strip(" '\".:") or type(exc).__name__
+        if "previous exception" in detail:
+            detail = "its pixel data cannot be decoded"
+        raise MapReadError(
+            f"{path}: cannot read map ({detail[:200]}; expected a complete GeoTIFF/COG; truncated or "
+            "corrupt file?)"
+        ) from None
 
 
 def _geobox_of(ds: rasterio.io.DatasetReader, path: Path) -> GeoBox:
@@ -302,14 +321,22 @@ def open_geotiff_series(
     for p in paths:
         if not p.exists():
             raise GeofluxError(f"{p}: map not found")
-    with rasterio.open(paths[0]) as ds:
+        if p.is_dir():
+            raise MapReadError(f"{p}: is a folder (expected a GeoTIFF/COG map file)")
+    with _open_map(paths[0]) as ds:
         geobox = _geobox_of(ds, paths[0])
+    # every header is read now (cheap), so a non-raster or foreign-grid file is refused before any tower
+    # data is processed; truncated pixel data can only show when it is read, and is named then
+    for p in paths[1:]:
+        with _open_map(p) as ds:
+            if (ds.height, ds.width) != geobox.shape or ds.transform != geobox.affine:
+                raise GridError(f"{p}: grid differs from {paths[0]} (expected one grid for the series)")
     layout = _band_layout(paths[0])
     siblings = _sibling_files(paths[0])
     roles = tuple(r for r in ("lo", "hi", "AOA") if r in layout or r in siblings)
     interval = ""
     if "lo" in layout:
-        with rasterio.open(paths[0]) as ds:
+        with _open_map(paths[0]) as ds:
             interval = f"{ds.descriptions[layout['lo'] - 1]}..{ds.descriptions[layout['hi'] - 1]}"
     elif "lo" in siblings:
         interval = f"{siblings['lo'].name}..{siblings['hi'].name}"
@@ -320,7 +347,7 @@ def open_geotiff_series(
             rasterio.windows.Window(c.start, r.start, c.stop - c.start, r.stop - r.start) for r, c in windows
         ]
         out: list[dict[str, np.ndarray]] = [{} for _ in wins]
-        with rasterio.open(path) as ds:
+        with _open_map(path) as ds:
             if (ds.height, ds.width) != geobox.shape or ds.transform != geobox.affine:
                 raise GridError(f"{path}: grid differs from {paths[0]} (expected one grid for the series)")
             lay = _band_layout(path) if ds.count > 1 else {"NEE": 1}
@@ -331,7 +358,7 @@ def open_geotiff_series(
         for role, sib in _sibling_files(path).items():
             if role in out[0]:
                 continue
-            with rasterio.open(sib) as ds:
+            with _open_map(sib) as ds:
                 scale = 1.0 if role == "AOA" else _scale_from_tags(ds, 1, sib, units)
                 for o, win in zip(out, wins, strict=True):
                     o[role] = _read_masked(ds, win) * scale
