@@ -633,6 +633,18 @@ def comparison_table(result: TowerModelResult, scale: str = "monthly") -> pd.Dat
     return pd.DataFrame(rows)
 
 
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """``out`` as a Path; OutputExistsError if it is a file, or a non-empty folder without overwrite."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder (expected a new or empty folder)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{out}: folder is not empty (expected a new or empty folder, or --overwrite)"
+        )
+    return out
+
+
 def write_outputs(result: TowerModelResult, out: Path, *, overwrite: bool = False) -> dict[str, Path]:
     """Write the model(s), cards, CV predictions, skill, flags and annual table into ``out``.
 
@@ -649,13 +661,7 @@ def write_outputs(result: TowerModelResult, out: Path, *, overwrite: bool = Fals
     """
     from geoflux.model import save_model
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a folder (expected a new or empty folder)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"{out}: folder is not empty (expected a new or empty folder, or --overwrite)"
-        )
+    out = check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for target, model in result.models.items():
