@@ -663,6 +663,9 @@ def write_outputs(result: TowerModelResult, out: Path, *, overwrite: bool = Fals
 
     out = check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    # A previous run's model of another setup must not survive next to this run's skill.
+    for stale in [*out.glob("model*.skops"), *out.glob("model*.json")]:
+        stale.unlink()
     paths: dict[str, Path] = {}
     for target, model in result.models.items():
         name = "model.skops" if target == "NEE" else f"model_{target.lower()}.skops"
