@@ -1,0 +1,688 @@
+"""From tower files straight to answers: a site-level NEE model validated on sites it has not seen.
+
+:func:`model_towers` runs, in one pass and on the *same* leave-one-site-out folds:
+
+* ``plain_forest`` — the baseline: a random forest on the monthly meteorology columns (TA, SW_IN, VPD, P);
+* ``features`` — plus the features of :mod:`geoflux.towers.features` (hemisphere-aware season, potential
+  radiation and day length, antecedent water balance, site climate, IGBP one-hot);
+* ``features+qc_weights`` — trained on every month with NEE, weighted by its QC fraction (the share of
+  measured and good gap-filled half-hours) instead of dropping months below ``min_qc``;
+* ``carbon_balance`` / ``carbon_balance+qc_weights`` — GPP and RECO (night-time partitioning,
+  ``*_NT_VUT_REF``) predicted by two forests on the features, NEE = RECO − GPP; only where every site
+  has the partitioned columns.
+
+Every variant is scored on the same held-out months: the months of the held-out site with NEE QC fraction
+at least ``min_qc``. Scores (gC m-2 d-1): pooled ``nse`` (1 − SSE/SST), ``r2_pearson`` (squared
+correlation), ``rmse``, ``bias`` (pred − obs), and the median per-site NSE; at the monthly scale, on the
+mean seasonal cycle, on annual means and on annual anomalies (site-year minus the site's mean year).
+
+Each held-out site also gets a site-level extrapolation flag (:func:`site_flags`): its distance to the
+nearest training site in standardized site-climate space plus ecosystem type, above a threshold found
+by leave-one-site-out among the training sites of the same fold, or an ecosystem type with fewer than
+``min_type_sites`` training sites.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from geoflux.config import ModelSpec
+from geoflux.errors import ModelError, OutputExistsError, TowerFormatError
+from geoflux.metrics import skill
+from geoflux.towers.aggregate import aggregate, qc_filter
+from geoflux.towers.columns import SUBDAILY
+from geoflux.towers.features import FEATURE_UNITS, SITE_CLIMATE, add_features, igbp_onehot
+from geoflux.towers.read import read_tower_file
+
+MET = ("TA", "SW_IN", "VPD", "P")
+ENGINEERED = (
+    "season_sin",
+    "season_cos",
+    "rpot",
+    "daylength",
+    "sw_ratio",
+    "pet",
+    "wb_0",
+    "wb_1",
+    "wb_2",
+    "wb_3",
+    *SITE_CLIMATE,
+)
+# Night-time partitioning of the same u* filtering as NEE_VUT_REF, so RECO - GPP reproduces NEE.
+PARTITION = {"GPP": "GPP_NT_VUT_REF", "RECO": "RECO_NT_VUT_REF"}
+VARIANTS = (
+    "plain_forest",
+    "features",
+    "features+qc_weights",
+    "carbon_balance",
+    "carbon_balance+qc_weights",
+)
+DEFAULT_SETUP = "features+qc_weights"
+# Leaves of at least 5 months and half the features per split: a forest that cannot memorize single
+# site-months, which is what a site it has never seen needs (and 3x faster to fit).
+FOREST_PARAMS: dict[str, Any] = {"min_samples_leaf": 5, "max_features": 0.5}
+_RES_ORDER = {"MM": 0, "WW": 1, "DD": 2, "HR": 3, "HH": 4, "YY": 5}
+# A site-year enters the annual scores only with at least this many QC-passing months.
+MIN_MONTHS_PER_YEAR = 10
+
+
+@dataclass
+class TowerModelResult:
+    """Everything :func:`model_towers` computed; :func:`write_outputs` writes it."""
+
+    table: pd.DataFrame  # monthly table with features, obs and QC
+    features: list[str]
+    predictions: pd.DataFrame  # held-out predictions of every variant, evaluation months only
+    skill: dict[str, dict[str, Any]]  # variant -> scale -> scores
+    flags: pd.DataFrame  # per held-out site: NSE of the setup, climate DI, flags
+    annual: pd.DataFrame  # per site-year: obs/pred annual means, anomalies, QC coverage, attribution
+    setup: str
+    models: dict[str, Any] = field(default_factory=dict)  # target -> TrainedModel fitted on all sites
+    climate: pd.DataFrame | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tower files -> monthly table.
+def expand_files(patterns: list[str] | tuple[str, ...]) -> list[Path]:
+    """Paths from globs, folders or plain file names, sorted; one-line error when nothing matches."""
+    out: list[Path] = []
+    for pat in patterns:
+        p = Path(pat)
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")))
+        elif p.is_file():
+            out.append(p)
+        else:
+            hits = sorted(glob.glob(str(pat)))
+            if not hits:
+                raise TowerFormatError(f"{pat}: no tower files match (expected a glob, folder or file)")
+            out.extend(Path(h) for h in hits)
+    return sorted(dict.fromkeys(out))
+
+
+def _to_monthly(records: pd.DataFrame, min_qc: float, qc_max: int) -> pd.DataFrame:
+    """One site's records as calendar months with NEE, ``qc`` (0-1) and meteorology."""
+    res = records.attrs["resolution"]
+    start = records["time"].min().to_period("M").to_timestamp()
+    end = records["time_end"].max() if "time_end" in records else records["time"].max()
+    periods = pd.date_range(start, end - pd.Timedelta("1ns"), freq="MS")
+    with warnings.catch_warnings():
+        # Low-QC months are kept here on purpose (weighted later); the readers' warnings about
+        # sites without valid NEE still matter and are re-raised by the caller's checks.
+        warnings.simplefilter("ignore")
+        if res in SUBDAILY:
+            # Flag QC: coverage of the month by records passing qc_max is the month's QC fraction.
+            filt = qc_filter(records, qc_max=qc_max)
+            out = aggregate(filt, periods, min_coverage=0.0, end=periods[-1] + pd.offsets.MonthBegin())
+            out["qc"] = out["NEE_coverage"]
+        else:
+            # Fraction QC (DD and coarser): keep every value, the day-weighted QC fraction is NEE_measured.
+            filt = qc_filter(records, min_fraction=0.0)
+            out = aggregate(filt, periods, min_coverage=0.0, end=periods[-1] + pd.offsets.MonthBegin())
+            out["qc"] = out["NEE_measured"]
+    del min_qc
+    return out
+
+
+def _partition(path: Path, records: pd.DataFrame, min_qc: float, qc_max: int) -> pd.DataFrame | None:
+    """Monthly GPP and RECO (gC m-2 d-1) read through the tower reader, or None when the file lacks them."""
+    qc_src = records.attrs.get("columns", {}).get("NEE_QC")
+    parts = []
+    for var, col in PARTITION.items():
+        cols = {"NEE": col, **({"NEE_QC": qc_src} if qc_src else {})}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rec = read_tower_file(path, site=str(records["site"].iloc[0]), columns=cols)
+        except TowerFormatError:
+            return None
+        m = _to_monthly(rec, min_qc, qc_max)
+        parts.append(m.set_index("time")["NEE"].rename(var))
+    return pd.concat(parts, axis=1).reset_index()
+
+
+def monthly_table(
+    files: list[Path], sites: pd.DataFrame, *, min_qc: float = 0.8, qc_max: int = 1
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Read tower files into one row per site and calendar month.
+
+    Parameters
+    ----------
+    files : tower files (any format :func:`~geoflux.towers.read_tower_file` reads). Per site the monthly
+        (MM) file is used; daily or half-hourly files only for sites without one (aggregated to months).
+    sites : site table indexed by SITE_ID (every site must have a row).
+    min_qc : kept for the caller; every month with NEE is returned with its ``qc`` fraction.
+    qc_max : half-hourly files: records with NEE_QC above this fail QC.
+
+    Returns
+    -------
+    The table (``site``, ``time`` month start, ``NEE`` and, where the files have them, ``GPP``, ``RECO``
+    in gC m-2 d-1, ``qc`` the fraction of the month's NEE that is measured or good gap-fill, monthly
+    meteorology) and the file used per site.
+    """
+    by_site: dict[str, list[tuple[str, Path, pd.DataFrame]]] = {}
+    for path in files:
+        rec = read_tower_file(path)
+        site = str(rec["site"].iloc[0]) if len(rec) else path.stem
+        if site not in sites.index.map(str):
+            raise TowerFormatError(
+                f"{path}: site {site} has no row in the site table (expected a SITE_ID row with LAT, LON)"
+            )
+        by_site.setdefault(site, []).append((rec.attrs["resolution"], path, rec))
+    frames = []
+    used: dict[str, str] = {}
+    for site, cands in sorted(by_site.items()):
+        res, path, rec = min(cands, key=lambda c: (_RES_ORDER.get(c[0], 9), str(c[1])))
+        m = _to_monthly(rec, min_qc, qc_max)
+        part = _partition(path, rec, min_qc, qc_max) if res not in SUBDAILY else None
+        if part is not None:
+            m = m.merge(part, on="time", how="left")
+        m["site"] = site
+        frames.append(m)
+        used[site] = f"{path.name} ({res})"
+    table = pd.concat(frames, ignore_index=True)
+    keep = ["site", "time", "NEE", "qc", *[c for c in ("GPP", "RECO", *MET) if c in table.columns]]
+    table = table[keep].sort_values(["site", "time"]).reset_index(drop=True)
+    return table, used
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores.
+def scores(obs: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Pooled ``nse`` (1 − SSE/SST), ``r2_pearson`` (squared correlation), ``rmse``, ``bias`` (pred − obs,
+    units of the inputs) and ``n``."""
+    s = skill(obs, pred)
+    return {"nse": s["nse"], "r2_pearson": s["r2"], "rmse": s["rmse"], "bias": s["bias"], "n": s["n"]}
+
+
+def _per_site_nse(df: pd.DataFrame, obs: str = "obs", pred: str = "pred") -> pd.Series:
+    return df.groupby("site").apply(lambda g: skill(g[obs], g[pred])["nse"], include_groups=False)
+
+
+def _scale_scores(df: pd.DataFrame) -> dict[str, float]:
+    out = scores(df["obs"].to_numpy(), df["pred"].to_numpy())
+    nse = _per_site_nse(df)
+    out["nse_site_median"] = float(nse.median())
+    out["n_sites"] = int(nse.size)
+    return out
+
+
+def annual_table(pred: pd.DataFrame, qc: pd.DataFrame) -> pd.DataFrame:
+    """Per site-year annual means (gC m-2 d-1) of obs and pred over the evaluated months, and anomalies.
+
+    Only site-years with at least :data:`MIN_MONTHS_PER_YEAR` evaluated months; the anomaly is the
+    site-year mean minus the mean of the site's site-years (obs and pred alike). ``qc_coverage`` is the
+    mean QC fraction of all 12 months (months without NEE count as 0).
+    """
+    p = pred.assign(year=pred["time"].dt.year)
+    g = p.groupby(["site", "year"])
+    ann = g.agg(obs=("obs", "mean"), pred=("pred", "mean"), n_months=("obs", "size")).reset_index()
+    q = qc.assign(year=qc["time"].dt.year).groupby(["site", "year"])["qc"].sum() / 12.0
+    ann["qc_coverage"] = ann.set_index(["site", "year"]).index.map(q).to_numpy(dtype=float)
+    ann = ann[ann["n_months"] >= MIN_MONTHS_PER_YEAR].copy()
+    for c in ("obs", "pred"):
+        ann[f"{c}_anomaly"] = ann[c] - ann.groupby("site")[c].transform("mean")
+    # gC m-2 yr-1 for readers used to annual budgets (mean daily rate over the evaluated months x 365.25)
+    ann["obs_gC_m2_yr"] = ann["obs"] * 365.25
+    ann["pred_gC_m2_yr"] = ann["pred"] * 365.25
+    return ann.reset_index(drop=True)
+
+
+def multiscale(pred: pd.DataFrame, qc: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Scores at the monthly scale, on the mean seasonal cycle, annual means and annual anomalies."""
+    out = {"monthly": _scale_scores(pred)}
+    cyc = pred.assign(month=pred["time"].dt.month).groupby(["site", "month"])[["obs", "pred"]].mean()
+    out["seasonal_cycle"] = _scale_scores(cyc.reset_index())
+    ann = annual_table(pred, qc)
+    if ann["site"].nunique() >= 1 and len(ann) >= 2:
+        out["annual"] = _scale_scores(ann)
+        anom = ann[["site", "obs_anomaly", "pred_anomaly"]].rename(
+            columns={"obs_anomaly": "obs", "pred_anomaly": "pred"}
+        )
+        out["annual_anomaly"] = _scale_scores(anom)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Site-level extrapolation flags.
+def _climate_matrix(clim: pd.DataFrame) -> np.ndarray:
+    x = clim[list(SITE_CLIMATE)].to_numpy(dtype=float).copy()
+    # Precipitation and aridity act multiplicatively (500 vs 1000 mm matters more than 2000 vs 2500).
+    for j, name in enumerate(SITE_CLIMATE):
+        if name in ("MAP", "AI"):
+            x[:, j] = np.log(np.where(x[:, j] > 0, x[:, j], np.nan))
+    return x
+
+
+def _distances(z: np.ndarray, types: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distances between sites a (rows) and b (cols): climate (NaN dimensions skipped, rescaled to the
+    full dimension count) plus 1 standardized unit for a different ecosystem type."""
+    d = z[a][:, None, :] - z[b][None, :, :]
+    ok = np.isfinite(d)
+    n_ok = ok.sum(axis=2)
+    sq = np.where(ok, d * d, 0.0).sum(axis=2) * z.shape[1] / np.maximum(n_ok, 1)
+    sq = sq + (types[a][:, None] != types[b][None, :]).astype(float)
+    return np.sqrt(sq)
+
+
+def site_flags(
+    clim: pd.DataFrame, nse: pd.Series, *, min_type_sites: int = 1, nse_good: float = 0.3
+) -> pd.DataFrame:
+    """Per held-out site: climate dissimilarity index, its fold threshold, and the two flags.
+
+    Parameters
+    ----------
+    clim : per-site climate (``MAT`` degC, ``MAP`` mm yr-1, ``AI``, ``TA_range`` K, ``IGBP``), index site.
+    nse : held-out monthly NSE per site (reported next to the flags; not used to set them).
+    min_type_sites : flag a site whose IGBP class has fewer than this many *training* sites.
+    nse_good : only used for the ``summary`` attribute (how many sites above it are flagged).
+
+    Returns
+    -------
+    One row per site: ``nse``, ``IGBP``, ``n_same_type_training``, ``type_flag``, ``climate_di``,
+    ``climate_threshold``, ``climate_flag``, ``flagged`` (either), ``nearest_site``.
+
+    Notes
+    -----
+    For held-out site s the training sites T are the others. Climate variables are standardized with
+    T's mean and standard deviation (MAP and AI on a log scale); DI(s) = distance to the nearest site of
+    T divided by the mean distance between T's sites. The threshold is calibrated by leave-one-site-out
+    *inside T*: each training site's DI to the rest of T, and the threshold is their maximum (the
+    upper whisker of CAST's AOA, which with a handful of sites is the maximum). So a held-out site is
+    flagged when it is farther from the training sites than any training site is from the others.
+    """
+    ids = clim.index.to_numpy()
+    x = _climate_matrix(clim)
+    types = clim["IGBP"].astype(str).to_numpy()
+    rows = []
+    for i, site in enumerate(ids):
+        train = np.array([j for j in range(len(ids)) if j != i])
+        mu = np.nanmean(x[train], axis=0)
+        sd = np.nanstd(x[train], axis=0)
+        sd[~(sd > 0)] = 1.0
+        z = (x - mu) / sd
+        d_tt = _distances(z, types, train, train)
+        n_t = len(train)
+        dbar = d_tt[~np.eye(n_t, dtype=bool)].mean() if n_t > 1 else np.nan
+        d_st = _distances(z, types, np.array([i]), train)[0]
+        di = float(d_st.min() / dbar) if dbar > 0 else np.nan
+        np.fill_diagonal(d_tt, np.inf)
+        thr = float(d_tt.min(axis=1).max() / dbar) if n_t > 1 and dbar > 0 else np.nan
+        n_same = int((types[train] == types[i]).sum())
+        rows.append(
+            {
+                "site": site,
+                "nse": float(nse.get(site, np.nan)),
+                "IGBP": types[i],
+                "n_same_type_training": n_same,
+                "type_flag": n_same < min_type_sites,
+                "climate_di": di,
+                "climate_threshold": thr,
+                "climate_flag": bool(di > thr) if np.isfinite(di) and np.isfinite(thr) else True,
+                "nearest_site": str(ids[train][int(np.argmin(d_st))]),
+            }
+        )
+    out = pd.DataFrame(rows)
+    out["flagged"] = out["type_flag"] | out["climate_flag"]
+    bad = out["nse"] < 0
+    out.attrs["summary"] = {
+        "negative_nse_sites": int(bad.sum()),
+        "negative_nse_flagged": int((bad & out["flagged"]).sum()),
+        f"nse_above_{nse_good}_flagged": int(((out["nse"] > nse_good) & out["flagged"]).sum()),
+        "min_type_sites": min_type_sites,
+    }
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Cross-validation of the variants.
+DRIVER_GROUPS: dict[str, tuple[str, ...]] = {
+    "TA": ("TA",),
+    "radiation": ("SW_IN", "sw_ratio"),
+    "VPD": ("VPD",),
+    "water": ("P", "pet", "wb_0", "wb_1", "wb_2", "wb_3"),
+}
+
+
+def _variant_parts(variant: str) -> tuple[bool, bool, bool]:
+    """(engineered features, QC weights, carbon balance) of a variant name."""
+    return variant != "plain_forest", variant.endswith("+qc_weights"), variant.startswith("carbon_balance")
+
+
+class _Predictor:
+    """The fitted forest(s) of one variant: NEE directly, or RECO − GPP."""
+
+    def __init__(self, models: dict[str, Any], features: list[str]):
+        self.models = models
+        self.features = features
+
+    def predict(self, df: pd.DataFrame) -> np.ndarray:
+        x = df[self.features].to_numpy(np.float32)
+        if "NEE" in self.models:
+            return self.models["NEE"].predict(x)
+        return self.models["RECO"].predict(x) - self.models["GPP"].predict(x)
+
+
+def _fit_variant(
+    df: pd.DataFrame,
+    rows: np.ndarray,
+    variant: str,
+    features: list[str],
+    spec: ModelSpec,
+    min_qc: float,
+    forest_params: dict[str, Any],
+) -> _Predictor:
+    from geoflux.model import make_estimator
+
+    # The baseline stays scikit-learn's default forest; the geoflux variants use the setup's parameters.
+    if variant != "plain_forest" and spec.kind == "random_forest":
+        spec = spec.model_copy(update={"params": {**forest_params, **spec.params}})
+
+    _, weighted, balance = _variant_parts(variant)
+    sub = df.iloc[rows]
+    use = sub["NEE"].notna() & ((sub["qc"] > 0) if weighted else (sub["qc"] >= min_qc))
+    targets = ("GPP", "RECO") if balance else ("NEE",)
+    models = {}
+    for target in targets:
+        ok = use & sub[target].notna()
+        if not ok.any():
+            raise ModelError(f"variant {variant}: no training month with {target} (check the tower files)")
+        x = sub.loc[ok, features].to_numpy(np.float32)
+        y = sub.loc[ok, target].to_numpy(np.float64)
+        # QC fraction as weight: a month that is 30 % measured counts 30 % as much as a fully measured one
+        w = sub.loc[ok, "qc"].to_numpy(np.float64) if weighted else None
+        models[target] = make_estimator(spec).fit(x, y, sample_weight=w)
+    return _Predictor(models, features)
+
+
+def _climatology_swap(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """``df`` with ``cols`` replaced by each site's calendar-month mean (the 'average year' of a driver)."""
+    out = df.copy()
+    month = df["time"].dt.month
+    for c in cols:
+        out[c] = df.groupby([df["site"], month])[c].transform("mean")
+    return out
+
+
+def model_towers(
+    files: list[Path],
+    sites: pd.DataFrame,
+    *,
+    resolution: str = "MM",
+    kind: str = "random_forest",
+    trees: int = 100,
+    seed: int = 0,
+    min_qc: float = 0.8,
+    qc_max: int = 1,
+    setup: str = DEFAULT_SETUP,
+    variants: tuple[str, ...] | None = None,
+    min_type_sites: int = 1,
+    forest_params: dict[str, Any] | None = None,
+    echo: Any = None,
+) -> TowerModelResult:
+    """Tower files + site table → features → leave-one-site-out CV of every variant → final model.
+
+    Parameters
+    ----------
+    files : tower files (see :func:`monthly_table`).
+    sites : site table indexed by SITE_ID with ``LAT`` (deg N) and ``IGBP``; ``MAT`` (degC) and ``MAP``
+        (mm yr-1) are used where a site's records lack TA or P.
+    resolution : model time step; only ``MM`` (calendar months) in this version.
+    kind, trees, seed : the regressor (:func:`geoflux.model.make_estimator`; ``trees`` sets
+        ``n_estimators`` and is ignored by ``hist_gradient_boosting``).
+    min_qc : months whose NEE QC fraction is below this are not scored, and not trained on except by
+        the ``+qc_weights`` variants (which weight every month by its QC fraction).
+    qc_max : half-hourly files only: NEE_QC flags above this fail.
+    setup : the variant fitted on all sites, saved, flagged and attributed (the others are compared).
+    variants : variants to run (default all of :data:`VARIANTS` the files allow; the plain forest and
+        ``setup`` always run).
+    min_type_sites : flag sites whose IGBP class has fewer training sites than this.
+    forest_params : random-forest parameters of every variant except the plain forest (default
+        :data:`FOREST_PARAMS`; ``{}`` for scikit-learn's defaults).
+    echo : optional callable for progress lines.
+
+    Returns
+    -------
+    :class:`TowerModelResult`. NEE and all scores in gC m-2 d-1 (annual budgets in gC m-2 yr-1).
+
+    Raises
+    ------
+    ModelError
+        fewer than 3 sites with scored months, an unknown variant/resolution, or a carbon-balance setup
+        without partitioned columns.
+    """
+    from geoflux.model import TrainedModel, cv_splits
+
+    say = echo or (lambda _m: None)
+    fparams = dict(FOREST_PARAMS if forest_params is None else forest_params)
+    if resolution.upper() != "MM":
+        raise ModelError(f"--resolution: {resolution} (expected MM; other time steps are not supported yet)")
+    unknown = [v for v in (setup, *(variants or ())) if v not in VARIANTS]
+    if unknown:
+        raise ModelError(f"variant: {unknown[0]} (expected one of {', '.join(VARIANTS)})")
+    table, used = monthly_table(files, sites, min_qc=min_qc, qc_max=qc_max)
+    df, clim = add_features(table, sites)
+    classes = sorted(clim["IGBP"].unique())
+    df = pd.concat([df, igbp_onehot(df, classes)], axis=1)
+    met = [c for c in MET if df[c].notna().any()]
+    features = [*met, *[c for c in ENGINEERED if df[c].notna().any()], *[f"IGBP_{c}" for c in classes]]
+    missing_met = {c: sorted(df.loc[df[c].isna(), "site"].unique()) for c in MET if df[c].isna().any()}
+    partitioned = {"GPP", "RECO"} <= set(df.columns) and bool(
+        df.groupby("site")["GPP"].apply(lambda s: s.notna().any()).all()
+    )
+    runs = list(variants or VARIANTS)
+    runs = [v for v in dict.fromkeys(["plain_forest", setup, *runs])]
+    if not partitioned:
+        if _variant_parts(setup)[2]:
+            raise ModelError(f"setup {setup}: some tower files lack {', '.join(PARTITION.values())}")
+        runs = [v for v in runs if not _variant_parts(v)[2]]
+    labelled = df[df["NEE"].notna()].reset_index(drop=True)
+    scored = labelled["qc"] >= min_qc
+    n_scored_sites = labelled.loc[scored, "site"].nunique()
+    if n_scored_sites < 3:
+        raise ModelError(
+            f"only {n_scored_sites} site(s) have months with NEE QC >= {min_qc} "
+            "(expected at least 3 for leave-one-site-out validation)"
+        )
+    spec = ModelSpec(
+        kind=kind,
+        seed=seed,
+        cv="site",
+        cv_folds=0,
+        uncertainty="none",
+        aoa=False,
+        params={"n_estimators": trees} if kind != "hist_gradient_boosting" else {},
+    )
+    folds, scheme = cv_splits(labelled, spec)
+    say(
+        f"{labelled['site'].nunique()} sites, {int(scored.sum())} scored months; {scheme}, {len(folds)} folds"
+    )
+    preds = labelled.loc[scored, ["site", "time", "NEE", "qc"]].rename(columns={"NEE": "obs"}).copy()
+    fold_models: list[tuple[np.ndarray, _Predictor]] = []
+    for variant in runs:
+        feats = met if variant == "plain_forest" else features
+        p = pd.Series(np.nan, index=labelled.index)
+        for train, test in folds:
+            model = _fit_variant(labelled, train, variant, feats, spec, min_qc, fparams)
+            test_rows = test[scored.to_numpy()[test]]
+            p.iloc[test_rows] = model.predict(labelled.iloc[test_rows])
+            if variant == setup:
+                fold_models.append((test_rows, model))
+        preds[f"pred_{variant}"] = p[scored]
+        say(f"  {variant}: done")
+    preds = preds.reset_index(drop=True)
+    qc_all = df[["site", "time", "qc"]].fillna({"qc": 0.0})
+    skill_out: dict[str, dict[str, Any]] = {}
+    for variant in runs:
+        pv = preds[["site", "time", "obs"]].assign(pred=preds[f"pred_{variant}"])
+        skill_out[variant] = multiscale(pv, qc_all)
+    setup_pred = preds[["site", "time", "obs"]].assign(pred=preds[f"pred_{setup}"])
+    nse = _per_site_nse(setup_pred)
+    flags = site_flags(clim.loc[sorted(nse.index)], nse, min_type_sites=min_type_sites)
+    flags.insert(
+        2,
+        "nse_plain_forest",
+        flags["site"]
+        .map(_per_site_nse(preds[["site", "time", "obs"]].assign(pred=preds["pred_plain_forest"])))
+        .to_numpy(),
+    )
+    annual = _annual_with_attribution(labelled, scored.to_numpy(), fold_models, setup_pred, qc_all)
+    say("fitting the final model on all sites")
+    final = _fit_variant(labelled, np.arange(len(labelled)), setup, features, spec, min_qc, fparams)
+    units = {f: FEATURE_UNITS.get(f, "0/1" if f.startswith("IGBP_") else "") for f in features}
+    prov = {
+        "setup": setup,
+        "tower_files": used,
+        "validation": scheme,
+        "min_qc": min_qc,
+        "cv_skill": skill_out[setup],
+        "cv_skill_plain_forest": skill_out["plain_forest"],
+    }
+    models = {}
+    for target, est in final.models.items():
+        domain = {f: [float(np.nanmin(labelled[f])), float(np.nanmax(labelled[f]))] for f in features}
+        models[target] = TrainedModel(
+            est,
+            list(features),
+            units,
+            "gC m-2 d-1",
+            domain,
+            {
+                **prov,
+                "target": target,
+                "kind": kind,
+                "n_estimators": trees,
+                "seed": seed,
+                "sites": sorted(labelled["site"].unique()),
+            },
+        )
+    info = {
+        "sites": used,
+        "n_scored_months": int(scored.sum()),
+        "features": features,
+        "plain_forest_features": met,
+        "missing_drivers": missing_met,
+        "missing_handling": "left NaN; the forests route NaN explicitly in each split (scikit-learn >= 1.4)",
+        "climate_source": clim["climate_source"].to_dict(),
+        "partitioned": partitioned,
+        "variants": runs,
+        "forest_params": fparams if kind == "random_forest" else {},
+        "scheme": scheme,
+    }
+    return TowerModelResult(df, features, preds, skill_out, flags, annual, setup, models, clim, info)
+
+
+def _annual_with_attribution(
+    labelled: pd.DataFrame,
+    scored: np.ndarray,
+    fold_models: list[tuple[np.ndarray, _Predictor]],
+    setup_pred: pd.DataFrame,
+    qc_all: pd.DataFrame,
+) -> pd.DataFrame:
+    """Annual table of the setup plus, per driver group, how much of the predicted anomaly it explains.
+
+    ``attr_<group>`` (gC m-2 d-1) = predicted annual anomaly − the anomaly predicted when that group's
+    drivers are replaced by the site's calendar-month climatology (by the held-out fold's model). The
+    groups interact in the forest, so the attributions need not add up to the predicted anomaly.
+    """
+    ann = annual_table(setup_pred, qc_all)
+    feats = fold_models[0][1].features if fold_models else []
+    for group, cols in DRIVER_GROUPS.items():
+        cols_here = [c for c in cols if c in feats]
+        if not cols_here:
+            continue
+        swapped = _climatology_swap(labelled, cols_here)
+        p = pd.Series(np.nan, index=labelled.index)
+        for rows, model in fold_models:
+            p.iloc[rows] = model.predict(swapped.iloc[rows])
+        alt = labelled.loc[scored, ["site", "time"]].assign(obs=0.0, pred=p[scored].to_numpy())
+        alt_ann = annual_table(alt.reset_index(drop=True), qc_all).set_index(["site", "year"])
+        key = pd.MultiIndex.from_frame(ann[["site", "year"]])
+        ann[f"attr_{group}"] = (
+            ann["pred_anomaly"].to_numpy() - alt_ann["pred_anomaly"].reindex(key).to_numpy()
+        )
+    return ann
+
+
+# --------------------------------------------------------------------------------------------------
+# Output.
+def comparison_table(result: TowerModelResult, scale: str = "monthly") -> pd.DataFrame:
+    """One row per variant at one scale: nse, r2_pearson, rmse, bias (gC m-2 d-1), nse_site_median, n."""
+    rows = []
+    for variant, sc in result.skill.items():
+        if scale in sc:
+            s = sc[scale]
+            rows.append(
+                {
+                    "variant": variant,
+                    **{
+                        k: s[k]
+                        for k in ("nse", "r2_pearson", "rmse", "bias", "nse_site_median", "n", "n_sites")
+                    },
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """``out`` as a Path; OutputExistsError if it is a file, or a non-empty folder without overwrite."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder (expected a new or empty folder)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{out}: folder is not empty (expected a new or empty folder, or --overwrite)"
+        )
+    return out
+
+
+def write_outputs(result: TowerModelResult, out: Path, *, overwrite: bool = False) -> dict[str, Path]:
+    """Write the model(s), cards, CV predictions, skill, flags and annual table into ``out``.
+
+    Files: ``model.skops`` + ``model.json`` (or ``model_gpp``/``model_reco`` for a carbon-balance
+    setup; skops format, see :func:`geoflux.model.save_model`), ``cv_predictions.csv`` (held-out monthly
+    NEE of every variant, gC m-2 d-1), ``skill.json`` (scores per variant and time scale),
+    ``comparison.csv``, ``site_flags.csv``, ``annual.csv`` (site-year budgets, anomalies, attribution),
+    ``features.csv`` (the monthly feature table).
+
+    Raises
+    ------
+    OutputExistsError
+        ``out`` exists and is not empty, and ``overwrite`` is False.
+    """
+    from geoflux.model import save_model
+
+    out = check_out_dir(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    # A previous run's model of another setup must not survive next to this run's skill.
+    for stale in [*out.glob("model*.skops"), *out.glob("model*.json")]:
+        stale.unlink()
+    paths: dict[str, Path] = {}
+    for target, model in result.models.items():
+        name = "model.skops" if target == "NEE" else f"model_{target.lower()}.skops"
+        paths[f"model_{target}"] = save_model(model, out / name)
+    result.predictions.to_csv(out / "cv_predictions.csv", index=False)
+    result.flags.to_csv(out / "site_flags.csv", index=False)
+    result.annual.to_csv(out / "annual.csv", index=False)
+    comparison_table(result).to_csv(out / "comparison.csv", index=False)
+    result.table.to_csv(out / "features.csv", index=False)
+    summary = {
+        "setup": result.setup,
+        "units": "gC m-2 d-1 (NEE, rmse, bias); annual *_gC_m2_yr columns gC m-2 yr-1",
+        "skill": result.skill,
+        "flags_summary": result.flags.attrs.get("summary", {}),
+        **result.info,
+    }
+    (out / "skill.json").write_text(json.dumps(summary, indent=2, default=str))
+    for name in ("cv_predictions.csv", "site_flags.csv", "annual.csv", "comparison.csv", "skill.json"):
+        paths[name] = out / name
+    return paths
