@@ -210,7 +210,7 @@ def towers_aggregate(config: Path) -> None:
     """
     from geoflux import pipeline
 
-    obs = pipeline.stage_towers(_load(config))
+    obs = pipeline.stage_towers(_load(config), echo=lambda m: click.echo(m, err=True))
     summary = obs.groupby("site").agg(
         periods=("time", "size"), coverage=("NEE_coverage", "mean"), nee_mean=("NEE", "mean")
     )

@@ -320,6 +320,20 @@ class FootprintSpec(_Strict):
     max_records: int = Field(default=200, ge=10, description="records sampled for a site's FFP climatology")
     boundary_layer_height: float = Field(default=1000.0, gt=0, description="h for FFP when not measured, m")
     seed: int = Field(default=0, description="seed of the record sample")
+    fallback: Literal["warn", "error", "disk"] = Field(
+        default="warn",
+        description="a site whose FFP cannot be computed (no records or heights): warn (use the disk and "
+        "say so per site), error (stop before anything is written) or disk (use the disk, reported in "
+        "outputs only)",
+    )
+    pixel_mass: float = Field(
+        default=0.95,
+        gt=0.0,
+        le=1.0,
+        description="footprint pixels kept as training rows: the heaviest pixels holding this share of the "
+        "footprint weight (weights renormalized over them)",
+    )
+    max_pixels: int = Field(default=100, ge=1, description="at most this many footprint pixels per tower")
 
 
 class ModelSpec(_Strict):
@@ -346,6 +360,16 @@ class ModelSpec(_Strict):
     )
     interval: float = Field(default=0.9, gt=0.0, lt=1.0, description="nominal coverage of the band")
     aoa: bool = Field(default=True, description="dissimilarity index and area of applicability bands")
+    training: Literal["iterative", "pixel", "averaged"] = Field(
+        default="iterative",
+        description="how towers become training rows: iterative (footprint-consistent refit: per-pixel "
+        "predictions whose footprint-weighted sum matches each tower), pixel (each footprint pixel a row "
+        "with the tower's NEE, weighted by footprint weight) or averaged (one row of footprint-averaged "
+        "drivers per tower and step, land-cover hardened to the dominant class; for comparison)",
+    )
+    refit_iterations: int = Field(
+        default=3, ge=1, le=20, description="iterative training: refits after the pixel-expansion start"
+    )
 
 
 class RunConfig(_Strict):

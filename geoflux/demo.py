@@ -59,6 +59,19 @@ class WorldSpec:
     step_days: int = 8
     n_towers: int = 30
     footprint_radius: float = 300.0
+    # Where towers stand: "mixed" (a share ``mixed_share`` at land-cover boundaries, the rest in homogeneous
+    # patches), "homogeneous" (every tower inside a > 99 % one-class 3x3 patch) or "random" (anywhere,
+    # without regard to land cover). Real towers mostly see mixed landscapes (Chu et al. 2021).
+    placement: str = "mixed"
+    mixed_share: float = 0.5
+    # The towers' TRUE source area: "ffp" (the FFP climatology geoflux models from the tower's records),
+    # "rotated" (the real wind blows ``rotate_deg`` clockwise of what the file records, e.g. a mis-oriented
+    # sonic anemometer) or "box" (a uniform square of ``box_half_width`` m around the tower).
+    source_area: str = "ffp"
+    # land-cover patch size (Gaussian smoothing sigma, pixels); None: 1/25 of the larger grid edge
+    patch_pixels: float | None = None
+    rotate_deg: float = 60.0
+    box_half_width: float = 600.0
 
     @property
     def geobox(self) -> GeoBox:
@@ -68,7 +81,10 @@ class WorldSpec:
             self.x0 + self.nx * self.resolution,
             self.y_top,
         )
-        return GeoBox.from_bbox(bbox, self.crs, resolution=self.resolution)
+        gb = GeoBox.from_bbox(bbox, self.crs, resolution=self.resolution)
+        if gb.shape != (self.ny, self.nx):  # from_bbox snaps the bbox to multiples of the resolution
+            raise ValueError(f"x0 and y_top must be multiples of the resolution ({self.resolution} m)")
+        return gb
 
     @property
     def periods(self) -> pd.DatetimeIndex:
@@ -152,7 +168,7 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
     )
     elev = np.clip(elev + 250 * yy, 50, None)  # rising to the south
 
-    patches = _smooth(rng, (ny, nx), max(1.5, scale / 25))
+    patches = _smooth(rng, (ny, nx), spec.patch_pixels or max(1.5, scale / 25))
     forest = patches + 0.0025 * (elev - elev.mean()) > 0.15
     crop = ~forest & (_smooth(rng, (ny, nx), max(1.5, scale / 20)) - 0.003 * (elev - elev.mean()) > 0.0)
     lc = np.where(forest, np.where(elev > np.median(elev[forest]), 1, 2), np.where(crop, 4, 3)).astype(
@@ -246,35 +262,56 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
     )
 
 
-def place_towers(spec: WorldSpec, fields: WorldFields) -> pd.DataFrame:
-    """Stratified tower placement: equal numbers per class, in homogeneous patches, away from edges.
-
-    Returns the site table (``SITE_ID, LAT, LON, IGBP, ELEV, HEIGHT_MEAS, HEIGHT_CANOPY``) plus grid
-    ``row``/``col`` (used only by the generator).
-    """
-    rng = np.random.default_rng(spec.seed + 1)
-    lc = fields.landcover
+def _tower_pixels(spec: WorldSpec, lc: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """(row, col, class) of every tower pixel under ``spec.placement``."""
     margin = max(2, int(np.ceil(spec.footprint_radius / spec.resolution)) + 1)
-    rows_out, cols_out, codes = [], [], []
-    per_class = np.full(len(CLASSES), spec.n_towers // len(CLASSES))
-    per_class[: spec.n_towers % len(CLASSES)] += 1
+    interior = np.zeros(lc.shape, bool)
+    interior[margin:-margin, margin:-margin] = True
     taken = np.zeros(lc.shape, bool)
-    for (code, _), n in zip(CLASSES.items(), per_class, strict=True):
-        same = uniform_filter((lc == code).astype(float), size=3) > 0.99
-        same[:margin], same[-margin:], same[:, :margin], same[:, -margin:] = False, False, False, False
-        cand = np.flatnonzero(same & ~taken)
-        if len(cand) < n:  # fall back to any pixel of the class
-            cand = np.flatnonzero((lc == code) & ~taken)
-            cand = cand[np.isin(cand // lc.shape[1], np.arange(margin, lc.shape[0] - margin))]
-        pick = rng.choice(cand, size=min(n, len(cand)), replace=False)
-        for p in pick:
+    out: list[tuple[int, int, int]] = []
+
+    def take(cand: np.ndarray, n: int) -> None:
+        cand = cand[~taken.ravel()[cand]]
+        for p in rng.choice(cand, size=min(n, len(cand)), replace=False):
             r, c = divmod(int(p), lc.shape[1])
             taken[max(r - 2, 0) : r + 3, max(c - 2, 0) : c + 3] = True
-            rows_out.append(r)
-            cols_out.append(c)
-            codes.append(code)
-    rows = np.array(rows_out)
-    cols = np.array(cols_out)
+            out.append((r, c, int(lc[r, c])))
+
+    if spec.placement == "random":
+        take(np.flatnonzero(interior), spec.n_towers)
+        return out
+    if spec.placement not in ("mixed", "homogeneous"):
+        raise ValueError(f"placement: {spec.placement!r} (expected mixed, homogeneous or random)")
+    n_mixed = round(spec.n_towers * spec.mixed_share) if spec.placement == "mixed" else 0
+    n_pure = spec.n_towers - n_mixed
+    # neighbourhood judged for purity: about half the footprint radius around the tower (3x3 at 250 m)
+    size = 2 * int(np.ceil(0.5 * spec.footprint_radius / spec.resolution)) + 1
+    for n_total, pure in ((n_pure, True), (n_mixed, False)):
+        per_class = np.full(len(CLASSES), n_total // len(CLASSES))
+        per_class[: n_total % len(CLASSES)] += 1
+        for code, n in zip(CLASSES, per_class, strict=True):
+            share = uniform_filter((lc == code).astype(float), size=size if pure else 3)
+            # pure: > 99 % one class around the tower; mixed: the class holds the tower pixel but only
+            # 3-6 of its 3x3 neighbourhood, so a second class is close upwind in some direction
+            ok = (share > 0.99) if pure else ((lc == code) & (share > 0.3) & (share < 0.7))
+            cand = np.flatnonzero(ok & interior)
+            if len(cand) < n:
+                cand = np.flatnonzero((lc == code) & interior)
+            take(cand, n)
+    return out
+
+
+def place_towers(spec: WorldSpec, fields: WorldFields) -> pd.DataFrame:
+    """Tower placement by ``spec.placement`` (equal numbers per class unless random), away from edges.
+
+    Returns the site table (``SITE_ID, LAT, LON, IGBP, ELEV, HEIGHT_MEAS, HEIGHT_CANOPY``); IGBP and heights
+    are those of the tower's own pixel.
+    """
+    rng = np.random.default_rng(spec.seed + 1)
+    picked = _tower_pixels(spec, fields.landcover, rng)
+    rows = np.array([p[0] for p in picked])
+    cols = np.array([p[1] for p in picked])
+    codes = [p[2] for p in picked]
     gb = spec.geobox
     jitter = rng.uniform(-0.3, 0.3, size=(2, len(rows)))
     aff = gb.affine
@@ -293,6 +330,18 @@ def place_towers(spec: WorldSpec, fields: WorldFields) -> pd.DataFrame:
         }
     )
     return sites
+
+
+def box_weights(geobox: GeoBox, x: float, y: float, half_width: float) -> FootprintWeights:
+    """Uniform square source area of ``half_width`` m around ``(x, y)`` (grid CRS, metres), pixel centres."""
+    aff = geobox.affine
+    ny, nx = geobox.shape
+    cols = aff.c + aff.a * (np.arange(nx) + 0.5)
+    rows = aff.f + aff.e * (np.arange(ny) + 0.5)
+    cin = np.flatnonzero(np.abs(cols - x) <= half_width)
+    rin = np.flatnonzero(np.abs(rows - y) <= half_width)
+    w = np.full((len(rin), len(cin)), 1.0 / (len(rin) * len(cin)))
+    return FootprintWeights(int(rin[0]), int(cin[0]), w, 1.0, "box")
 
 
 def footprint_mean(field: np.ndarray, fw: FootprintWeights) -> np.ndarray:
@@ -343,8 +392,20 @@ def synthesize_tower(
     wind = pd.DataFrame({"USTAR": ustar, "WS": ws, "WD": wd, "SW_IN": sw, "MO_LENGTH": ol, "V_SIGMA": sigmav})
     wind.attrs["resolution"] = "HH"
     fp = FootprintSpec(radius=spec.footprint_radius)
-    fw = tower_footprints(site.to_frame().T, gb, fp, records=wind.assign(site=site.name))[str(site.name)]
-    per = {k: footprint_mean(getattr(fields, k), fw) for k in ("gpp", "reco", "nee")}
+    one = site.to_frame().T
+    fw = tower_footprints(one, gb, fp, records=wind.assign(site=site.name))[str(site.name)]
+    if spec.source_area == "ffp":
+        true_fw = fw
+    elif spec.source_area == "rotated":
+        # the wind really blows rotate_deg clockwise of the recorded direction
+        turned = wind.assign(site=site.name, WD=np.mod(wd + spec.rotate_deg, 360.0))
+        turned.attrs = dict(wind.attrs)
+        true_fw = tower_footprints(one, gb, fp, records=turned)[str(site.name)]
+    elif spec.source_area == "box":
+        true_fw = box_weights(gb, x, y, spec.box_half_width)
+    else:
+        raise ValueError(f"source_area: {spec.source_area!r} (expected ffp, rotated or box)")
+    per = {k: footprint_mean(getattr(fields, k), true_fw) for k in ("gpp", "reco", "nee")}
 
     ta = ta_d + (3.0 + 0.01 * sw_d) * np.sin(2 * np.pi * (hour - 9) / 24)
     rh = 1 - vpd_d / _esat(ta_d)
@@ -403,7 +464,7 @@ def synthesize_tower(
             "V_SIGMA": sigmav,
         }
     )
-    return df, {**{k: per[k] for k in ("nee", "gpp", "reco")}, "footprint": fw}
+    return df, {**{k: per[k] for k in ("nee", "gpp", "reco")}, "footprint": fw, "true_footprint": true_fw}
 
 
 def tower_file_name(site_id: str, spec: WorldSpec) -> str:
@@ -423,6 +484,18 @@ DRIVER_ENCODING: dict[str, tuple[str, str, float, float, float, str, str, bool]]
     "lst": ("lst", "uint16", 0.02, -273.15, 0, "degC", "continuous", False),
     "elevation": ("elevation", "int16", 1.0, 0.0, -32768, "m", "continuous", True),
     "landcover": ("landcover", "uint8", 1.0, 0.0, 0, "class", "categorical", True),
+}
+
+
+# Physically possible range of each driver (physical units): decoded values outside it are reported.
+DRIVER_PHYSICAL_RANGE: dict[str, tuple[float, float]] = {
+    "sw": (0.0, 1400.0),
+    "ta": (-90.0, 60.0),
+    "vpd": (0.0, 150.0),
+    "sm": (0.0, 1.0),
+    "ndvi": (-1.0, 1.0),
+    "lst": (-95.0, 95.0),
+    "elevation": (-500.0, 9000.0),
 }
 
 
@@ -517,6 +590,11 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
                 "kind": kind,
                 "static": static,
                 **({"classes": sorted(CLASSES)} if kind == "categorical" else {}),
+                **(
+                    {"physical_range": list(DRIVER_PHYSICAL_RANGE[name])}
+                    if name in DRIVER_PHYSICAL_RANGE
+                    else {}
+                ),
             }
             for name, (_, _, scale, offset, nodata, units, kind, static) in DRIVER_ENCODING.items()
         ],

@@ -31,6 +31,10 @@ class GridError(GeofluxError):
     """A target grid is invalid, or a tower lies outside it."""
 
 
+class FootprintError(GeofluxError):
+    """A tower's footprint cannot be computed as configured (e.g. FFP fallback with ``fallback: error``)."""
+
+
 class ModelError(GeofluxError):
     """A model cannot be trained, saved or loaded (e.g. a tampered or foreign file)."""
 

@@ -5,7 +5,7 @@ The table this stage writes (``training.parquet``) is what the model stage train
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import dask
 import numpy as np
@@ -14,8 +14,10 @@ import xarray as xr
 from odc.geo.geobox import GeoBox
 
 from geoflux.config import FootprintSpec, VariableSpec
+from geoflux.errors import FootprintError
 from geoflux.features import feature_names, pixel_features
 from geoflux.footprint import FootprintWeights, tower_footprint
+from geoflux.footprint.sites import DISPLACEMENT_FRACTION, footprint_records
 
 
 def tower_footprints(
@@ -54,36 +56,132 @@ def tower_footprints(
     return out
 
 
-def extract_drivers(
-    cube: xr.Dataset,
-    footprints: Mapping[str, FootprintWeights],
-    variables: Sequence[VariableSpec],
-) -> pd.DataFrame:
-    """Footprint-weighted features per site and time step.
+def fallback_reason(site: pd.Series, records: pd.DataFrame | None, spec: FootprintSpec) -> str:
+    """Why the FFP climatology cannot be computed for a site ('' when nothing stands in its way).
 
-    Only the footprint windows are read (one dask computation for all sites). Pixels with a missing driver
-    are left out and the remaining weights renormalized; ``fp_valid`` is the footprint fraction that had
-    all drivers.
+    Mirrors the conditions of :func:`geoflux.footprint.tower_footprint` so that a disk fallback is always
+    reported with its cause (a missing height column, no half-hourly records, no usable wind records).
+    """
+    if spec.method != "ffp":
+        return ""
+    if records is None or records.empty:
+        return "no half-hourly/hourly records in its tower file"
+    height = pd.to_numeric(pd.Series([site.get("HEIGHT_MEAS", np.nan)]), errors="coerce").iloc[0]
+    if not np.isfinite(height):
+        return "no measurement height (site table column HEIGHT_MEAS) for it"
+    canopy = pd.to_numeric(pd.Series([site.get("HEIGHT_CANOPY", np.nan)]), errors="coerce").iloc[0]
+    zm = height - DISPLACEMENT_FRACTION * (canopy if np.isfinite(canopy) else 0.0)
+    if zm <= 0:
+        return (
+            f"measurement height {height:g} m is below the displacement height (HEIGHT_CANOPY {canopy:g} m)"
+        )
+    resolution = records.attrs.get("resolution", "HH")
+    if resolution not in ("HH", "HR"):
+        return f"its records are {resolution}, FFP needs half-hourly or hourly records"
+    if footprint_records(records, spec.max_records, spec.seed).empty:
+        return "no daytime record with USTAR, WS and WD"
+    return "no record with usable FFP inputs (u*, wind, stability)"
+
+
+def check_footprint_methods(
+    footprints: Mapping[str, FootprintWeights],
+    sites: pd.DataFrame,
+    records: pd.DataFrame | None,
+    spec: FootprintSpec,
+) -> pd.DataFrame:
+    """The footprint method of every site and, for each disk fallback, the reason.
+
+    Parameters
+    ----------
+    footprints : footprints as computed (their ``method`` says what was used).
+    sites, records, spec : what they were computed from.
 
     Returns
     -------
-    DataFrame with ``site``, ``time``, one column per feature (see :mod:`geoflux.features`),
-    ``fp_coverage`` (footprint fraction inside the grid), ``fp_valid`` and ``fp_method``.
+    DataFrame ``site, method, reason`` (reason empty unless the configured FFP fell back to the disk).
+
+    Raises
+    ------
+    FootprintError
+        with ``spec.fallback == 'error'``, naming every site that fell back and why.
     """
-    names = feature_names(variables)
-    times = pd.DatetimeIndex(cube["time"].to_numpy())
+    by_site = dict(tuple(records.groupby("site", sort=False))) if records is not None else {}
+    rows = []
+    for site, fw in footprints.items():
+        reason = ""
+        if spec.method == "ffp" and fw.method == "disk":
+            recs = by_site.get(site)
+            if recs is not None:
+                recs.attrs = dict(records.attrs)
+            reason = fallback_reason(sites.loc[site], recs, spec)
+        rows.append({"site": site, "method": fw.method, "reason": reason})
+    table = pd.DataFrame(rows, columns=["site", "method", "reason"])
+    fell = table.loc[table["reason"] != ""]
+    if spec.fallback == "error" and len(fell):
+        first = "; ".join(f"{r.site}: {r.reason}" for r in fell.itertuples())
+        raise FootprintError(
+            f"footprint.fallback=error: {len(fell)} site(s) cannot use FFP ({first}); fix the site table or "
+            "tower files, or set footprint.fallback: warn"
+        )
+    return table
+
+
+def _footprint_features(
+    cube: xr.Dataset, footprints: Mapping[str, FootprintWeights], variables: Sequence[VariableSpec]
+) -> Iterator[tuple[str, FootprintWeights, np.ndarray]]:
+    """Per site, the per-pixel features of its footprint window: (site, footprint, (time, r, c, f) array).
+
+    Only the footprint windows are read (one dask computation for all sites). Features come from
+    :func:`geoflux.features.pixel_features`, the function mapping applies to every map pixel.
+    """
+    times = cube.sizes["time"]
     windows = {
         site: {v.name: cube[v.name].isel(y=fw.window[0], x=fw.window[1]).data for v in variables}
         for site, fw in footprints.items()
     }
     (computed,) = dask.compute(windows)
-    frames = []
     for site, fw in footprints.items():
         vals = {}
         for v in variables:
             a = computed[site][v.name]
-            vals[v.name] = np.broadcast_to(a, (len(times), *fw.weights.shape)) if a.ndim == 2 else a
-        feats = pixel_features(vals, variables)  # (time, r, c, f)
+            vals[v.name] = np.broadcast_to(a, (times, *fw.weights.shape)) if a.ndim == 2 else a
+        yield site, fw, pixel_features(vals, variables)
+
+
+def extract_drivers(
+    cube: xr.Dataset,
+    footprints: Mapping[str, FootprintWeights],
+    variables: Sequence[VariableSpec],
+    *,
+    pixel_mass: float = 0.95,
+    max_pixels: int = 100,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Footprint-weighted features per site and time step, and the footprint pixels they come from.
+
+    Pixels with a missing driver are left out and the remaining weights renormalized; ``fp_valid`` is the
+    footprint fraction that had all drivers.
+
+    Parameters
+    ----------
+    cube : lazy driver cube on the grid the footprints were computed on.
+    footprints : weights per site.
+    variables : driver definitions (feature order).
+    pixel_mass : the pixel table keeps each footprint's heaviest pixels up to this share of its weight.
+    max_pixels : and at most this many pixels per footprint.
+
+    Returns
+    -------
+    averaged : ``site``, ``time``, one column per feature (footprint-weighted mean; see
+        :mod:`geoflux.features`), ``fp_coverage`` (footprint fraction inside the grid), ``fp_valid`` and
+        ``fp_method``.
+    pixels : one row per kept footprint pixel and time step: ``site``, ``time``, ``row``, ``col`` (grid
+        pixel), ``fp_weight`` (weight renormalized to sum to 1 per site and time over pixels with every
+        driver) and the pixel's own features, exactly as the map sees that pixel.
+    """
+    names = feature_names(variables)
+    times = pd.DatetimeIndex(cube["time"].to_numpy())
+    frames, pixel_frames = [], []
+    for site, fw, feats in _footprint_features(cube, footprints, variables):
         ok = ~np.isnan(feats).any(axis=-1)
         w = np.where(ok, fw.weights[None], 0.0)
         wsum = w.sum(axis=(1, 2))
@@ -96,11 +194,74 @@ def extract_drivers(
         df["fp_valid"] = wsum
         df["fp_method"] = fw.method
         frames.append(df.loc[wsum > 0])
-    return pd.concat(frames, ignore_index=True)
+        pixel_frames.append(_kept_pixels(site, fw, feats, ok, times, names, pixel_mass, max_pixels))
+    return pd.concat(frames, ignore_index=True), pd.concat(pixel_frames, ignore_index=True)
+
+
+def _kept_pixels(
+    site: str,
+    fw: FootprintWeights,
+    feats: np.ndarray,
+    ok: np.ndarray,
+    times: pd.DatetimeIndex,
+    names: list[str],
+    pixel_mass: float,
+    max_pixels: int,
+) -> pd.DataFrame:
+    # The heaviest pixels of the footprint: FFP tails never reach zero, and thousands of pixels each
+    # holding 1e-5 of the weight add rows (and cost) without information.
+    flat_w = fw.weights.ravel()
+    order = np.argsort(-flat_w, kind="stable")
+    total = flat_w.sum()
+    n_keep = int(np.searchsorted(np.cumsum(flat_w[order]), pixel_mass * total) + 1) if total > 0 else 0
+    keep = order[: min(n_keep, max_pixels, int(np.count_nonzero(flat_w)))]
+    nt = len(times)
+    x = feats.reshape(nt, -1, feats.shape[-1])[:, keep]  # (time, k, f)
+    valid = ok.reshape(nt, -1)[:, keep]
+    w = np.where(valid, flat_w[keep][None], 0.0)
+    wsum = w.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = w / wsum
+    t_idx, k_idx = np.nonzero(valid & (wsum > 0))
+    r, c = np.divmod(keep[k_idx], fw.weights.shape[1])
+    out = pd.DataFrame(x[t_idx, k_idx], columns=names)
+    out.insert(0, "fp_weight", w[t_idx, k_idx])
+    out.insert(0, "col", (c + fw.col_off).astype(np.int32))
+    out.insert(0, "row", (r + fw.row_off).astype(np.int32))
+    out.insert(0, "time", times[t_idx])
+    out.insert(0, "site", site)
+    return out
 
 
 def training_table(drivers: pd.DataFrame, observations: pd.DataFrame) -> pd.DataFrame:
-    """Join footprint-weighted drivers with aggregated tower NEE on (site, time); rows lacking either drop."""
+    """Join footprint-weighted drivers with aggregated tower NEE on (site, time); rows lacking either drop.
+
+    The same join serves the pixel table (:func:`extract_drivers`' second output): every footprint pixel
+    of a tower and step gets that tower's NEE.
+    """
     obs = observations[["site", "time", "NEE", "NEE_coverage"]]
     table = drivers.merge(obs, on=["site", "time"], how="inner")
     return table.dropna(subset=["NEE"]).reset_index(drop=True)
+
+
+def harden_classes(table: pd.DataFrame, variables: Sequence[VariableSpec]) -> pd.DataFrame:
+    """Footprint class fractions → one-hot of the footprint's dominant class (a copy).
+
+    A map pixel has exact 0/1 class features; footprint fractions (FFP tails give every row small non-zero
+    fractions of every class) have a distribution no pixel can have, and trees split on those tails. The
+    dominant class's share is kept as ``<name>_dominant_share`` (information, not a feature).
+    """
+    out = table.copy()
+    for v in variables:
+        if v.kind != "categorical" or not v.classes:
+            continue
+        cols = [f"{v.name}_{c}" for c in v.classes]
+        frac = out[cols].to_numpy(np.float64)
+        known = ~np.isnan(frac).any(axis=1)
+        top = np.argmax(np.nan_to_num(frac, nan=-1.0), axis=1)
+        hard = np.zeros_like(frac)
+        hard[np.arange(len(frac)), top] = 1.0
+        hard[~known] = np.nan
+        out[f"{v.name}_dominant_share"] = np.where(known, frac.max(axis=1, initial=0.0), np.nan)
+        out[cols] = hard
+    return out

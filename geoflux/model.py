@@ -43,6 +43,13 @@ import geoflux
 from geoflux.atomic import atomic_path
 from geoflux.config import ModelSpec
 from geoflux.errors import ModelError
+from geoflux.footprint_fit import (
+    FootprintRows,
+    fit_pixels,
+    footprint_rows,
+    predict_towers,
+    rows_with_pixels,
+)
 from geoflux.metrics import per_site_scores, scores, summary
 
 TARGET_UNITS = "gC m-2 d-1"
@@ -298,17 +305,79 @@ def cv_splits(
     return list(splitter.split(x, groups=groups)), name
 
 
-def _conformal_quantile(scores_: np.ndarray, interval: float) -> float:
-    """The finite-sample conformal quantile ⌈(n+1)·interval⌉/n of the conformity scores."""
-    s = np.sort(scores_[np.isfinite(scores_)])
+def _conformal_quantile(scores_: np.ndarray, interval: float, weights: np.ndarray | None = None) -> float:
+    """The finite-sample conformal quantile ⌈(n+1)·interval⌉/n of the conformity scores.
+
+    With ``weights`` (footprint weights of pixel scores, summing to 1 per tower-step), the weighted
+    quantile at level ``interval · (n + 1) / n`` with n the total weight (the number of tower-steps).
+    """
+    ok = np.isfinite(scores_)
+    if weights is None:
+        s = np.sort(scores_[ok])
+        if s.size == 0:
+            return 0.0
+        k = min(int(np.ceil((s.size + 1) * interval)), s.size)
+        return float(s[k - 1])
+    order = np.argsort(scores_[ok])
+    s, w = scores_[ok][order], weights[ok][order]
     if s.size == 0:
         return 0.0
-    k = min(int(np.ceil((s.size + 1) * interval)), s.size)
-    return float(s[k - 1])
+    total = w.sum()
+    level = min(interval * (total + 1) / total, 1.0) * total
+    return float(s[min(int(np.searchsorted(np.cumsum(w), level)), s.size - 1)])
+
+
+def _method(spec: ModelSpec, fr: FootprintRows | None) -> str:
+    return spec.training if fr is not None else "averaged"
+
+
+def _fit_point(
+    spec: ModelSpec,
+    x: np.ndarray,
+    y: np.ndarray,
+    fr: FootprintRows | None,
+    rows: np.ndarray,
+    table: pd.DataFrame,
+    seed: int,
+) -> tuple[RegressorMixin, np.ndarray, np.ndarray]:
+    """The point model fitted on ``rows`` of the table, and the (x, target) rows it learned from."""
+    rows = np.asarray(rows)
+    if _method(spec, fr) == "averaged":
+        return make_estimator(spec).fit(x[rows], y[rows]), x[rows], y[rows]
+    est, draws, target = fit_pixels(
+        lambda: make_estimator(spec),
+        fr,
+        y,
+        rows,
+        table["site"].astype(str).to_numpy(),
+        method=spec.training,
+        iterations=spec.refit_iterations,
+        seed=seed,
+    )
+    return est, fr.x[draws], target
+
+
+def align_footprints(
+    table: pd.DataFrame, pixels: pd.DataFrame | None, features: list[str]
+) -> tuple[pd.DataFrame, FootprintRows | None]:
+    """The training rows that have footprint pixels, and those pixels (None without a pixel table)."""
+    if pixels is None:
+        return table, None
+    missing = [c for c in [*features, "site", "time", "fp_weight"] if c not in pixels.columns]
+    if missing:
+        raise ModelError(f"pixel table lacks column(s) {missing} (re-run 'geoflux extract')")
+    table = rows_with_pixels(table, pixels)
+    if table.empty:
+        raise ModelError("no training row has footprint pixels (re-run 'geoflux extract')")
+    return table, footprint_rows(table, pixels, features)
 
 
 def cross_validate(
-    table: pd.DataFrame, features: list[str], spec: ModelSpec, sites: pd.DataFrame | None = None
+    table: pd.DataFrame,
+    features: list[str],
+    spec: ModelSpec,
+    sites: pd.DataFrame | None = None,
+    footprints: FootprintRows | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Grouped cross-validation (by site unless ``spec.cv`` says otherwise).
 
@@ -318,6 +387,10 @@ def cross_validate(
     features : feature columns.
     spec : model spec; ``cv_folds`` 0 = leave-one-group-out, k > 1 = GroupKFold(k); ``cv`` the grouping.
     sites : site table (``LAT``, ``LON`` by site), needed only for ``cv: spatial_block``.
+    footprints : the footprint pixels of the table's rows (:func:`geoflux.footprint_fit.footprint_rows`).
+        With them, models are fitted as ``spec.training`` says and every held-out prediction goes through
+        the map's own path: the footprint-weighted sum of per-pixel predictions (band bounds likewise);
+        without them, models are fitted on and predict the table's (averaged) rows.
 
     Returns
     -------
@@ -337,17 +410,40 @@ def cross_validate(
     with_unc = spec.uncertainty != "none"
     lo_raw, hi_raw = np.full(len(y), np.nan), np.full(len(y), np.nan)
     q_lo, q_hi = _quantile_levels(spec.interval)
+    fr = footprints
+    rows_pred = np.full(len(y), np.nan)  # averaged training: prediction from the averaged row itself
+    if fr is not None and with_unc:  # held-out per-pixel point and quantile predictions
+        pix = {k: np.full(len(fr.weight), np.nan) for k in ("pred", "lo", "hi")}
     for k, (train, test) in enumerate(folds):
-        est = make_estimator(spec).fit(x[train], y[train])
-        pred[test] = est.predict(x[test])
+        est, qx, qy = _fit_point(spec, x, y, fr, train, table, seed=spec.seed + k)
+        if fr is not None:
+            pred[test] = predict_towers(est, fr, test)[test]
+            if _method(spec, fr) == "averaged":
+                rows_pred[test] = est.predict(x[test])
+        else:
+            pred[test] = est.predict(x[test])
         fold_id[test] = k
         if with_unc:
-            lo, hi = _fit_quantiles(spec, x[train], y[train])
-            lo_raw[test], hi_raw[test] = lo.predict(x[test]), hi.predict(x[test])
+            lo, hi = _fit_quantiles(spec, qx, qy)
+            if fr is not None:
+                p = fr.pixels_of(test)
+                pix["pred"][p] = est.predict(fr.x[p])
+                pix["lo"][p], pix["hi"][p] = lo.predict(fr.x[p]), hi.predict(fr.x[p])
+                lo_raw[test] = fr.tower_sum(pix["lo"][p], p)[test]
+                hi_raw[test] = fr.tower_sum(pix["hi"][p], p)[test]
+            else:
+                lo_raw[test], hi_raw[test] = lo.predict(x[test]), hi.predict(x[test])
     keys = [c for c in ("site", "time") if c in table.columns]
     out = table[keys].assign(obs=y, pred=pred, fold=fold_id)
     result: dict[str, Any] = summary(out)
     result["scheme"] = scheme
+    result["training"] = _method(spec, fr)
+    result["prediction_path"] = (
+        "map: footprint-weighted sum of per-pixel predictions" if fr is not None else "averaged rows"
+    )
+    if np.isfinite(rows_pred).any():
+        # what a CV on averaged rows reports: it cannot see the change of support the map makes
+        result["averaged_rows"] = scores(y, rows_pred)
     result["per_site"] = per_site_scores(out).to_dict(orient="records")
     result["folds"] = [
         {"fold": k, "n_test_sites": int(out.loc[test, "site"].nunique()), **scores(y[test], pred[test])}
@@ -355,17 +451,29 @@ def cross_validate(
     ]
     if with_unc:
         out["lo_raw"], out["hi_raw"] = lo_raw, hi_raw
-        conf = np.maximum(lo_raw - y, y - hi_raw)  # CQR conformity score
+        if fr is None:
+            conf = np.maximum(lo_raw - y, y - hi_raw)  # CQR conformity score
+            weight = np.ones_like(y)
+            owner_fold = fold_id
+        else:
+            # The map's band is per pixel, and a pixel's error does not average out as a footprint's does:
+            # each held-out pixel's band is scored against its tower's NEE, weighted by footprint weight.
+            plo, phi = _band(pix["pred"], pix["lo"], pix["hi"], 0.0)
+            yo = y[fr.owner]
+            conf, weight, owner_fold = np.maximum(plo - yo, yo - phi), fr.weight, fold_id[fr.owner]
         lo, hi = np.empty_like(y), np.empty_like(y)
         for k in range(len(folds)):
             # the held-out fold's margin comes from the other folds only: the reported coverage is that of
             # the calibrated band on data that took no part in fitting or calibrating it
             m = fold_id == k
-            margin_k = _conformal_quantile(conf[~m], spec.interval)
+            other = owner_fold != k
+            margin_k = _conformal_quantile(conf[other], spec.interval, weight[other])
             lo[m], hi[m] = _band(pred[m], lo_raw[m], hi_raw[m], margin_k)
         out["lo"], out["hi"] = lo, hi
         result["uncertainty"] = interval_summary(out, spec.interval)
-        result["uncertainty"]["margin"] = _conformal_quantile(conf, spec.interval)
+        result["uncertainty"]["margin"] = _conformal_quantile(conf, spec.interval, weight)
+        result["uncertainty"]["support"] = "pixel" if fr is not None else "row"
+        out.attrs["conformal_margin"] = result["uncertainty"]["margin"]
         raw_lo, raw_hi = _band(pred, lo_raw, hi_raw, 0.0)
         result["uncertainty"]["coverage_uncalibrated"] = float(np.mean((y >= raw_lo) & (y <= raw_hi)))
         result["uncertainty"]["method"] = (
@@ -441,6 +549,34 @@ def fit_aoa(
     return aoa, train_di
 
 
+AOA_MAX_POINTS = 40_000  # training pixels kept for the area of applicability (KD-tree size per chunk)
+
+
+def _fit_aoa_pixels(
+    est: RegressorMixin, fr: FootprintRows, y: np.ndarray, folds: list, seed: int
+) -> tuple[AOA, np.ndarray]:
+    """Area of applicability from per-pixel training features; returns the AOA and each row's DI.
+
+    A row's (tower-step's) DI is the footprint-weighted mean of its pixels' cross-validated DI.
+    """
+    n = len(fr.weight)
+    keep = np.arange(n)
+    if n > AOA_MAX_POINTS:
+        keep = np.sort(np.random.default_rng(seed).choice(n, AOA_MAX_POINTS, replace=False))
+    pos = np.full(n, -1)
+    pos[keep] = np.arange(len(keep))
+    pix_folds = []
+    for train, test in folds:
+        tr, te = pos[fr.pixels_of(train)], pos[fr.pixels_of(test)]
+        pix_folds.append((tr[tr >= 0], te[te >= 0]))
+    aoa, di = fit_aoa(est, fr.x[keep], y[fr.owner[keep]], pix_folds, seed)
+    ok = np.isfinite(di)
+    num = np.bincount(fr.owner[keep][ok], weights=(fr.weight[keep] * di)[ok], minlength=fr.n_rows)
+    den = np.bincount(fr.owner[keep][ok], weights=fr.weight[keep][ok], minlength=fr.n_rows)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return aoa, np.where(den > 0, num / den, np.nan)
+
+
 def fit(
     table: pd.DataFrame,
     features: list[str],
@@ -450,6 +586,7 @@ def fit(
     *,
     cv_predictions: pd.DataFrame | None = None,
     sites: pd.DataFrame | None = None,
+    footprints: FootprintRows | None = None,
 ) -> TrainedModel:
     """Fit the configured regressor on all rows of the training table, plus uncertainty and AOA.
 
@@ -460,11 +597,15 @@ def fit(
     cv_predictions : the output of :func:`cross_validate` on the same table and spec; its held-out quantile
         predictions calibrate the band. When missing and the spec asks for uncertainty, the CV is run here.
     sites : site table, for ``cv: spatial_block``.
+    footprints : footprint pixels of the table's rows; with them the model is a per-pixel model fitted as
+        ``spec.training`` says, and the area of applicability is built from per-pixel features (what the
+        map sees).
     """
     _check_table(table, features, spec)
     x = table[features].to_numpy(np.float32)
     y = table["NEE"].to_numpy(np.float64)
-    est = make_estimator(spec).fit(x, y)
+    fr = footprints
+    est, qx, qy = _fit_point(spec, x, y, fr, np.arange(len(y)), table, seed=spec.seed)
     domain = {f: [float(np.nanmin(table[f])), float(np.nanmax(table[f]))] for f in features}
     prov: dict[str, Any] = {
         "geoflux_version": geoflux.__version__,
@@ -472,6 +613,7 @@ def fit(
         "params": dict(spec.params),
         "n_samples": len(table),
         "sites": sorted(map(str, table["site"].unique())),
+        "training": _method(spec, fr),
         **(provenance or {}),
     }
     model = TrainedModel(est, list(features), dict(feature_units), TARGET_UNITS, domain, prov)
@@ -480,15 +622,21 @@ def fit(
     folds, scheme = cv_splits(table, spec, sites)
     prov["cv_scheme"] = scheme
     if spec.uncertainty != "none":
-        model.quantile_models = _fit_quantiles(spec, x, y)
+        model.quantile_models = _fit_quantiles(spec, qx, qy)
         cv = cv_predictions
         if cv is None or len(cv) != len(table) or "lo_raw" not in cv:
-            cv, _ = cross_validate(table, features, spec, sites)
-        conf = np.maximum(cv["lo_raw"].to_numpy() - y, y - cv["hi_raw"].to_numpy())
-        model.conformal_margin = _conformal_quantile(conf, spec.interval)
+            cv, _ = cross_validate(table, features, spec, sites, footprints=fr)
+        if "conformal_margin" in cv.attrs:  # from cross_validate (pixel support with footprints)
+            model.conformal_margin = float(cv.attrs["conformal_margin"])
+        else:
+            conf = np.maximum(cv["lo_raw"].to_numpy() - y, y - cv["hi_raw"].to_numpy())
+            model.conformal_margin = _conformal_quantile(conf, spec.interval)
         prov["uncertainty"] = {"interval": spec.interval, "conformal_margin": model.conformal_margin}
     if spec.aoa:
-        model.aoa, train_di = fit_aoa(est, x, y, folds, spec.seed)
+        if fr is None:
+            model.aoa, train_di = fit_aoa(est, x, y, folds, spec.seed)
+        else:
+            model.aoa, train_di = _fit_aoa_pixels(est, fr, y, folds, spec.seed)
         prov["aoa"] = {
             "threshold": model.aoa.threshold,
             "dbar": model.aoa.dbar,
@@ -506,8 +654,13 @@ def train(
     spec: ModelSpec,
     provenance: dict | None = None,
     sites: pd.DataFrame | None = None,
+    pixels: pd.DataFrame | None = None,
 ) -> tuple[TrainedModel, pd.DataFrame, dict]:
     """Grouped CV, then the fit on all rows; what ``geoflux train`` runs.
+
+    ``pixels`` is the extraction stage's pixel table (footprint pixels of every tower-step with their
+    weights and per-pixel features); with it, training follows ``spec.training`` and the CV, band and AOA
+    go through the map's per-pixel path. Rows without footprint pixels are left out.
 
     Returns
     -------
@@ -515,8 +668,11 @@ def train(
     ``DI``/``AOA`` when configured) and the CV summary (see :func:`cross_validate`), to which an ``aoa``
     entry adds the threshold, the fraction of held-out samples inside and the CV scores inside and outside.
     """
-    cv_pred, cv = cross_validate(table, features, spec, sites)
-    model = fit(table, features, feature_units, spec, provenance, cv_predictions=cv_pred, sites=sites)
+    table, fr = align_footprints(table, pixels, features)
+    cv_pred, cv = cross_validate(table, features, spec, sites, footprints=fr)
+    model = fit(
+        table, features, feature_units, spec, provenance, cv_predictions=cv_pred, sites=sites, footprints=fr
+    )
     if model.aoa is not None:
         di = model.train_di
         cv_pred["DI"] = di

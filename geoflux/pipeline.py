@@ -37,6 +37,8 @@ OBSERVATIONS = "towers/observations.parquet"
 FOOTPRINTS = "towers/footprints.npz"
 CUBE = "cube.zarr"
 TRAINING = "training/training.parquet"
+PIXELS = "training/pixels.parquet"
+FOOTPRINT_METHODS = "towers/footprint_methods.csv"
 MODEL = "model/model.skops"
 CV_PREDICTIONS = "model/cv_predictions.parquet"
 CV_METRICS = "model/cv_metrics.json"
@@ -69,20 +71,21 @@ def load_sites(cfg: RunConfig) -> pd.DataFrame:
     return sites
 
 
-def stage_towers(cfg: RunConfig) -> pd.DataFrame:
+def stage_towers(cfg: RunConfig, echo: Callable[[str], None] = log.info) -> pd.DataFrame:
     """Read, QC-filter and aggregate tower files to the model time step, and compute each tower's footprint.
 
     Everything is checked (files, site table, towers inside the grid) before anything is written; then the
     observations table and the footprints are written.
     """
     from geoflux.cube import target_grid
-    from geoflux.extract import tower_footprints
+    from geoflux.extract import check_footprint_methods, tower_footprints
     from geoflux.footprint import save_footprints
 
     sites = load_sites(cfg)
     records = tw.read_towers(str(cfg.path(cfg.towers.files)), sites)
-    fps = tower_footprints(sites.loc[sites.index.isin(records["site"].unique())], target_grid(cfg.grid),
-                           cfg.footprint, records=records)
+    with_records = sites.loc[sites.index.isin(records["site"].unique())]
+    fps = tower_footprints(with_records, target_grid(cfg.grid), cfg.footprint, records=records)
+    methods = check_footprint_methods(fps, with_records, records, cfg.footprint)  # raises on fallback=error
     filtered = tw.qc_filter(records, qc_max=cfg.towers.qc_max)
     obs = tw.aggregate(filtered, cfg.periods(), min_coverage=cfg.towers.min_coverage)
     if obs.empty:
@@ -92,7 +95,19 @@ def stage_towers(cfg: RunConfig) -> pd.DataFrame:
         )
     _write_parquet(obs, cfg.out_dir / OBSERVATIONS)
     save_footprints(fps, cfg.out_dir / FOOTPRINTS)
+    with atomic_path(cfg.out_dir / FOOTPRINT_METHODS) as tmp:
+        methods.to_csv(tmp, index=False)
+    _report_footprints(methods, cfg.footprint.fallback, echo)
     return obs
+
+
+def _report_footprints(methods: pd.DataFrame, fallback: str, echo: Callable[[str], None]) -> None:
+    """One summary line of footprint methods, and one warning line per tower that fell back to the disk."""
+    counts = methods["method"].value_counts()
+    echo("footprints: " + ", ".join(f"{n} {m}" for m, n in counts.items()))
+    if fallback == "warn":
+        for r in methods.loc[methods["reason"] != ""].itertuples():
+            log.warning("footprint %s: disk instead of FFP: %s", r.site, r.reason)
 
 
 def footprints_for(cfg: RunConfig, sites: pd.DataFrame) -> dict:
@@ -128,20 +143,27 @@ def stage_extract(cfg: RunConfig) -> pd.DataFrame:
     sites = load_sites(cfg).loc[lambda s: s.index.isin(obs["site"].unique())]
     fps = footprints_for(cfg, sites)
     cube = cube_from_config(cfg)
-    drivers = extract_drivers(cube, fps, cfg.variables)
+    drivers, pixels = extract_drivers(
+        cube, fps, cfg.variables, pixel_mass=cfg.footprint.pixel_mass, max_pixels=cfg.footprint.max_pixels
+    )
     table = training_table(drivers, obs)
     if table.empty:
         raise GeofluxError("extract: no tower observation coincides with driver data (check time range)")
     _write_parquet(table, cfg.out_dir / TRAINING)
+    _write_parquet(training_table(pixels, obs), cfg.out_dir / PIXELS)
     return table
 
 
 def stage_train(cfg: RunConfig) -> dict:
     """Site-grouped cross-validation, then a fit on all sites (with the uncertainty band calibrated on the
     grouped CV and the area of applicability); writes model, CV predictions and metrics."""
+    from geoflux.extract import harden_classes
     from geoflux.model import save_model, train
 
     table = pd.read_parquet(_read_stage(cfg, TRAINING, "extract"))
+    pixels = pd.read_parquet(_read_stage(cfg, PIXELS, "extract"))
+    if cfg.model.training == "averaged":
+        table = harden_classes(table, cfg.variables)
     features = feature_names(cfg.variables)
     model, cv_pred, cv = train(
         table,
@@ -150,6 +172,7 @@ def stage_train(cfg: RunConfig) -> dict:
         cfg.model,
         provenance={"catalog": cfg.catalog, "towers": cfg.towers.files},
         sites=load_sites(cfg),
+        pixels=pixels,
     )
     _write_parquet(cv_pred, cfg.out_dir / CV_PREDICTIONS)
     _write_json(cv, cfg.out_dir / CV_METRICS)
@@ -607,7 +630,7 @@ def run(
     anything, so a bad input leaves no partial output.
     """
     echo("towers: QC, aggregation and footprints")
-    stage_towers(cfg)
+    stage_towers(cfg, echo=echo)
     echo("extract: footprint-weighted drivers at towers")
     stage_extract(cfg)
     echo("train: site-grouped cross-validation and fit")

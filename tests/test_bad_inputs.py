@@ -352,13 +352,12 @@ CASES: list[Case] = [
 
 # Cases whose fix lives on another engineer's branch: they fail (or pass silently) here. After merging that
 # branch, move them into CASES (and adjust the expected culprit to the message the fix chose).
-CASES_PENDING_OTHER_BRANCHES: list[Case] = [
-    # h-cube (raster checks: garbage/truncated raster, band count, dtype; configured nodata)
+CASES += [
+    # raster checks: garbage/truncated raster, band count, dtype; configured nodata
     C("raster", "cog-truncated", EXTRACT, truncate(COG, 1500), "ta_20210314.tif"),  # GDAL names no file
     C("raster", "cog-two-bands", EXTRACT, cog_rewrite(COG, bands=2), "ta_20210314.tif"),  # accepted silently
-    C("raster", "categorical-cog-float", EXTRACT, cog_rewrite(STATIC_COG, dtype="float32"), "landcover"),
     C("raster", "nodata-outside-dtype", EXTRACT, cfg_set("variables.1.nodata", -99999.0), "nodata"),
-    # h-towers (site table BADM/heights: negative heights refused)
+    # site table heights: negative heights refused
     C("sites", "height-negative", TOWERS, edit_sites(lambda s: s.assign(HEIGHT_MEAS=-s.HEIGHT_MEAS)),
       "HEIGHT_MEAS"),
 ]
@@ -429,7 +428,7 @@ def test_read_only_output_folder(small_world: Path, tmp_path: Path) -> None:
 
 
 def test_case_list_is_large_and_unique() -> None:
-    ids = [f"{c.kind}-{c.name}" for c in CASES + CASES_PENDING_OTHER_BRANCHES]
+    ids = [f"{c.kind}-{c.name}" for c in CASES]
     assert len(set(ids)) == len(ids)
     assert len(CASES) >= 60
 

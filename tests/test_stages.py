@@ -56,7 +56,8 @@ def test_cube_is_lazy_and_decodes_scale_offset(cfg):
     ta = cube["ta"]
     assert ta.chunks is not None and ta.dtype == np.float32
     n_chunks = ta.data.npartitions
-    assert len(ta.data.__dask_graph__()) <= 6 * n_chunks  # O(chunks) tasks, not O(pixels)
+    # O(chunks) tasks, not O(pixels): read, nodata mask, scale, offset, range check (blockwise, fused)
+    assert len(ta.data.__dask_graph__()) <= 8 * n_chunks
     # decoded values equal raw COG values * scale + offset (read independently with rasterio)
     raw_path = cfg.path("world/cogs/lst/lst_20210322.tif")
     with rasterio.open(raw_path) as ds:
@@ -87,12 +88,22 @@ def test_extract_footprint_weighted_means(cfg):
     w = np.array([[0.25, 0.25], [0.5, 0.0]])
     fw = {"S1": FootprintWeights(10, 10, w, 1.0, "test")}
     variables = [v for v in cfg.variables if v.name in ("ta", "landcover")]
-    out = extract_drivers(cube, fw, variables)
+    out, pixels = extract_drivers(cube, fw, variables)
     a = ta.values
     expect_ta = 0.25 * a[:, 10, 10] + 0.25 * a[:, 10, 11] + 0.5 * a[:, 11, 10]
     np.testing.assert_allclose(out["ta"], expect_ta, rtol=1e-6)
     np.testing.assert_allclose(out["landcover_2"], 0.25)  # class fraction, not an averaged code
     np.testing.assert_allclose(out["landcover_1"], 0.75)
+    # the pixel table: every weighted pixel of the footprint (the zero-weight one left out) with the
+    # pixel's own values, exactly what the map sees there: 0/1 class features
+    assert len(pixels) == 2 * 3
+    one = pixels.loc[pixels["time"] == pixels["time"].min()].set_index(["row", "col"])
+    assert sorted(one.index) == [(10, 10), (10, 11), (11, 10)]
+    np.testing.assert_allclose(one.loc[(11, 10), "fp_weight"], 0.5)
+    np.testing.assert_allclose(one.loc[(10, 11), "ta"], a[0, 10, 11])
+    assert set(pixels["landcover_2"]) == {0.0, 1.0}
+    assert one.loc[(10, 11), "landcover_2"] == 1.0
+    np.testing.assert_allclose(pixels.groupby("time")["fp_weight"].sum(), 1.0)
     sites = pd.DataFrame({"LAT": [0.0], "LON": [0.0]}, index=pd.Index(["FAR"], name="SITE_ID"))
     with pytest.raises(GridError, match=r"FAR.*outside the grid"):
         tower_footprints(sites, gb, cfg.footprint)

@@ -1,0 +1,203 @@
+"""Footprint-consistent learning: a per-pixel model from towers that each see a weighted set of pixels.
+
+A tower measures the footprint-weighted sum of the per-pixel flux, ``y_T = Σ_i w_Ti f(x_i)``, and a map
+applies ``f`` to single pixels. Fitting ``f`` on footprint *averages* of the drivers (``f(Σ w x)``) is a
+change of support that a non-linear model does not survive, and its cross-validation cannot see it because
+it predicts held-out towers from the same averaged rows. Here every tower-step keeps the pixels of its
+footprint (:func:`geoflux.extract.extract_drivers`, the same features the map computes), and
+
+* ``pixel``: each tower-step contributes footprint pixels drawn with probability ∝ weight, each with the
+  tower's NEE as target (a Monte Carlo version of the weighted pixel expansion: the same expected loss,
+  with a bounded number of rows);
+* ``iterative``: starts from the pixel expansion, then repeatedly splits each tower's NEE over its pixels by
+  a model that has *not* seen the tower's site (cross-fitting over two halves of the training sites):
+  ``t_i = f(x_i) + (y_T − Σ_j w_Tj f(x_j))``, so ``Σ_i w_Ti t_i = y_T`` exactly while within-footprint
+  contrasts come from what other sites taught; the final model is fitted on these per-pixel targets;
+* ``averaged``: one row of footprint-averaged drivers per tower-step (for comparison).
+
+Held-out predictions always go through the map's own path: per-pixel predictions of the held-out tower's
+footprint pixels, summed with the footprint weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.base import RegressorMixin
+from sklearn.ensemble import RandomForestRegressor
+
+DRAWS_PER_ROW = 4  # footprint pixels drawn per tower-step for a fit (rows = 4 x tower-steps)
+CROSSFIT_TREES = (
+    60  # trees of the cross-fitted forests that split tower NEE over pixels (not the final model)
+)
+
+
+@dataclass(frozen=True)
+class FootprintRows:
+    """The footprint pixels of a training table's rows (tower-steps), grouped by row.
+
+    Attributes
+    ----------
+    x : (n_pixels, n_features) float32, each pixel's features exactly as the map computes them.
+    weight : (n_pixels,) footprint weight of the pixel, summing to 1 over each owner's pixels.
+    owner : (n_pixels,) int, the training-table row (tower-step) the pixel belongs to; non-decreasing.
+    n_rows : number of rows of the training table.
+    """
+
+    x: np.ndarray
+    weight: np.ndarray
+    owner: np.ndarray
+    n_rows: int
+
+    def tower_sum(self, values: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
+        """Footprint-weighted sum per table row of per-pixel ``values`` (NaN for rows with no pixel).
+
+        ``pixels`` (indices) restricts the sum to those pixels; ``values`` then has one entry per index.
+        """
+        own = self.owner if pixels is None else self.owner[pixels]
+        w = self.weight if pixels is None else self.weight[pixels]
+        num = np.bincount(own, weights=w * values, minlength=self.n_rows)
+        den = np.bincount(own, weights=w, minlength=self.n_rows)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / den, np.nan)
+
+    def pixels_of(self, rows: np.ndarray) -> np.ndarray:
+        """Indices of the pixels owned by the given table rows (boolean mask or indices)."""
+        mask = np.zeros(self.n_rows, bool)
+        mask[rows] = True
+        return np.flatnonzero(mask[self.owner])
+
+    def draw(self, rows: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """``k`` pixel indices per given table row, drawn with replacement with probability ∝ weight."""
+        idx = self.pixels_of(rows)
+        own = self.owner[idx]
+        starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
+        cum = np.cumsum(self.weight[idx])
+        lo = np.r_[0.0, cum][starts]  # cumulative weight before each group
+        hi = cum[np.r_[starts[1:], len(idx)] - 1]
+        u = lo[:, None] + rng.random((len(starts), k)) * (hi - lo)[:, None]
+        pos = np.searchsorted(cum, u.ravel(), side="right")
+        # guard rounding at a group's upper edge: stay inside the group
+        end = np.repeat(np.r_[starts[1:], len(idx)] - 1, k)
+        return idx[np.minimum(pos, end)]
+
+
+def footprint_rows(table: pd.DataFrame, pixels: pd.DataFrame, features: list[str]) -> FootprintRows:
+    """Match the pixel table to the training table's rows on (site, time).
+
+    Parameters
+    ----------
+    table : training table (one row per tower-step) with ``site`` and ``time``.
+    pixels : pixel table with ``site``, ``time``, ``fp_weight`` and the feature columns.
+    features : feature columns, in model order.
+
+    Returns
+    -------
+    FootprintRows; table rows without any pixel have no pixel in it (callers drop them first, see
+    :func:`rows_with_pixels`).
+    """
+    key = table[["site", "time"]].assign(_row=np.arange(len(table)))
+    key["site"] = key["site"].astype(str)
+    pix = pixels.assign(site=pixels["site"].astype(str)).merge(key, on=["site", "time"], how="inner")
+    pix = pix.sort_values("_row", kind="stable")
+    w = pix["fp_weight"].to_numpy(np.float64)
+    own = pix["_row"].to_numpy(np.int64)
+    total = np.bincount(own, weights=w, minlength=len(table))
+    return FootprintRows(
+        x=pix[features].to_numpy(np.float32),
+        weight=w / total[own],
+        owner=own,
+        n_rows=len(table),
+    )
+
+
+def rows_with_pixels(table: pd.DataFrame, pixels: pd.DataFrame) -> pd.DataFrame:
+    """The table rows that own at least one pixel (index reset)."""
+    have = pixels[["site", "time"]].drop_duplicates().assign(site=lambda d: d["site"].astype(str))
+    t = table.assign(site=table["site"].astype(str))
+    return t.merge(have, on=["site", "time"], how="inner").reset_index(drop=True)
+
+
+def _fit(make: Callable[[], RegressorMixin], x: np.ndarray, y: np.ndarray, n_per_tree: int) -> RegressorMixin:
+    est = make()
+    # A forest's trees each see as many drawn pixels as there are tower-steps: the same cost per tree as
+    # one averaged row per tower-step, while the ensemble averages over many footprint draws.
+    if isinstance(est, RandomForestRegressor) and est.bootstrap and est.max_samples is None:
+        est.set_params(max_samples=min(int(n_per_tree), len(y)))
+    return est.fit(x, y)
+
+
+def fit_pixels(
+    make: Callable[[], RegressorMixin],
+    fr: FootprintRows,
+    y: np.ndarray,
+    rows: np.ndarray,
+    sites: np.ndarray,
+    *,
+    method: str,
+    iterations: int = 3,
+    seed: int = 0,
+) -> tuple[RegressorMixin, np.ndarray, np.ndarray]:
+    """Fit a per-pixel model on the footprints of the given table rows.
+
+    Parameters
+    ----------
+    make : returns a fresh unfitted regressor.
+    fr : footprint pixels of the table.
+    y : (n_rows,) tower NEE per table row, gC m-2 d-1.
+    rows : indices of the table rows to learn from.
+    sites : (n_rows,) site of every table row (the iterative method splits NEE by models of other sites).
+    method : ``pixel`` or ``iterative`` (see module docstring).
+    iterations : refits of the iterative method.
+    seed : draws and site halves.
+
+    Returns
+    -------
+    The fitted model, the pixel indices it was fitted on (draws) and their targets (gC m-2 d-1).
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.asarray(rows)
+    n_rows = len(rows)
+    draws = fr.draw(rows, DRAWS_PER_ROW, rng)
+    if method == "pixel":
+        target = y[fr.owner[draws]]
+        return _fit(make, fr.x[draws], target, n_rows), draws, target
+    if method != "iterative":
+        raise ValueError(f"training method {method!r} (expected pixel or iterative)")
+    t = y[fr.owner].astype(np.float64)  # per-pixel targets; the pixel expansion to start
+    names = np.unique(sites[rows])
+    if len(names) >= 2:
+        order = rng.permutation(names)
+        in_a = np.isin(sites, order[: len(order) // 2])
+        halves = [rows[in_a[rows]], rows[~in_a[rows]]]
+
+        def quick() -> RegressorMixin:
+            est = make()
+            if isinstance(est, RandomForestRegressor):
+                est.set_params(n_estimators=min(est.n_estimators, CROSSFIT_TREES))
+            return est
+
+        for _ in range(iterations):
+            f = np.empty_like(t)
+            for fit_rows, pred_rows in ((halves[0], halves[1]), (halves[1], halves[0])):
+                d = fr.draw(fit_rows, DRAWS_PER_ROW, rng)
+                est = _fit(quick, fr.x[d], t[d], len(fit_rows))
+                p = fr.pixels_of(pred_rows)
+                f[p] = est.predict(fr.x[p])
+            pix = fr.pixels_of(rows)
+            resid = y - fr.tower_sum(f[pix], pix)  # per table row
+            t[pix] = f[pix] + resid[fr.owner[pix]]
+    target = t[draws]
+    return _fit(make, fr.x[draws], target, n_rows), draws, target
+
+
+def predict_towers(est: RegressorMixin, fr: FootprintRows, rows: np.ndarray) -> np.ndarray:
+    """Map-path prediction of table rows: footprint-weighted sum of per-pixel predictions (NaN elsewhere)."""
+    pix = fr.pixels_of(rows)
+    out = np.full(fr.n_rows, np.nan)
+    if len(pix):
+        out[rows] = fr.tower_sum(est.predict(fr.x[pix]), pix)[rows]
+    return out
