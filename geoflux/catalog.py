@@ -645,21 +645,36 @@ class PlanetaryComputerSigner:
         timeout: float | tuple[float, float] = TIMEOUT,
         subscription_key: str | None = None,
     ) -> None:
+        self.token_url = (token_url or os.environ.get("GEOFLUX_PC_SAS_URL") or PC_SAS_URL).rstrip("/")
+        self.timeout = timeout
+        self._retry = retry
+        self._key = subscription_key or os.environ.get("PC_SDK_SUBSCRIPTION_KEY")
+        self._tokens: dict[tuple[str, str], tuple[str, dt.datetime]] = {}
+        self.requests = 0  # token requests made (tests check the cache)
+        self._connect()
+
+    def _connect(self) -> None:
+        # No request is made here: the session is only used when a read task asks for a token.
         import requests
         from requests.adapters import HTTPAdapter
 
-        self.token_url = (token_url or os.environ.get("GEOFLUX_PC_SAS_URL") or PC_SAS_URL).rstrip("/")
-        self.timeout = timeout
         self._session = requests.Session()
-        adapter = HTTPAdapter(max_retries=retry or default_retry())
+        adapter = HTTPAdapter(max_retries=self._retry or default_retry())
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
-        key = subscription_key or os.environ.get("PC_SDK_SUBSCRIPTION_KEY")
-        if key:
-            self._session.headers["Ocp-Apim-Subscription-Key"] = key
-        self._tokens: dict[tuple[str, str], tuple[str, dt.datetime]] = {}
-        self._lock = threading.Lock()  # odc-stac may call patch_url from several threads
-        self.requests = 0  # token requests made (tests check the cache)
+        if self._key:
+            self._session.headers["Ocp-Apim-Subscription-Key"] = self._key
+        self._lock = threading.Lock()  # read tasks may sign from several threads
+
+    def __getstate__(self) -> dict[str, Any]:
+        # travels with the dask graph to workers (processes): the session and lock are rebuilt there
+        state = self.__dict__.copy()
+        del state["_session"], state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._connect()
 
     @staticmethod
     def blob_parts(href: str) -> tuple[str, str] | None:
@@ -708,6 +723,26 @@ class PlanetaryComputerSigner:
             return href
         sep = "&" if urllib.parse.urlparse(href).query else "?"
         return f"{href}{sep}{self.token(*parts)}"
+
+    def sign_storage_options(self, href: str, options: dict[str, Any]) -> dict[str, Any]:
+        """fsspec ``storage_options`` for a Zarr/NetCDF asset with the SAS token as adlfs ``credential``.
+
+        ``abfs://<container>/...`` hrefs take the account from ``options['account_name']`` (as Planetary
+        Computer's ``xarray:open_kwargs`` give it); ``https://<account>.blob.core.windows.net/<container>``
+        hrefs carry it. Options that already hold a credential, and public accounts, are returned as given.
+        """
+        out = dict(options)
+        if out.get("credential") or out.get("sas_token"):
+            return out
+        u = urllib.parse.urlparse(href)
+        if u.scheme in ("abfs", "abfss", "az"):
+            account, container = out.get("account_name"), u.netloc.split("@")[0]
+        else:
+            parts = self.blob_parts(href)
+            account, container = parts if parts else (None, None)
+        if account and container and account not in PC_PUBLIC_ACCOUNTS:
+            out["credential"] = self.token(str(account), container)
+        return out
 
     def sign_item(self, item: pystac.Item) -> pystac.Item:
         """A copy of ``item`` with every signable asset href signed."""

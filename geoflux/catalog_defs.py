@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from geoflux.catalog import item_crs
 from geoflux.config import VariableSpec, format_validation_error, read_yaml
 from geoflux.errors import CatalogError
+from geoflux.reanalysis import is_gridded
 
 CATALOGS_DIR = Path(__file__).resolve().parents[1] / "catalogs"
 # Roles each derived variable needs, in the order the first one names the variable's primary asset.
@@ -139,9 +140,17 @@ class VariableDef(_Strict):
     )
     missing_max: float = Field(default=0.5, ge=0.0, le=1.0)
     qa: QADef | None = None
-    aggregation: Literal["mean", "median", "max", "min", "sum"] = "mean"
+    aggregation: Literal["mean", "median", "max", "min", "sum", "daytime_mean"] = "mean"
     resampling: Literal["nearest", "mode", "bilinear", "cubic", "average", "min", "max", "med"] | None = None
     max_gap: int = Field(default=0, ge=0)
+    convert: str | None = Field(
+        default=None, description="named unit conversion after scale/offset (geoflux.reanalysis.CONVERTERS)"
+    )
+    store_variable: str | None = Field(default=None, description="Zarr/NetCDF: variable inside the store")
+    timestamp: Literal["instant", "end"] = Field(
+        default="instant",
+        description="Zarr/NetCDF: 'end' for values stamped at the end of their accumulation",
+    )
     query: dict[str, dict[str, Any]] | None = Field(default=None, description="merged over the file's query")
     description: str = ""
 
@@ -174,6 +183,15 @@ class VariableDef(_Strict):
                 raise ValueError(f"{key} must be [min, max]")
         if not math.isfinite(self.scale) or self.scale == 0:
             raise ValueError("scale must be finite and non-zero")
+        if self.convert is not None:
+            from geoflux.reanalysis import CONVERTERS
+
+            if self.convert not in CONVERTERS:
+                raise ValueError(
+                    f"convert: unknown converter {self.convert!r} (expected one of {', '.join(CONVERTERS)})"
+                )
+            if self.kind == "categorical":
+                raise ValueError("a categorical variable cannot be converted")
         return self
 
     @property
@@ -329,6 +347,9 @@ def variable_specs(
                 aggregation=v.aggregation,
                 resampling=v.resampling,
                 max_gap=v.max_gap,
+                convert=v.convert,
+                store_variable=v.store_variable,
+                timestamp=v.timestamp,
                 derive=v.derive,
                 inputs=dict(v.inputs) if v.inputs else None,
             )
@@ -401,14 +422,16 @@ def check_items(defn: CatalogDef, items: Iterable[pystac.Item]) -> int:
                         f"{where}: variable '{vname}': no asset '{key}' "
                         f"(item has {', '.join(sorted(item.assets))})"
                     )
-                if item_crs(item, key) is None:
+                if item_crs(item, key) is None and not is_gridded(item, key):
+                    # Zarr/NetCDF stores carry lon/lat coordinates (CF); rasters must declare their CRS
                     raise CatalogError(f"{where}: asset '{key}': no CRS (proj:code/epsg/wkt2/projjson)")
             for key in v.assets:
                 band = _raster_band(item, key)
                 if "scale" in band and not math.isclose(band["scale"], v.scale, rel_tol=1e-6):
                     raise CatalogError(
                         f"{where}: variable '{vname}': asset '{key}' has scale {band['scale']}, "
-                        f"definition says {v.scale}"
+                        f"definition says {v.scale} (expected the item's scale; put unit conversions in "
+                        "'convert', e.g. convert: kgC_per_8d_to_gC_per_d)"
                     )
                 off = band.get("offset", 0.0 if "scale" in band else None)
                 if off is not None and not any(

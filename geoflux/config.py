@@ -93,8 +93,10 @@ class VariableSpec(_Strict):
     qa_keep: list[int] | None = Field(
         default=None, description="values of (QA & qa_mask) that mark a usable pixel; others are masked"
     )
-    aggregation: Literal["mean", "median", "max", "min", "sum"] = Field(
-        default="mean", description="how scenes within one model time step are combined"
+    aggregation: Literal["mean", "median", "max", "min", "sum", "daytime_mean"] = Field(
+        default="mean",
+        description="how scenes (or hourly fields) within one model time step are combined; daytime_mean "
+        "(gridded hourly drivers only): mean over the hours when the sun is above the horizon",
     )
     resampling: Literal["nearest", "mode", "bilinear", "cubic", "average", "min", "max", "med"] | None = (
         Field(default=None, description="resampling onto the grid; default nearest (categorical) / bilinear")
@@ -109,6 +111,31 @@ class VariableSpec(_Strict):
         default=None,
         description="role -> asset for derived drivers: ndvi/nirv need red, nir; vpd needs t, td (degC)",
     )
+
+    convert: str | None = Field(
+        default=None,
+        description="named unit conversion applied after scale/offset (to each input of a derived driver), "
+        "e.g. K_to_degC, kgC_per_8d_to_gC_per_d; see geoflux.reanalysis.CONVERTERS",
+    )
+    store_variable: str | None = Field(
+        default=None,
+        description="Zarr/NetCDF assets: the variable inside the store (default: the asset key, else the "
+        "store's only data variable)",
+    )
+    timestamp: Literal["instant", "end"] = Field(
+        default="instant",
+        description="Zarr/NetCDF hourly fields: 'end' when a value is stamped at the end of the interval it "
+        "accumulates (ERA5 accumulations), so it is binned by the interval's start",
+    )
+
+    @field_validator("convert")
+    @classmethod
+    def _known_convert(cls, v: str | None) -> str | None:
+        from geoflux.reanalysis import CONVERTERS
+
+        if v is not None and v not in CONVERTERS:
+            raise ValueError(f"unknown converter {v!r} (expected one of {', '.join(CONVERTERS)})")
+        return v
 
     @model_validator(mode="after")
     def _categorical_needs_classes(self) -> VariableSpec:

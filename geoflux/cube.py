@@ -48,6 +48,7 @@ from urllib3.util.retry import Retry
 from geoflux.catalog import item_crs
 from geoflux.config import GridSpec, RunConfig, VariableSpec
 from geoflux.errors import CubeError, GridError
+from geoflux.reanalysis import convert, gridded_driver, load_gridded
 
 ZARR_TYPES = ("application/vnd+zarr", "application/vnd.zarr", "application/x-zarr")
 # Magnus formula constants over water (Alduchov & Eskridge 1996): es(T) = A exp(B T / (T + C)), hPa, degC
@@ -281,8 +282,8 @@ def check_loadable(items: Sequence[pystac.Item], var: VariableSpec, source: str 
             asset = item.assets[key]
             if (asset.media_type or "").split(";")[0] in ZARR_TYPES:
                 raise CubeError(
-                    f"{where}item {item.id}: asset '{key}' is Zarr; the cube reads raster (COG/GeoTIFF) "
-                    "assets only"
+                    f"{where}item {item.id}: asset '{key}' is Zarr; load_variable reads raster (COG/GeoTIFF) "
+                    "assets (Zarr/NetCDF drivers load through load_cube / geoflux.reanalysis.load_gridded)"
                 )
             if item_crs(item, key) is None:
                 raise CubeError(
@@ -323,19 +324,26 @@ class NodataRioReader(RioReader):
     none (so fill pixels are never resampled into data), a remote file's header is checked once per read
     (local ones were checked up front), and read errors name the variable, item and asset."""
 
-    def __init__(self, src: Any, ctx: Any, info: _Source | None) -> None:
+    def __init__(
+        self, src: Any, ctx: Any, info: _Source | None, patch_url: Callable[[str], str] | None = None
+    ) -> None:
         super().__init__(src, ctx)
         self._info = info
+        self._patch_url = patch_url
 
     def read(self, cfg: Any, dst_geobox: GeoBox, *, dst: Any = None, selection: Any = None) -> Any:
         info = self._info
         if info is not None and info.nodata is not None:
             cfg = dataclasses.replace(cfg, src_nodata_fallback=info.nodata)
         uri = self._src.uri
+        src = self._src
+        if self._patch_url is not None and not _is_local(uri):
+            # signed here, in the read task, never while the lazy cube is built (no network then)
+            src = dataclasses.replace(src, uri=self._patch_url(uri))
         if info is not None and not _is_local(uri):
-            check_header(uri, pystac.Item.from_dict(info.item), info.key, info.var, data=info.data)
+            check_header(src.uri, pystac.Item.from_dict(info.item), info.key, info.var, data=info.data)
         try:
-            return rio_read(self._src, cfg, dst_geobox, dst=dst, selection=selection)
+            return rio_read(src, cfg, dst_geobox, dst=dst, selection=selection)
         except rasterio.errors.RasterioError as exc:
             what = info.label if info is not None else "asset"
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -345,12 +353,13 @@ class NodataRioReader(RioReader):
 class NodataRioDriver(RioDriver):
     """A :class:`RioDriver` whose readers are :class:`NodataRioReader` (see there)."""
 
-    def __init__(self, sources: Mapping[str, _Source]) -> None:
+    def __init__(self, sources: Mapping[str, _Source], patch_url: Callable[[str], str] | None = None) -> None:
         super().__init__()
         self._sources = dict(sources)
+        self._patch_url = patch_url
 
     def open(self, src: Any, ctx: Any) -> NodataRioReader:
-        return NodataRioReader(src, ctx, self._sources.get(_uri_key(src.uri)))
+        return NodataRioReader(src, ctx, self._sources.get(_uri_key(src.uri)), self._patch_url)
 
 
 def _sources(items: Sequence[pystac.Item], var: VariableSpec, where: str) -> dict[str, _Source]:
@@ -428,13 +437,18 @@ def check_coverage(
     reads the rasters' overviews), eagerly, without dask, with the same nodata handling as the cube;
     missing = nodata or outside every raster's footprint (QA masks and valid ranges are not applied: a
     cloudy scene is not a broken one). A share above ``var.missing_max`` is reported (error, or warning
-    with ``on_implausible: warn``) naming variable, step, items and asset.
+    with ``on_implausible: warn``) naming variable, step, items and asset. Only local rasters are measured:
+    remote ones would make building the lazy cube depend on the network (empty result then).
 
     Returns
     -------
     (time, asset) missing shares, 0..1.
     """
     data = _data_assets(var)
+    if not all(_is_local(_href(i, b)) for i in items for b in data if b in i.assets):
+        # remote rasters are not read while the lazy cube is built (no network then); a remote scene's
+        # header is checked, and its values range-checked, when its chunk is read
+        return np.empty((0, len(data)))
     scale = max(geobox.shape) / COARSE_EDGE
     coarse = geobox.zoom_out(scale) if scale > 1 else geobox
     ds = odc.stac.load(
@@ -445,7 +459,6 @@ def check_coverage(
         nodata=np.nan,
         resampling="nearest",
         groupby=groupby,
-        patch_url=patch_url,
         driver=driver,
     )
     nodata = _declared_set(items, var)
@@ -543,7 +556,9 @@ def load_variable(
         resampling[var.qa_asset] = "nearest"  # flags: never blend bit patterns
     # Fill NaN for every band: outside a footprint and on the file's nodata (odc-stac would otherwise
     # fill with the declared nodata number, which scaling turns into a plausible-looking value).
-    driver = NodataRioDriver(_sources(items, var, where))
+    # The signer goes to the reader (read time), not to odc-stac (which would sign every href, fetching
+    # tokens, while building the graph).
+    driver = NodataRioDriver(_sources(items, var, where), patch_url)
     # A static driver is one map: mosaic every item into one plane whatever their timestamps.
     groupby = (lambda item, parsed, idx: 0) if var.static else "time"
     try:
@@ -556,14 +571,13 @@ def load_variable(
             nodata=np.nan,
             resampling=resampling,
             groupby=groupby,
-            patch_url=patch_url,
             driver=driver,
         )
     except Exception as exc:  # odc-stac raises plain ValueError/KeyError/AssertionError for odd items
         raise CubeError(
             f"{where}variable '{var.name}': cannot load items ({exc or type(exc).__name__})"
         ) from None
-    check_coverage(items, var, geobox, driver=driver, groupby=groupby, patch_url=patch_url, source=source)
+    check_coverage(items, var, geobox, driver=driver, groupby=groupby, source=source)
     nodata = _declared_set(items, var)
 
     def decode(a: xr.DataArray, asset: str) -> xr.DataArray:
@@ -574,6 +588,8 @@ def load_variable(
             a = a.where(a != np.float32(nd))
         if var.kind == "continuous" and (var.scale != 1.0 or var.offset != 0.0):
             a = a * np.float32(var.scale) + np.float32(var.offset)
+        if var.kind == "continuous" and var.convert:
+            a = convert(a, var.convert)  # named unit conversion (data, not code): e.g. kg C/8 d -> g C/d
         return a
 
     if var.derive:
@@ -599,6 +615,8 @@ def load_variable(
     arr.attrs = {"units": var.units, "kind": var.kind}
     if var.derive:
         arr.attrs["derived"] = var.derive
+    if var.convert:
+        arr.attrs["converted"] = var.convert
     if var.qa_asset:
         arr.attrs["qa"] = f"{var.qa_asset} & {var.qa_mask} in {var.qa_keep}"
     if var.physical_range is not None:
@@ -681,6 +699,29 @@ def load_cube(
     """
     data: dict[str, xr.DataArray] = {}
     for var in variables:
+        if gridded_driver(items[var.name], var):
+            # Zarr/NetCDF (reanalysis): aggregated to the periods and reprojected inside one task per chunk
+            arr, cov = load_gridded(
+                items[var.name],
+                var,
+                geobox,
+                chunk,
+                periods,
+                step,
+                patch_url=(patch_urls or {}).get(var.name),
+                source=(sources or {}).get(var.name, ""),
+            )
+            data[cov.name] = cov
+            if var.max_gap > 0:
+                arr, flag = fill_gaps(arr, var.max_gap)
+                data[flag.name] = flag
+            data[var.name] = arr
+            continue
+        if var.aggregation == "daytime_mean":
+            raise CubeError(
+                f"{(sources or {}).get(var.name, '')}: variable '{var.name}': aggregation daytime_mean is "
+                "for hourly Zarr/NetCDF drivers (expected mean, median, max, min or sum for raster scenes)"
+            )
         arr = load_variable(
             items[var.name],
             var,
