@@ -447,3 +447,130 @@ def test_cube_config_path_and_partial_end(era5, utm_grid, tmp_path):
     np.testing.assert_allclose(cube["sw_coverage"].to_numpy(), [1.0, 23 / 24, 0.0, 0.0])
     assert cube["sw"].attrs["partial_periods"][0] == "2021-03-31T00:00"
     assert np.isfinite(cube["sw"].isel(time=1).to_numpy()).all()
+
+
+# ------------------------------------------------------------------------------------ real-region recipe
+
+RECIPE = Path(__file__).resolve().parents[1] / "catalogs" / "examples" / "hainich.yaml"
+
+
+def _era5_metadata_items(months: pd.DatetimeIndex) -> list[pystac.Item]:
+    """era5-pds items as Planetary Computer publishes them (abfs:// Zarr, cube:dimensions); no stores."""
+    out = []
+    for t0 in months:
+        t1 = t0 + pd.DateOffset(months=1) - pd.Timedelta("1h")
+        for kind, names in (("an", AN), ("fc", FC)):
+            item = pystac.Item(
+                f"era5-pds-{t0:%Y-%m}-{kind}",
+                {
+                    "type": "Polygon",
+                    "coordinates": [[[-180, -90], [180, -90], [180, 90], [-180, 90], [-180, -90]]],
+                },
+                [-180.0, -90.0, 180.0, 90.0],
+                None,
+                {
+                    "start_datetime": f"{t0:%Y-%m-%dT%H:%M:%SZ}",
+                    "end_datetime": f"{t1:%Y-%m-%dT%H:%M:%SZ}",
+                    "era5:kind": kind,
+                    "cube:dimensions": {
+                        "time": {
+                            "type": "temporal",
+                            "extent": [f"{t0:%Y-%m-%dT%H:%M:%SZ}", f"{t1:%Y-%m-%dT%H:%M:%SZ}"],
+                            "step": "P0DT1H0M0S",
+                        }
+                    },
+                },
+                collection="era5-pds",
+            )
+            for name in names:
+                item.add_asset(
+                    name,
+                    pystac.Asset(
+                        f"abfs://era5/ERA5/{t0:%Y}/{t0:%m}/{name}.zarr",
+                        media_type="application/vnd+zarr",
+                        roles=["data"],
+                        extra_fields={
+                            "xarray:open_kwargs": {
+                                "engine": "zarr",
+                                "consolidated": True,
+                                "storage_options": {"account_name": "cpdataeuwest"},
+                            }
+                        },
+                    ),
+                )
+            out.append(item)
+    return out
+
+
+def test_hainich_recipe_validates_offline():
+    from geoflux.config import load_config
+
+    cfg = load_config(RECIPE)
+    names = [v.name for v in cfg.variables]
+    assert names == ["ndvi", "lai", "lst_day", "gpp_modis", "ta", "vpd", "sw", "precip"]
+    by = {v.name: v for v in cfg.variables}
+    assert by["gpp_modis"].convert == "kgC_per_8d_to_gC_per_d" and by["gpp_modis"].units == "gC m-2 d-1"
+    assert by["vpd"].derive == "vpd" and by["sw"].timestamp == "end" and by["ta"].convert == "K_to_degC"
+    assert all(v.signing == "planetary-computer" for v in cfg.variables)
+    gb = target_grid(cfg.grid)
+    assert gb.shape == (80, 80) and gb.crs.epsg == 32632
+    tower = Transformer.from_crs("EPSG:4326", "EPSG:32632", always_xy=True).transform(*HAINICH)
+    x0, y0, x1, y1 = cfg.grid.bbox
+    assert x0 < tower[0] < x1 and y0 < tower[1] < y1
+    assert len(cfg.periods()) == 12
+
+
+def test_hainich_recipe_builds_lazy_cube_without_network(realdata, monkeypatch):
+    """Search answered from recorded item metadata; no socket may connect while the cube is built."""
+    import glob
+    import json
+
+    import geoflux.catalog as catalog
+    from geoflux.config import load_config
+    from geoflux.cube import cube_from_config
+
+    cfg = load_config(RECIPE)
+    assert [Path(p).name for p in glob.glob(str(cfg.path(cfg.towers.files)))] == [
+        "FLX_DE-Hai_FLUXNET2015_SUBSET_MM_2000-2012_1-4.csv"
+    ]
+    recorded: dict[str, list[pystac.Item]] = {}
+    for f in sorted((realdata / "stac" / "modis-061").glob("*/*.json")):
+        d = json.loads(f.read_text())
+        if d.get("type") == "Feature":
+            item = pystac.Item.from_dict(d)
+            for (
+                a
+            ) in item.assets.values():  # the examples' relative hrefs -> where Planetary Computer serves them
+                a.href = f"https://modiseuwest.blob.core.windows.net/modis-061-cogs/{Path(a.href).name}"
+            recorded.setdefault(d["collection"], []).append(item)
+    # no recorded 17A2H item: the 15A2H item's tile and georeferencing with the 17A2H asset keys
+    gpp = recorded["modis-15A2H-061"][0].clone()
+    gpp.collection_id = "modis-17A2H-061"
+    for old, new in (("Lai_500m", "Gpp_500m"), ("Fpar_500m", "PsnNet_500m"), ("FparLai_QC", "Psn_QC_500m")):
+        gpp.assets[new] = gpp.assets.pop(old)
+    recorded["modis-17A2H-061"] = [gpp]
+    recorded["era5-pds"] = _era5_metadata_items(pd.date_range("2010-01-01", "2010-12-01", freq="MS"))
+    searched = []
+
+    def fake_search(catalog_url, collection, bbox, start, end, *, query=None, **kw):
+        searched.append((collection, query))
+        items = recorded[collection]
+        for prop, ops in (query or {}).items():
+            items = [i for i in items if i.properties.get(prop) == ops["eq"]]
+        return items
+
+    monkeypatch.setattr(catalog, "search_items", fake_search)
+
+    def no_network(*a, **k):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    cube = cube_from_config(cfg)
+    assert len(searched) == 8 and ("era5-pds", {"era5:kind": {"eq": "fc"}}) in searched
+    for name in ("ndvi", "lai", "lst_day", "gpp_modis", "ta", "vpd", "sw", "precip"):
+        assert cube[name].shape == (12, 80, 80), name
+        assert cube[name].chunks is not None  # lazy
+    assert cube["ta"].data.npartitions == 12  # one task per month (the 80 x 80 grid is one chunk)
+    np.testing.assert_array_equal(cube["sw_coverage"].to_numpy()[:-1], 1.0)  # Dec misses 1 Jan 00:00
+    assert cube["sw"].attrs["partial_periods"] == ["2010-12-01T00:00"]
+    assert cube["gpp_modis"].attrs["converted"] == "kgC_per_8d_to_gC_per_d"
