@@ -10,6 +10,7 @@ A definition is data, one file per collection::
       ndvi:
         asset: 500m_16_days_NDVI
         scale: 0.0001                                               # physical = raw * scale + offset
+        convert: kgC_per_8d_to_gC_per_d                             # optional named unit conversion after it
         nodata: -3000
         units: "1"
         valid_range: [-0.2, 1.0]                                    # physical units; outside: masked

@@ -24,6 +24,10 @@ items with odc-stac (data resampled as configured, QA by nearest neighbour so fl
 blended) → physical = raw × scale + offset → QA mask → derive → valid range → composite scenes per model
 period (mean/median/max/min/sum) → fill gaps of up to ``max_gap`` periods linearly in time, with a
 ``<name>_filled`` flag (1 = filled) in the cube.
+
+Zarr/NetCDF drivers (hourly reanalysis such as ERA5) take another path, :mod:`geoflux.reanalysis`: one task
+per output chunk reads, aggregates the period's hours on the source grid and reprojects (``<name>_coverage``
+flags partial periods). Hrefs are signed inside read tasks only, so building the cube makes no request.
 """
 
 from __future__ import annotations
