@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import urllib.parse
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,14 +50,20 @@ from urllib3.util.retry import Retry
 
 from geoflux.catalog import item_crs
 from geoflux.config import GridSpec, RunConfig, VariableSpec
+from geoflux.decode import (  # noqa: F401 (ndvi, nirv, vpd_from_dewpoint: the cube's public kernels)
+    DERIVE,
+    check_physical,
+    ndvi,
+    nirv,
+    vpd_from_dewpoint,
+)
+from geoflux.decode import data_assets as _data_assets
+from geoflux.decode import implausible as _implausible
 from geoflux.errors import CubeError, GridError
-from geoflux.reanalysis import convert, gridded_driver, load_gridded
+from geoflux.reanalysis import gridded_driver, load_gridded
+from geoflux.variables import convert
 
 ZARR_TYPES = ("application/vnd+zarr", "application/vnd.zarr", "application/x-zarr")
-# Magnus formula constants over water (Alduchov & Eskridge 1996): es(T) = A exp(B T / (T + C)), hPa, degC
-MAGNUS_A, MAGNUS_B, MAGNUS_C = 6.1094, 17.625, 243.04
-
-
 def target_grid(grid: GridSpec) -> GeoBox:
     """The target grid of a run as an odc-geo :class:`GeoBox` (CRS + affine + shape in one value)."""
     try:
@@ -80,32 +85,6 @@ def qa_mask(qa: xr.DataArray, mask: int | None, keep: Sequence[int]) -> xr.DataA
     raw = qa.fillna(0).astype("int64")
     field = raw if mask is None else raw & int(mask)
     return finite & field.isin(list(keep))
-
-
-def ndvi(red: xr.DataArray, nir: xr.DataArray) -> xr.DataArray:
-    """Normalised difference vegetation index (nir − red) / (nir + red), from reflectances (1)."""
-    den = nir + red
-    return ((nir - red) / den.where(den != 0)).astype("float32")
-
-
-def nirv(red: xr.DataArray, nir: xr.DataArray) -> xr.DataArray:
-    """Near-infrared reflectance of vegetation, NDVI × NIR (Badgley et al. 2017), dimensionless."""
-    return (ndvi(red, nir) * nir).astype("float32")
-
-
-def vpd_from_dewpoint(t: xr.DataArray, td: xr.DataArray) -> xr.DataArray:
-    """Vapour pressure deficit, hPa, from air temperature ``t`` and dew point ``td`` (both degC).
-
-    es(T) − es(Td) with the Magnus formula; clipped at 0 where rounding puts the dew point above ``t``.
-    """
-
-    def es(x: xr.DataArray) -> xr.DataArray:
-        return MAGNUS_A * np.exp(MAGNUS_B * x / (x + MAGNUS_C))
-
-    return (es(t) - es(td)).clip(min=0.0).astype("float32")
-
-
-DERIVE: dict[str, Callable[..., xr.DataArray]] = {"ndvi": ndvi, "nirv": nirv, "vpd": vpd_from_dewpoint}
 
 
 def fill_runs(a: np.ndarray, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,10 +281,6 @@ def check_loadable(items: Sequence[pystac.Item], var: VariableSpec, source: str 
                 check_header(path, item, key, var, data=key in data_assets, where=where)
 
 
-def _data_assets(var: VariableSpec) -> list[str]:
-    return list(dict.fromkeys(var.inputs.values())) if var.derive and var.inputs else [var.asset]
-
-
 def _assets_of(var: VariableSpec) -> list[str]:
     data = _data_assets(var)
     return data + ([var.qa_asset] if var.qa_asset and var.qa_asset not in data else [])
@@ -415,13 +390,6 @@ def _where_step(var: VariableSpec, t: Any, ids: Sequence[str], assets: Sequence[
     )
 
 
-def _implausible(var: VariableSpec, msg: str) -> None:
-    if var.on_implausible == "warn":
-        warnings.warn(msg, UserWarning, stacklevel=3)
-    else:
-        raise CubeError(msg)
-
-
 COARSE_EDGE = 64  # pixels: the coarse grid of the coverage check (overview reads, a few KB per asset)
 
 
@@ -489,29 +457,6 @@ def _declared_set(items: Sequence[pystac.Item], var: VariableSpec) -> dict[str, 
         vals = {v for i in items if b in i.assets for v in declared_nodata(i, b, var)}
         out[b] = sorted(vals)
     return out
-
-
-def _check_physical(
-    block: np.ndarray,
-    block_info: dict | None = None,
-    *,
-    var: VariableSpec,
-    labels: Sequence[str],
-) -> np.ndarray:
-    """Chunk task: values outside ``var.physical_range`` raise (or warn and become NaN)."""
-    lo, hi = var.physical_range  # type: ignore[misc]
-    bad = (block < lo) | (block > hi)  # NaN compares False: missing is never implausible
-    if not bad.any():
-        return block
-    k = block_info[0]["array-location"][0][0] if block_info else 0
-    vals = block[bad]
-    _implausible(
-        var,
-        f"{labels[k]}: {int(bad.sum())} pixel(s) outside physical_range [{lo:g}, {hi:g}] {var.units} "
-        f"(min {np.nanmin(vals):.4g}, max {np.nanmax(vals):.4g}; expected values inside: check "
-        "scale/offset/nodata)",
-    )
-    return np.where(bad, np.float32(np.nan), block)
 
 
 def load_variable(
@@ -615,7 +560,7 @@ def load_variable(
             _where_step(var, t, ids, data_assets, source)
             for t, ids in zip(arr["time"].to_numpy(), steps, strict=True)
         ]
-        arr = arr.copy(data=arr.data.map_blocks(_check_physical, var=var, labels=labels, dtype=np.float32))
+        arr = arr.copy(data=arr.data.map_blocks(check_physical, var=var, labels=labels, dtype=np.float32))
     arr.attrs = {"units": var.units, "kind": var.kind}
     if var.derive:
         arr.attrs["derived"] = var.derive

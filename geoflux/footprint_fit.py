@@ -138,7 +138,7 @@ def fit_pixels(
     sites: np.ndarray,
     *,
     method: str,
-    iterations: int = 3,
+    iterations: int = 2,
     seed: int = 0,
 ) -> tuple[RegressorMixin, np.ndarray, np.ndarray]:
     """Fit a per-pixel model on the footprints of the given table rows.

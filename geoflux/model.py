@@ -614,6 +614,8 @@ def fit(
         "n_samples": len(table),
         "sites": sorted(map(str, table["site"].unique())),
         "training": _method(spec, fr),
+        # scikit-learn forests and our mapping never see a NaN feature: a pixel missing any driver is nodata
+        "missing_drivers": "not accepted: a pixel with any missing driver is nodata in every band",
         **(provenance or {}),
     }
     model = TrainedModel(est, list(features), dict(feature_units), TARGET_UNITS, domain, prov)

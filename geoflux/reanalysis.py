@@ -31,7 +31,7 @@ import dataclasses
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,42 +39,9 @@ import pystac
 import xarray as xr
 from odc.geo.geobox import GeoBox
 
-from geoflux.config import VariableSpec
+from geoflux.decode import DERIVE, check_physical, data_assets
 from geoflux.errors import CubeError
-
-
-class Converter(NamedTuple):
-    """A linear unit conversion: ``out = value * factor + offset``."""
-
-    factor: float
-    offset: float
-    source_units: str
-    units: str
-
-
-CONVERTERS: dict[str, Converter] = {
-    "K_to_degC": Converter(1.0, -273.15, "K", "degC"),
-    # an accumulation over one hour divided by the 3600 s it accumulates: mean flux over the hour
-    "J_m2_per_hour_to_W_m2": Converter(1.0 / 3600.0, 0.0, "J m-2 (per 1 h accumulation)", "W m-2"),
-    # an hour's precipitation depth in m; x 1000 mm/m x 24 h/d: the mean of the hours is a daily rate
-    "m_per_hour_to_mm_per_day": Converter(24_000.0, 0.0, "m (per 1 h accumulation)", "mm d-1"),
-    "m_per_day_to_mm_per_day": Converter(1000.0, 0.0, "m d-1", "mm d-1"),
-    "Pa_to_hPa": Converter(0.01, 0.0, "Pa", "hPa"),
-    "kPa_to_hPa": Converter(10.0, 0.0, "kPa", "hPa"),
-    # MODIS 17A2H GPP / PsnNet: kg C m-2 summed over the 8-day composite -> daily mean in g C m-2 d-1
-    "kgC_per_8d_to_gC_per_d": Converter(1000.0 / 8.0, 0.0, "kg C m-2 (8-day sum)", "gC m-2 d-1"),
-    "kgC_per_day_to_gC_per_day": Converter(1000.0, 0.0, "kg C m-2 d-1", "gC m-2 d-1"),
-}
-
-
-def convert(values: Any, name: str | None) -> Any:
-    """``values`` in the converter's output units (``name`` None: unchanged); works on numpy and xarray."""
-    if name is None:
-        return values
-    c = CONVERTERS[name]
-    out = values * np.float32(c.factor) if c.factor != 1.0 else values
-    return out + np.float32(c.offset) if c.offset != 0.0 else out
-
+from geoflux.variables import VariableSpec, convert
 
 ZARR_TYPES = ("application/vnd+zarr", "application/vnd.zarr", "application/x-zarr")
 NETCDF_TYPES = ("application/netcdf", "application/x-netcdf", "application/x-hdf5", "application/x-hdf")
@@ -106,9 +73,7 @@ def is_gridded(item: pystac.Item, key: str) -> bool:
 
 def gridded_driver(items: Sequence[pystac.Item], var: VariableSpec) -> bool:
     """Whether a driver reads gridded (Zarr/NetCDF) assets; all its items must agree."""
-    from geoflux.cube import _data_assets
-
-    keys = _data_assets(var)
+    keys = data_assets(var)
     flags = {is_gridded(i, k) for i in items for k in keys if k in i.assets}
     if len(flags) > 1:
         raise CubeError(
@@ -539,8 +504,6 @@ def _block(block_info: dict | None = None, *, plan: _Plan) -> np.ndarray:
         stamps, window = st, win
     assert window is not None and stamps is not None
     if var.derive:
-        from geoflux.cube import DERIVE
-
         hourly = np.asarray(DERIVE[var.derive](**{r: xr.DataArray(f) for r, f in fields.items()}))
     else:
         hourly = fields["value"]
@@ -556,9 +519,7 @@ def _block(block_info: dict | None = None, *, plan: _Plan) -> np.ndarray:
     field = aggregate_hours(hourly, var.aggregation, daytime=daytime)
     out = reproject_window(field, lat_vals, lon_vals, crs, dst, plan.resampling, dlat, dlon)[None]
     if var.physical_range is not None:
-        from geoflux.cube import _check_physical
-
-        out = _check_physical(out, None, var=var, labels=[plan.labels[k]])
+        out = check_physical(out, None, var=var, labels=[plan.labels[k]])
     return out
 
 
@@ -602,12 +563,10 @@ def load_gridded(
     import dask.array as dsa
     from odc.geo.xr import xr_coords
 
-    from geoflux.cube import _data_assets
-
     where = f"{source}: " if source else ""
     roles_assets = dict(var.inputs) if var.derive and var.inputs else {"value": var.asset}
     for item in items:
-        for key in _data_assets(var):
+        for key in data_assets(var):
             if key not in item.assets:
                 raise CubeError(f"{where}variable '{var.name}': item {item.id} has no asset '{key}'")
     if var.qa_asset:

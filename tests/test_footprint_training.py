@@ -161,3 +161,28 @@ def test_fallback_is_reported_per_tower_and_can_stop():
         check_footprint_methods(fps, sites, recs, FootprintSpec(fallback="error"))
     # a disk configured on purpose is no fallback
     assert (check_footprint_methods(fps, sites, recs, FootprintSpec(method="disk"))["reason"] == "").all()
+
+
+def test_training_pixels_are_what_the_map_sees(tiny_run):
+    """A footprint pixel's training features, pushed through the model, give the mapped NEE at that pixel."""
+    import rasterio
+
+    from geoflux import pipeline
+    from geoflux.config import load_config
+    from geoflux.features import feature_names
+    from geoflux.model import load_model
+
+    out, _ = tiny_run
+    cfg = load_config(out / "config.yaml")
+    pixels = pd.read_parquet(out / pipeline.PIXELS)
+    model = load_model(out / pipeline.MODEL)
+    features = feature_names(cfg.variables)
+    # class features are exact 0/1 on both ends: no footprint-fraction tails a single pixel cannot have
+    lc = [f for f in features if f.startswith("landcover_")]
+    assert set(np.unique(pixels[lc].to_numpy())) == {0.0, 1.0}
+    sample = pixels.sample(25, random_state=0)
+    for r in sample.itertuples():
+        with rasterio.open(out / "maps" / f"nee_{pd.Timestamp(r.time):%Y%m%d}.tif") as ds:
+            mapped = ds.read(1)[r.row, r.col]
+        x = np.array([[getattr(r, f) for f in features]], dtype=np.float32)
+        np.testing.assert_allclose(mapped, model.predict(x)[0], rtol=1e-5, atol=1e-5)

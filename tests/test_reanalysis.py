@@ -27,7 +27,8 @@ from scipy.interpolate import RegularGridInterpolator
 from geoflux.config import GridSpec, VariableSpec
 from geoflux.cube import load_cube, target_grid, vpd_from_dewpoint
 from geoflux.errors import CubeError
-from geoflux.reanalysis import CONVERTERS, aggregate_hours, cos_zenith
+from geoflux.reanalysis import aggregate_hours, cos_zenith
+from geoflux.variables import CONVERTERS
 
 TOL = 2e-3  # K / hPa / W m-2: float32 stores and float32 GDAL warping against a float64 reference
 AN = ("air_temperature_at_2_metres", "dew_point_temperature_at_2_metres")
