@@ -2,7 +2,7 @@
 
 Builds generated worlds (``geoflux.demo.WorldSpec``) whose towers stand in homogeneous patches, anywhere
 (without regard to land cover, so many footprints mix classes), or anywhere with a mis-modelled footprint
-(the true source area is the FFP of a wind rotated by 60°, or a fixed 1.2 km box), runs the pipeline's
+(the true source area is the FFP of a wind rotated by 60°, or a fixed 1.2 km or 600 m box), runs the pipeline's
 towers and extraction stages once per world and footprint method, then trains and maps with each training
 method and scores the maps against the world's true NEE (which no model code computes).
 
@@ -61,6 +61,7 @@ WORLDS = {
     "random": dataclasses.replace(BASE, placement="random"),
     "random-rotated": dataclasses.replace(BASE, placement="random", source_area="rotated"),
     "random-box": dataclasses.replace(BASE, placement="random", source_area="box"),
+    "random-box300": dataclasses.replace(BASE, placement="random", source_area="box", box_half_width=300.0),
 }
 METHODS = ("averaged", "pixel", "iterative")
 

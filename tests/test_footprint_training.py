@@ -8,6 +8,8 @@ drivers learns f(Σ w x) and must do worse on single pixels than one that learns
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -186,3 +188,25 @@ def test_training_pixels_are_what_the_map_sees(tiny_run):
             mapped = ds.read(1)[r.row, r.col]
         x = np.array([[getattr(r, f) for f in features]], dtype=np.float32)
         np.testing.assert_allclose(mapped, model.predict(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_towers_stage_names_every_disk_fallback(tiny_world, caplog):
+    """Heights missing from the site table: one warning line per tower (warn), nothing written (error)."""
+    from geoflux import pipeline
+    from geoflux.config import load_config
+
+    sites_csv = tiny_world / "world" / "sites.csv"
+    sites = pd.read_csv(sites_csv)
+    sites.drop(columns=["HEIGHT_MEAS"]).to_csv(sites_csv, index=False)
+    cfg = load_config(tiny_world / "config.yaml")
+    stop = cfg.model_copy(update={"footprint": cfg.footprint.model_copy(update={"fallback": "error"})})
+    before = set(tiny_world.rglob("*"))
+    with pytest.raises(FootprintError, match="HEIGHT_MEAS"):
+        pipeline.stage_towers(stop)
+    assert set(tiny_world.rglob("*")) == before
+    with caplog.at_level(logging.WARNING, logger="geoflux"):
+        pipeline.stage_towers(cfg)
+    lines = [r.getMessage() for r in caplog.records if "disk instead of FFP" in r.getMessage()]
+    assert sorted(m.split(":")[0] for m in lines) == sorted(f"footprint {s}" for s in sites["SITE_ID"])
+    methods = pd.read_csv(tiny_world / pipeline.FOOTPRINT_METHODS)
+    assert set(methods["method"]) == {"disk"} and methods["reason"].str.contains("HEIGHT_MEAS").all()
