@@ -108,28 +108,83 @@ def _load(config: Path):
     return cfg
 
 
+# Set by the group from -q/--quiet: progress bars and informational lines on stderr are left out (warnings
+# and errors are not).
+_QUIET = {"on": False}
+
+
+def _quiet() -> bool:
+    return _QUIET["on"]
+
+
+def _info(message: str) -> None:
+    """An informational line on stderr (left out with -q)."""
+    if not _quiet():
+        click.echo(message, err=True)
+
+
+def _refuse_existing(paths, overwrite: bool) -> None:
+    """Refuse, before any work, to replace an existing output unless --overwrite (one line naming it).
+
+    A folder counts as existing when it has any content (an empty one is simply used).
+    """
+    from geoflux.errors import OutputExistsError
+
+    if overwrite:
+        return
+    for p in paths:
+        p = Path(p)
+        if p.is_file() or (p.is_dir() and any(p.iterdir())):
+            raise OutputExistsError(f"{p}: exists (expected a new output, or --overwrite to replace it)")
+
+
+def _stage_outputs(cfg, *names: str) -> list[Path]:
+    from geoflux import pipeline
+
+    return [cfg.out_dir / getattr(pipeline, n) for n in names]
+
+
+OVERWRITE_HELP = "Replace outputs that exist (default: refuse with an error naming the first one)."
+overwrite_opt = click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON on stdout.")
 config_arg = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(geoflux.__version__, prog_name="geoflux")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
-def cli(verbose: int) -> None:
-    """geoflux: flux-tower NEE → footprint-aware NEE maps (Cloud-Optimized GeoTIFF).
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bars or informational lines (errors, warnings stay)."
+)
+def cli(verbose: int, quiet: bool) -> None:
+    """geoflux: flux-tower NEE → footprint-aware NEE maps (Cloud-Optimized GeoTIFF, Zarr, STAC).
 
-    Stages, each reading the previous stage's file from the config's output folder:
+    Most verbs take CONFIG, the run configuration (YAML; relative paths resolve against its folder; see
+    README 'Configuration'), and read the previous stage's files from its output folder:
 
     \b
-      towers aggregate  tower files → towers/observations.parquet (NEE gC m-2 d-1)
-      extract   drivers in each tower footprint → training/training.parquet
-      train     site-grouped CV + fit → model/model.skops, model/cv_metrics.json
-      map       chunk-wise prediction → maps/nee_YYYYMMDD.tif (COG, gC m-2 d-1)
-      validate  maps vs truth/towers → validation/metrics.json
+      demo              generate a world with known true NEE and run everything on it
+      run               all stages below in order (towers → ... → report)
+      towers aggregate  tower files → towers/observations.parquet (NEE gC m-2 d-1) + footprints
+      towers summary    years, coverage and gaps of tower files (writes nothing)
+      towers analyze    one tower's carbon dynamics: gap-filling, partitioning, budgets
+      towers model      tower-only NEE model with leave-one-site-out skill
+      cube              driver cube on the grid → cube.zarr (for inspection)
+      extract           drivers in each tower footprint → training/training.parquet
+      train             site-grouped CV + fit → model/model.skops, model/cv_metrics.json
+      map               chunk-wise prediction → maps/nee_YYYYMMDD.tif (COG, gC m-2 d-1),
+                        maps/nee.zarr (time cube), maps/<band>.vrt, maps/catalog.json (STAC)
+      validate          maps vs truth/towers → validation/metrics.json (or maps made elsewhere)
+      report            report/index.html from the run's outputs
+      analyze           driver importance, dependence, anomalies, scenarios → analysis/
 
-    `geoflux run CONFIG` runs them all; `geoflux demo` generates a world with known true NEE and runs them.
+    Verbs that write refuse to replace existing outputs unless --overwrite (`map` resumes: it keeps finished
+    maps whose provenance equals the run's). Errors are one line: `error: <file or key>: <what>`, exit 1.
     """
+    _QUIET["on"] = quiet
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("geoflux").setLevel(level)
 
 
 @cli.command()
@@ -170,29 +225,46 @@ def demo(out: Path, size: str, seed: int | None, overwrite: bool) -> None:
             f"{out}: folder is not empty (expected a new or empty folder, or --overwrite)"
         )
     t0 = time.perf_counter()
-    click.echo(f"generating the {size} world in {out}/world ...", err=True)
+    _info(f"generating the {size} world in {out}/world ...")
     cfg_path = write_world(out, size, seed=seed)
-    _run(cfg_path, overwrite)
-    click.echo(f"done in {time.perf_counter() - t0:.1f} s; config: {cfg_path}", err=True)
+    _run(cfg_path, overwrite, as_json=False)
+    _info(f"done in {time.perf_counter() - t0:.1f} s; config: {cfg_path}")
     del pipeline
 
 
-def _run(config: Path, overwrite: bool) -> None:
+# What `run` writes, checked before it starts (maps are checked by the map stage itself: it resumes).
+RUN_OUTPUTS = ("OBSERVATIONS", "TRAINING", "MODEL", "CV_METRICS", "METRICS", "REPORT")
+
+
+def _run(config: Path, overwrite: bool, as_json: bool) -> None:
     from geoflux import pipeline
 
     cfg = _load(config)
-    metrics = pipeline.run(cfg, overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
+    _refuse_existing(_stage_outputs(cfg, *RUN_OUTPUTS), overwrite)
+    metrics = pipeline.run(cfg, overwrite=overwrite, progress=not _quiet(), echo=_info)
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2, default=str))
+        return
     click.echo(pipeline.summarize_metrics(metrics))
     click.echo(f"metrics: {cfg.out_dir / pipeline.METRICS}")
 
 
 @cli.command()
 @config_arg
-@click.option("--overwrite", is_flag=True, help="Redo maps that already exist (default: resume).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the outputs of an earlier run and redo every map (default: refuse if they exist).",
+)
+@json_opt
 @_fail_cleanly
-def run(config: Path, overwrite: bool) -> None:
-    """Run the whole pipeline from CONFIG: towers → extract → train → map → validate."""
-    _run(config, overwrite)
+def run(config: Path, overwrite: bool, as_json: bool) -> None:
+    """Run the whole pipeline from CONFIG: towers → extract → train → map → validate → report.
+
+    CONFIG is the run configuration (YAML; see README 'Configuration'); every output goes to its
+    `output` folder. Prints the validation summary (JSON with --json).
+    """
+    _run(config, overwrite, as_json)
 
 
 @cli.group()
@@ -202,15 +274,20 @@ def towers() -> None:
 
 @towers.command("aggregate")
 @config_arg
+@overwrite_opt
 @_fail_cleanly
-def towers_aggregate(config: Path) -> None:
+def towers_aggregate(config: Path, overwrite: bool) -> None:
     """Read tower files, keep QC-passed NEE, aggregate to the time step → towers/observations.parquet.
 
-    NEE is converted to gC m-2 d-1; periods below towers.min_coverage are dropped.
+    CONFIG is the run configuration (YAML): `towers.files`, `towers.sites`, `time`, `grid`, `footprint`.
+    NEE is converted to gC m-2 d-1; periods below towers.min_coverage are dropped. Also writes each
+    tower's footprint weights (towers/footprints.npz, towers/footprint_methods.csv).
     """
     from geoflux import pipeline
 
-    obs = pipeline.stage_towers(_load(config), echo=lambda m: click.echo(m, err=True))
+    cfg = _load(config)
+    _refuse_existing(_stage_outputs(cfg, "OBSERVATIONS", "FOOTPRINTS", "FOOTPRINT_METHODS"), overwrite)
+    obs = pipeline.stage_towers(cfg, echo=_info)
     summary = obs.groupby("site").agg(
         periods=("time", "size"), coverage=("NEE_coverage", "mean"), nee_mean=("NEE", "mean")
     )
@@ -248,9 +325,19 @@ def towers_summary(files: tuple[Path, ...]) -> None:
 @click.option("--no-daytime", is_flag=True, help="Skip day-time (Lasslop 2010) partitioning.")
 @click.option("--no-despike", is_flag=True, help="Skip spike detection.")
 @click.option("--csv", "as_csv", is_flag=True, help="Write record tables as CSV instead of parquet.")
+@overwrite_opt
+@json_opt
 @_fail_cleanly
 def towers_analyze(
-    file: Path, out: Path, site: str | None, ustar: str, no_daytime: bool, no_despike: bool, as_csv: bool
+    file: Path,
+    out: Path,
+    site: str | None,
+    ustar: str,
+    no_daytime: bool,
+    no_despike: bool,
+    as_csv: bool,
+    overwrite: bool,
+    as_json: bool,
 ) -> None:
     """Site carbon dynamics of one half-hourly tower FILE (not gap-filled data welcome).
 
@@ -271,6 +358,7 @@ def towers_analyze(
             msg = f"'{ustar}' (expected auto, none or a number)"
             raise click.BadParameter(msg, param_hint="--ustar") from None
     _check_output_dir(out, "--out")
+    _refuse_existing([out], overwrite)
     records = read_tower_file(file, site=site)
     summary = analyze_site(
         records,
@@ -281,8 +369,25 @@ def towers_analyze(
         despike=not no_despike,
     )
     keys = ("site", "budgets", "ustar_threshold", "e0", "q10", "alpha_max", "warnings")
-    click.echo(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2, default=str))
-    click.echo(f"tables and plots: {out}", err=True)
+    if as_json:
+        click.echo(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2, default=str))
+    else:
+        click.echo(_site_summary(summary))
+    _info(f"tables and plots: {out}")
+
+
+def _site_summary(summary: dict) -> str:
+    """A few lines of `towers analyze` results: budgets per year, u* threshold, temperature sensitivity."""
+    lines = [f"site {summary.get('site', '?')}: annual budgets (gC m-2 yr-1)"]
+    for b in summary.get("budgets", []):
+        parts = [f"{k} {b[k]:+.0f}" for k in ("NEE", "GPP", "RECO") if isinstance(b.get(k), int | float)]
+        lines.append(f"  {b.get('year', '?')}: {'  '.join(parts)}")
+    if summary.get("ustar_threshold") is not None:
+        lines.append(f"u* threshold {summary['ustar_threshold']:.3f} m s-1")
+    if summary.get("e0") is not None:
+        lines.append(f"E0 {summary['e0']:.0f} K, Q10 {summary.get('q10', float('nan')):.2f}")
+    lines += [f"warning: {w}" for w in summary.get("warnings", [])]
+    return "\n".join(lines)
 
 
 @towers.command("model")
@@ -319,7 +424,7 @@ def towers_analyze(
     type=click.Choice(["features", "features+qc_weights", "carbon_balance", "carbon_balance+qc_weights"]),
     help="The variant fitted on all sites and saved; every variant is compared in the same run.",
 )
-@click.option("--overwrite", is_flag=True, help="Write into a non-empty --out folder.")
+@overwrite_opt
 @_fail_cleanly
 def towers_model(
     files: tuple[str, ...],
@@ -360,7 +465,7 @@ def towers_model(
         seed=seed,
         min_qc=min_qc,
         setup=setup,
-        echo=lambda m: click.echo(m, err=True),
+        echo=_info,
     )
     write_outputs(result, out, overwrite=overwrite)
     for scale in ("monthly", "seasonal_cycle", "annual_anomaly"):
@@ -380,45 +485,92 @@ def towers_model(
     ]
     click.echo(f"per held-out site ({setup}):")
     click.echo(result.flags[cols].round(3).to_string(index=False))
-    click.echo(f"written to {out} in {time.perf_counter() - t0:.1f} s", err=True)
+    _info(f"written to {out} in {time.perf_counter() - t0:.1f} s")
 
 
 @cli.command()
 @config_arg
+@overwrite_opt
 @_fail_cleanly
-def cube(config: Path) -> None:
-    """Build the driver cube on the target grid and write it to cube.zarr (for inspection and reuse)."""
+def cube(config: Path, overwrite: bool) -> None:
+    """Build the driver cube on the target grid and write it to cube.zarr (for inspection and reuse).
+
+    CONFIG is the run configuration (YAML): `catalog`, `variables`, `grid`, `time`.
+    """
     from geoflux import pipeline
 
-    path = pipeline.stage_cube(_load(config))
+    cfg = _load(config)
+    _refuse_existing(_stage_outputs(cfg, "CUBE"), overwrite)
+    path = pipeline.stage_cube(cfg, progress=not _quiet())
     click.echo(str(path))
 
 
 @cli.command()
 @config_arg
+@overwrite_opt
 @_fail_cleanly
-def extract(config: Path) -> None:
-    """Footprint-weighted drivers at each tower joined with observations → training/training.parquet."""
+def extract(config: Path, overwrite: bool) -> None:
+    """Footprint-weighted drivers at each tower joined with observations → training/training.parquet.
+
+    CONFIG is the run configuration (YAML); needs `geoflux towers aggregate CONFIG` first.
+    """
     from geoflux import pipeline
 
-    table = pipeline.stage_extract(_load(config))
+    cfg = _load(config)
+    _refuse_existing(_stage_outputs(cfg, "TRAINING", "PIXELS"), overwrite)
+    if _quiet():
+        table = pipeline.stage_extract(cfg)
+    else:
+        from geoflux.progress import progress_bar
+
+        with progress_bar("extract"):  # the driver reads are dask computations: counting them is free
+            table = pipeline.stage_extract(cfg)
     click.echo(f"{len(table)} rows, {table['site'].nunique()} sites")
+
+
+def _cv_summary(cv: dict, units: str = "gC m-2 d-1") -> str:
+    """Two lines of cross-validation skill (metric names as in metrics.json: cv ``r2`` is the pooled NSE)."""
+    head = (
+        f"{cv.get('scheme', 'cross-validation')} over {cv.get('n_sites', '?')} sites (n={cv.get('n', '?')}):"
+    )
+    return (
+        f"{head}\n  nse {cv['r2']:.3f}  rmse {cv['rmse']:.3f} {units}  bias {cv['bias']:+.3f} {units}"
+        f"  median site nse {cv.get('nse_site_median', float('nan')):.3f}"
+    )
 
 
 @cli.command()
 @config_arg
+@overwrite_opt
+@json_opt
 @_fail_cleanly
-def train(config: Path) -> None:
-    """Leave-site-out CV, then fit on all sites → model/model.skops (+ model.json card, cv_metrics.json)."""
+def train(config: Path, overwrite: bool, as_json: bool) -> None:
+    """Leave-site-out CV, then fit on all sites → model/model.skops (+ model.json card, cv_metrics.json).
+
+    CONFIG is the run configuration (YAML): `model` settings; needs `geoflux extract CONFIG` first.
+    Prints the cross-validation skill (the full cv_metrics.json with --json).
+    """
     from geoflux import pipeline
 
-    cv = pipeline.stage_train(_load(config))
-    click.echo(json.dumps({k: v for k, v in cv.items() if k != "per_site"}, indent=2))
+    cfg = _load(config)
+    _refuse_existing(_stage_outputs(cfg, "MODEL", "CV_PREDICTIONS", "CV_METRICS"), overwrite)
+    _info(f"train: {cfg.model.kind}, site-grouped cross-validation then a fit on all sites ...")
+    t0 = time.perf_counter()
+    cv = pipeline.stage_train(cfg)
+    _info(f"train: done in {time.perf_counter() - t0:.1f} s; model: {cfg.out_dir / pipeline.MODEL}")
+    if as_json:
+        click.echo(json.dumps(cv, indent=2, default=str))
+    else:
+        click.echo(_cv_summary(cv))
 
 
 @cli.command("map")
 @config_arg
-@click.option("--overwrite", is_flag=True, help="Redo maps/tiles that already exist (default: resume).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Redo every map/tile (default: resume, keeping maps whose provenance equals this run's).",
+)
 @click.option(
     "--scheduler",
     default="threads",
@@ -472,7 +624,9 @@ def map_(
 ) -> None:
     """Predict NEE chunk by chunk → maps/nee_YYYYMMDD.tif (COG, float32, gC m-2 d-1) + maps/catalog.json.
 
-    Every band of the model is written (nee_q05_..., di_..., aoa_... when the model has them). With
+    CONFIG is the run configuration (YAML); needs `geoflux train CONFIG` first. Every band of the model
+    is written (nee-q05_..., nee-q95_..., di_..., aoa_... (uint8, 255 = nodata) when the model has them),
+    then maps/nee.zarr (all bands over time) and maps/<band>.vrt (one band per period). With
     --tile/--bbox, tiles go to maps/tiles-<size>/x<X>_y<Y>/ and maps/<band>_YYYYMMDD.vrt mosaics them.
     """
     from geoflux import pipeline
@@ -480,6 +634,7 @@ def map_(
     paths = pipeline.stage_map(
         _load(config),
         overwrite=overwrite,
+        progress=not _quiet(),
         scheduler=scheduler,
         workers=workers,
         tiles=[tuple(t) for t in tiles] if tiles else None,
@@ -487,7 +642,7 @@ def map_(
         tile_size=tile_size,
         inference=inference,
         mosaic_cog=mosaic_cog,
-        echo=lambda m: click.echo(m, err=True),
+        echo=_info,
     )
     folders = sorted({str(p.parent) for p in paths})
     click.echo(f"{len(paths)} maps in {', '.join(folders[:3])}{' ...' if len(folders) > 3 else ''}")
@@ -538,7 +693,8 @@ def map_(
     default=None,
     help="With --maps: write validation.json, pairs.csv and skill_*.csv here.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@json_opt
+@overwrite_opt
 @_fail_cleanly
 def validate(
     config: Path | None,
@@ -554,12 +710,14 @@ def validate(
     training_sites: str | None,
     out: Path | None,
     as_json: bool,
+    overwrite: bool,
 ) -> None:
     """Score NEE maps against towers through their footprints (and the truth when configured).
 
     \b
     geoflux validate CONFIG
-        the run's maps → validation/metrics.json (+ pairs.parquet, skill_*.csv)
+        the run's maps → validation/metrics.json (+ pairs.parquet, skill_*.csv);
+        CONFIG is the run configuration (YAML), `truth` optional
     geoflux validate --maps 'dir/*.tif' --towers 'towers/*.csv' --sites sites.csv [--time-step 8D]
         maps made elsewhere (any CRS; GeoTIFF/COG series or a NetCDF such as FLUXCOM-X)
 
@@ -574,7 +732,9 @@ def validate(
     if config is not None and maps is not None:
         raise click.UsageError("give either CONFIG or --maps/--towers/--sites, not both")
     if config is not None:
-        metrics = pipeline.stage_validate(_load(config))
+        cfg = _load(config)
+        _refuse_existing(_stage_outputs(cfg, "METRICS", "VALIDATION_PAIRS"), overwrite)
+        metrics = pipeline.stage_validate(cfg)
         text = _json.dumps(metrics, indent=2, default=str) if as_json else pipeline.summarize_metrics(metrics)
         click.echo(text)
         return
@@ -587,6 +747,7 @@ def validate(
 
     if out is not None:
         _check_output_dir(out, "--out")
+        _refuse_existing([out / "validation.json", out / "pairs.csv"], overwrite)
     train = [s.strip() for s in training_sites.split(",") if s.strip()] if training_sites else None
     val = validate_product(
         maps,
@@ -601,7 +762,7 @@ def validate(
         training_sites=train,
     )
     if out is not None:
-        click.echo(f"written: {write_validation(val, out)}", err=True)
+        _info(f"written: {write_validation(val, out)}")
     click.echo(_json.dumps(val.to_dict(), indent=2, default=str) if as_json else val.summary_text())
 
 
@@ -614,12 +775,18 @@ def validate(
     metavar="YYYY-MM-DD",
     help="Map date to show (repeatable; default: first, strongest-uptake and last step).",
 )
+@overwrite_opt
 @_fail_cleanly
-def report(config: Path, dates: tuple[str, ...]) -> None:
-    """Write report/index.html + PNGs from the run's outputs (run 'geoflux validate CONFIG' first)."""
+def report(config: Path, dates: tuple[str, ...], overwrite: bool) -> None:
+    """Write report/index.html + PNGs from the run's outputs (run 'geoflux validate CONFIG' first).
+
+    CONFIG is the run configuration (YAML) whose output folder holds the run.
+    """
     from geoflux import pipeline
 
-    click.echo(str(pipeline.stage_report(_load(config), dates=list(dates) or None)))
+    cfg = _load(config)
+    _refuse_existing(_stage_outputs(cfg, "REPORT"), overwrite)
+    click.echo(str(pipeline.stage_report(cfg, dates=list(dates) or None)))
 
 
 @cli.command()
@@ -637,12 +804,14 @@ def report(config: Path, dates: tuple[str, ...]) -> None:
     default=None,
     help="Output folder (default: <output>/analysis).",
 )
+@overwrite_opt
 @_fail_cleanly
-def analyze(config: Path, pixels: int, out: Path | None) -> None:
+def analyze(config: Path, pixels: int, out: Path | None, overwrite: bool) -> None:
     """What governs NEE: driver importance (grouped permutation), partial dependence and interactions,
     inter-annual/seasonal anomaly attribution and scenarios (+2 K, drying), written as tables and PNGs.
 
-    Needs a trained model (`geoflux train`). Prints the multi-scale skill table (gC m-2 d-1).
+    CONFIG is the run configuration (YAML). Needs a trained model (`geoflux train`). Prints the
+    multi-scale skill table (gC m-2 d-1).
     """
     from geoflux.analysis import analyze as run_analysis
     from geoflux.analysis import multiscale_table
@@ -650,6 +819,7 @@ def analyze(config: Path, pixels: int, out: Path | None) -> None:
     cfg = _load(config)
     if out is not None:
         _check_output_dir(out, "--out")
+    _refuse_existing([out if out is not None else cfg.out_dir / "analysis"], overwrite)
     result = run_analysis(cfg, out_dir=out, n_pixels=pixels)
     click.echo(multiscale_table(result["multiscale"]))
 

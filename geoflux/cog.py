@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
@@ -23,6 +24,7 @@ import rasterio
 import rasterio.shutil
 from odc.geo.geobox import GeoBox
 from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from rasterio.windows import Window
 
 from geoflux.atomic import atomic_path
@@ -86,17 +88,29 @@ def _profile(
 
 
 def _fill_nodata(block: np.ndarray, spec: RasterSpec) -> np.ndarray:
-    """Cast to the output dtype with NaN (masked) pixels set to the declared nodata value."""
-    out = np.asarray(block).astype(spec.dtype, copy=False)
-    if spec.nodata is not None and not np.isnan(spec.nodata) and np.issubdtype(out.dtype, np.floating):
-        nan = np.isnan(out)
+    """Cast to the output dtype with NaN (masked) pixels set to the declared nodata value.
+
+    Integer outputs (e.g. the AOA mask as uint8 with nodata 255) get their nodata before the cast, since
+    NaN has no integer value.
+    """
+    block = np.asarray(block)
+    dtype = np.dtype(spec.dtype)
+    has_nodata = spec.nodata is not None and not np.isnan(spec.nodata)
+    if has_nodata and np.issubdtype(block.dtype, np.floating):
+        nan = np.isnan(block)
         if nan.any():
-            out = np.where(nan, np.asarray(spec.nodata, dtype=out.dtype), out)
-    return out
+            block = np.where(nan, np.asarray(spec.nodata, dtype=block.dtype), block)
+    return block.astype(dtype, copy=False)
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 to the second (``2024-05-01T12:00:00Z``)."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _describe(dst: rasterio.io.DatasetWriter, spec: RasterSpec) -> None:
-    dst.update_tags(**spec.tags)
+    # ``created`` is when these bytes were written, unless the spec says otherwise (a copy keeps its source's)
+    dst.update_tags(**{"created": utc_now(), **spec.tags})
     dst.update_tags(1, units=spec.units)
     if spec.units:
         dst.units = (spec.units,)
@@ -105,11 +119,12 @@ def _describe(dst: rasterio.io.DatasetWriter, spec: RasterSpec) -> None:
 
 
 def _cog_blocksize(width: int, height: int) -> int:
-    """256-pixel tiles, smaller for small rasters so that they still get tiles and overviews."""
-    size = 256
-    while size > 16 and min(width, height) < 2 * size:
-        size //= 2
-    return size
+    """256-pixel COG tiles, 128 for rasters under 512 px a side.
+
+    GDAL's COG driver accepts BLOCKSIZE >= 128 only (smaller values draw a warning per file); a raster
+    smaller than one tile is a single tile and needs no overviews.
+    """
+    return 256 if min(width, height) >= 512 else 128
 
 
 # GDAL's block cache defaults to 5 % of RAM; while it builds overviews for a big COG it would fill it (about
@@ -344,6 +359,41 @@ class COGStream:
             self.abort()
 
 
+def raster_band_fields(
+    name: str, description: str, nodata: float | int | None, data_type: str, unit: str
+) -> dict[str, Any]:
+    """One band's metadata as STAC 1.1 common band fields (``name``, ``nodata``, ``data_type``, ``unit``)."""
+    band: dict[str, Any] = {"name": name, "description": description, "data_type": data_type}
+    if nodata is not None:
+        band["nodata"] = nodata
+    if unit:
+        band["unit"] = unit
+    return band
+
+
+def describe_raster_asset(
+    asset: pystac.Asset, band: Mapping[str, Any], resolution: float | None = None
+) -> None:
+    """Put one band's nodata, data type and unit on an asset the way STAC tools read them.
+
+    STAC 1.1 ``bands`` (read by odc-stac and pystac) and, for tools that predate STAC 1.1 (stackstac,
+    QGIS), the raster extension's ``raster:bands`` with scale 1 and offset 0 (values are physical). The
+    asset must already belong to its item or collection (the extension is declared there).
+    """
+    asset.extra_fields["bands"] = [dict(band)]
+    raster = RasterExtension.ext(asset, add_if_missing=True)
+    raster.bands = [
+        RasterBand.create(
+            nodata=band.get("nodata"),
+            data_type=DataType(band["data_type"]),
+            unit=band.get("unit"),
+            scale=1.0,
+            offset=0.0,
+            spatial_resolution=resolution,
+        )
+    ]
+
+
 def stac_item_for_cog(
     path: Path,
     geobox: GeoBox,
@@ -354,10 +404,13 @@ def stac_item_for_cog(
     asset_key: str = "data",
     asset_title: str = "",
     roles: Sequence[str] = ("data",),
+    band: Mapping[str, Any] | None = None,
 ) -> pystac.Item:
     """A STAC item (with the projection extension) describing one single-band COG.
 
-    ``datetime`` is the period start; ``start_datetime``/``end_datetime`` bound the period.
+    ``datetime`` is the period start; ``start_datetime``/``end_datetime`` bound the period. ``band``
+    (see :func:`raster_band_fields`) adds the asset's nodata, data type and unit
+    (:func:`describe_raster_asset`).
     """
     footprint = geobox.extent.to_crs("EPSG:4326")
     geom = footprint.json
@@ -379,6 +432,8 @@ def stac_item_for_cog(
             roles=list(roles),
         ),
     )
+    if band is not None:
+        describe_raster_asset(item.assets[asset_key], band, resolution=abs(geobox.resolution.x))
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     epsg = geobox.crs.epsg
     proj.epsg = epsg
@@ -389,23 +444,42 @@ def stac_item_for_cog(
     return item
 
 
+def _item_end(item: pystac.Item) -> dt.datetime | None:
+    """End of an item's period (``end_datetime``), else its ``datetime``."""
+    end = item.common_metadata.end_datetime
+    return end if end is not None else item.datetime
+
+
 def save_catalog(
-    root: Path, catalog_id: str, description: str, collections: dict[str, list[pystac.Item]], geobox: GeoBox
+    root: Path,
+    catalog_id: str,
+    description: str,
+    collections: dict[str, list[pystac.Item]],
+    geobox: GeoBox,
+    decorate: Callable[[pystac.Collection], None] | None = None,
 ) -> Path:
     """Write a self-contained static STAC catalog at ``root/catalog.json`` with one collection per key.
 
-    Asset hrefs are made relative so the folder can be moved as a whole.
+    A collection's temporal extent runs from its first item's start to its last item's ``end_datetime``
+    (the end of the last period, not its start). ``decorate`` may add licence, providers, item_assets,
+    summaries or collection-level assets to each collection before it is saved. Asset hrefs are made
+    relative so the folder can be moved as a whole.
     """
     cat = pystac.Catalog(id=catalog_id, description=description)
     lon0, lat0, lon1, lat1 = geobox.extent.to_crs("EPSG:4326").boundingbox
     for cid, items in collections.items():
-        times = [i.datetime for i in items if i.datetime is not None]
+        starts = [i.common_metadata.start_datetime or i.datetime for i in items]
+        ends = [_item_end(i) for i in items]
         extent = pystac.Extent(
             pystac.SpatialExtent([[lon0, lat0, lon1, lat1]]),
-            pystac.TemporalExtent([[min(times), max(times)]]),
+            pystac.TemporalExtent(
+                [[min(t for t in starts if t is not None), max(t for t in ends if t is not None)]]
+            ),
         )
         coll = pystac.Collection(id=cid, description=f"{cid} ({description})", extent=extent)
         coll.add_items(items)
+        if decorate is not None:
+            decorate(coll)
         cat.add_child(coll)
     root.mkdir(parents=True, exist_ok=True)
     cat.normalize_hrefs(str(root.resolve()))

@@ -49,7 +49,16 @@ BAND_DESCRIPTIONS = {
     "DI": "dissimilarity index (area of applicability)",
     "AOA": "area of applicability: 1 inside, 0 outside",
 }
+# What each band's values are (the ``quantity`` tag); quantile bands are described by band_quantity.
+BAND_QUANTITIES = {
+    "NEE": "net ecosystem exchange (positive = CO2 source to the atmosphere)",
+    "DI": "dissimilarity index of the drivers to the training data (0 = like the training data)",
+    "AOA": "area of applicability of the model (1 inside, 0 outside)",
+}
 CATEGORICAL_BANDS = {"AOA"}
+# The AOA is a 0/1 mask: one byte per pixel with its own nodata, not float32 with -9999.
+BAND_DTYPES = {"AOA": ("uint8", 255)}
+FLOAT_NODATA = -9999.0
 
 
 def band_stem(band: str) -> str:
@@ -66,24 +75,54 @@ def band_units(band: str, target_units: str) -> str:
     return BAND_UNITS.get(band, target_units)
 
 
-def band_spec(band: str, path: Path, target_units: str, tags: Mapping[str, str]) -> RasterSpec:
-    """The :class:`RasterSpec` of one band's output file."""
+def band_dtype(band: str) -> tuple[str, float | int]:
+    """(data type, nodata value) of a band's files: float32 with -9999, the AOA mask uint8 with 255."""
+    return BAND_DTYPES.get(band, ("float32", FLOAT_NODATA))
+
+
+def band_quantity(band: str) -> str:
+    """What a band's values are, for the ``quantity`` tag (``NEE_q05``: the 5 % quantile of NEE)."""
     if band.startswith("NEE_q"):
-        desc = f"NEE quantile {band[5:]} % (uncertainty band)"
-    else:
-        desc = BAND_DESCRIPTIONS.get(band, band)
+        return f"{int(band[5:])} % quantile of net ecosystem exchange (prediction band)"
+    return BAND_QUANTITIES.get(band, band)
+
+
+def band_description(band: str) -> str:
+    """Long name of a band (``long_name`` tag, band description)."""
+    if band.startswith("NEE_q"):
+        return f"NEE quantile {band[5:]} % (uncertainty band)"
+    return BAND_DESCRIPTIONS.get(band, band)
+
+
+def band_spec(band: str, path: Path, target_units: str, tags: Mapping[str, str]) -> RasterSpec:
+    """The :class:`RasterSpec` of one band's output file.
+
+    Parameters
+    ----------
+    band : model band (``NEE``, ``NEE_q05``, ``NEE_q95``, ``DI``, ``AOA``).
+    path : output file.
+    target_units : the model's NEE units (gC m-2 d-1); DI and AOA are unitless (``1``).
+    tags : run provenance shared by all bands; ``band``, ``quantity`` and ``long_name`` are added here.
+    """
+    desc = band_description(band)
+    dtype, nodata = band_dtype(band)
     return RasterSpec(
         Path(path),
+        dtype=dtype,
+        nodata=nodata,
         units=band_units(band, target_units),
         description=band if band == "NEE" else f"{band}: {desc}",
-        tags={**tags, "band": band, "long_name": desc},
+        tags={**tags, "band": band, "quantity": band_quantity(band), "long_name": desc},
         resampling="NEAREST" if band in CATEGORICAL_BANDS else "AVERAGE",
     )
 
 
 # Tags that do not decide what the bytes are: a new geoflux version alone does not force a re-map (the file
-# keeps saying which version wrote it, so its provenance stays true).
-UNCHECKED_TAGS = frozenset({"software"})
+# keeps saying which version wrote it, so its provenance stays true); ``created`` is when the file was
+# written, which a resumed run must not compare; ``catalog`` (an absolute URI) and ``config_sha256`` (the
+# config holds absolute paths) change when a run folder is moved or copied, while the model, its inputs,
+# variables and period (checked) decide the values.
+UNCHECKED_TAGS = frozenset({"software", "created", "catalog", "config_sha256"})
 
 
 def redo_reason(spec: RasterSpec) -> str | None:
@@ -91,7 +130,8 @@ def redo_reason(spec: RasterSpec) -> str | None:
 
     An existing file is kept only when every tag of ``spec`` (but :data:`UNCHECKED_TAGS`) has the same
     value in the file, e.g. ``model_sha256``, ``input_items``, ``variables``, ``period_start``, ``band``:
-    then it was made by the same model from the same inputs. A file that cannot be read is redone too.
+    then it was made by the same model from the same inputs.
+    A file that cannot be read, or whose data type or nodata differ from the spec's, is redone too.
 
     Returns
     -------
@@ -102,9 +142,12 @@ def redo_reason(spec: RasterSpec) -> str | None:
     try:
         with rasterio.open(spec.path) as src:
             have = src.tags()
+            dtype, nodata = src.dtypes[0], src.nodata
     except rasterio.errors.RasterioIOError:
         return "unreadable"
     differ = [k for k, v in spec.tags.items() if k not in UNCHECKED_TAGS and have.get(k) != str(v)]
+    if dtype != spec.dtype or (spec.nodata is not None and nodata != spec.nodata):
+        differ.append("data type")
     return f"{', '.join(differ)} differ{'s' if len(differ) == 1 else ''}" if differ else None
 
 

@@ -235,36 +235,66 @@ def _tile_cube(cfg: RunConfig, geobox):
 
 
 # Map tags copied into each STAC item as ``geoflux:<tag>`` (lists for the comma-separated ones).
-_ITEM_TAGS = ("model_sha256", "model_kind", "software", "catalog", "variables", "input_items", "period")
+_ITEM_TAGS = (
+    "model_sha256",
+    "model_kind",
+    "config_sha256",
+    "software",
+    "catalog",
+    "variables",
+    "input_items",
+    "period",
+)
 _LIST_TAGS = ("variables", "input_items")
+# STAC asset roles of the map bands: the estimate, its uncertainty band, and where it can be trusted.
+_BAND_ROLES = {"NEE": ["data"], "DI": ["quality"], "AOA": ["quality"]}
+# Licence of the map products (the maps, not the software): CC BY 4.0 unless the lead decides otherwise.
+MAP_LICENSE = ("CC-BY-4.0", "https://creativecommons.org/licenses/by/4.0/")
+
+
+def _band_roles(band: str) -> list[str]:
+    return ["uncertainty"] if band.startswith("NEE_q") else list(_BAND_ROLES.get(band, ["data"]))
 
 
 def _file_props(path: Path) -> tuple:
-    """(STAC properties, GeoBox, period start or None) read from a map file's own tags and georeferencing."""
+    """(STAC properties, GeoBox, period start or None, STAC band fields) read from a map file itself."""
     import rasterio
     from odc.geo.geobox import GeoBox
+
+    from geoflux.cog import raster_band_fields
 
     with rasterio.open(path) as src:
         tags, units = src.tags(), src.tags(1).get("units", "")
         geobox = GeoBox(src.shape, src.transform, src.crs.to_wkt())
-    props = {"geoflux:units": units}
+        band = raster_band_fields(
+            tags.get("band", "NEE"),
+            tags.get("quantity") or tags.get("long_name", ""),
+            src.nodata,
+            src.dtypes[0],
+            units,
+        )
+    props = {}
     for k in _ITEM_TAGS:
         if k in tags:
             props[f"geoflux:{k}"] = [x for x in tags[k].split(",") if x] if k in _LIST_TAGS else tags[k]
+    if "created" in tags:
+        props["created"] = tags["created"]
     start = pd.Timestamp(tags["period_start"]) if "period_start" in tags else None
-    return props, geobox, start
+    return props, geobox, start, band
 
 
 def _map_item(cfg: RunConfig, band_files: dict[str, Path], item_id: str, p: pd.Timestamp):
     """The STAC item of one period's map files, described by the files' own tags (not by this run's).
 
-    Band files whose model hash or input items differ from the NEE file's (a run interrupted between
-    bands) are left out of the item rather than described wrongly; ``geoflux:bands`` lists those in it.
+    Each asset carries its band's nodata, data type and unit (STAC 1.1 ``bands`` and ``raster:bands``) and
+    a role: ``data`` (NEE), ``uncertainty`` (quantiles), ``quality`` (DI, AOA). Band files whose model hash
+    or input items differ from the NEE file's (a run interrupted between bands) are left out of the item
+    rather than described wrongly; ``geoflux:bands`` lists those in it.
     """
     from geoflux.cog import stac_item_for_cog
     from geoflux.mapping import band_stem
 
-    props, geobox, start = _file_props(band_files["NEE"])
+    props, geobox, start, nee_band = _file_props(band_files["NEE"])
     start = start if start is not None else p
     period = props.get("geoflux:period", cfg.time.step)
     end = start + pd.tseries.frequencies.to_offset(period)
@@ -273,9 +303,9 @@ def _map_item(cfg: RunConfig, band_files: dict[str, Path], item_id: str, p: pd.T
     for band, path in band_files.items():
         if band == "NEE":
             continue
-        bprops, _, _ = _file_props(path)
+        bprops, _, _, fields = _file_props(path)
         if all(bprops.get(k) == props.get(k) for k in same):
-            extras[band] = path
+            extras[band] = (path, fields)
         else:
             log.warning(
                 "map: %s: made by another model or from other inputs than %s; not in the STAC item",
@@ -290,14 +320,37 @@ def _map_item(cfg: RunConfig, band_files: dict[str, Path], item_id: str, p: pd.T
         start.to_pydatetime(),
         end.to_pydatetime(),
         properties=props,
-        asset_title=f"NEE ({props['geoflux:units']})",
+        asset_title=f"NEE ({nee_band.get('unit', '')})",
+        roles=_band_roles("NEE"),
+        band=nee_band,
     )
-    for band, path in extras.items():
+    for band, (path, fields) in extras.items():
         extra = stac_item_for_cog(
-            path, geobox, item_id, start.to_pydatetime(), end.to_pydatetime(), asset_title=band
+            path,
+            geobox,
+            item_id,
+            start.to_pydatetime(),
+            end.to_pydatetime(),
+            asset_title=band,
+            roles=_band_roles(band),
+            band=fields,
         )
         item.add_asset(band_stem(band), extra.assets["data"])
     return item
+
+
+def config_sha256(cfg: RunConfig) -> str:
+    """sha256 of the run configuration's canonical JSON (``cfg.model_dump_json()``)."""
+    import hashlib
+
+    return hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()
+
+
+def catalog_uri(cfg: RunConfig) -> str:
+    """The run's driver catalog as a resolvable URI: a URL as given, a local file as a ``file://`` URI."""
+    if "://" in cfg.catalog:
+        return cfg.catalog
+    return cfg.path(cfg.catalog).resolve().as_uri()
 
 
 def stage_map(
@@ -355,11 +408,12 @@ def stage_map(
         "software": f"geoflux {geoflux.__version__}",
         "model_sha256": sha,
         "model_kind": cfg.model.kind,
-        "catalog": cfg.catalog,
+        "config_sha256": config_sha256(cfg),
+        "catalog": catalog_uri(cfg),
         "variables": ",".join(v.name for v in cfg.variables),
-        "quantity": "net ecosystem exchange (positive = CO2 source to the atmosphere)",
     }
     periods = cfg.periods()
+    step = pd.tseries.frequencies.to_offset(cfg.time.step)
     bands = tuple(model.bands)
 
     def outputs_for(folder: Path | None, cube) -> dict[int, list]:
@@ -371,6 +425,7 @@ def stage_map(
             ptags = {
                 **tags,
                 "period_start": f"{p:%Y-%m-%d}",
+                "period_end": f"{p + step:%Y-%m-%d}",
                 "period": cfg.time.step,
                 "input_items": item_ids[p],
             }
@@ -438,9 +493,81 @@ def stage_map(
         tile_items = [_map_item(cfg, files, iid, p) for files, iid, p in tile_items]
         if tile_items:
             collections[MAP_COLLECTIONS[1]] = tile_items
+    # the time cube and VRT stacks exist only while every full-grid file does (else they would mix runs)
+    assets = write_map_products(cfg, bands, echo=echo, progress=progress)
     if collections:
-        save_catalog_maps(cfg, collections, geobox)
+        save_catalog_maps(cfg, collections, geobox, assets=assets)
     return written
+
+
+MAP_CUBE = f"{MAPS}/nee.zarr"
+
+
+def _drop_map_products(cfg: RunConfig, bands) -> None:
+    from geoflux.atomic import _remove
+    from geoflux.mapping import band_stem
+
+    _remove(cfg.out_dir / MAP_CUBE)
+    for b in bands:
+        (cfg.out_dir / MAPS / f"{band_stem(b)}.vrt").unlink(missing_ok=True)
+
+
+def write_map_products(
+    cfg: RunConfig, bands, echo: Callable[[str], None] = log.info, progress: bool = False
+) -> dict:
+    """The time-aware products of the finished full-grid COGs: ``maps/nee.zarr`` and ``maps/<band>.vrt``.
+
+    Written (or kept, when the cube was made from exactly these files) only when every band of every period
+    exists; otherwise stale ones are removed. See :mod:`geoflux.outputs`.
+
+    Returns
+    -------
+    STAC collection-level assets (key → pystac.Asset) of what is on disk.
+    """
+    import pystac
+    import rasterio
+    from odc.geo.geobox import GeoBox
+
+    from geoflux.mapping import band_dtype, band_quantity, band_stem, band_units
+    from geoflux.outputs import write_band_vrt, write_time_cube
+
+    files = {b: map_paths(cfg, b) for b in bands}
+    if not all(f.exists() for per in files.values() for f in per.values()):
+        _drop_map_products(cfg, bands)
+        return {}
+    path, written = write_time_cube(files, cfg.out_dir / MAP_CUBE, chunk=cfg.grid.chunk)
+    if written:
+        echo(f"map: time cube {path}")
+    with rasterio.open(files["NEE"][cfg.periods()[0]]) as src:
+        geobox = GeoBox(src.shape, src.transform, src.crs.to_wkt())
+        target_units = src.tags(1).get("units", "")
+    assets = {
+        "zarr": pystac.Asset(
+            href=str(path.resolve()),
+            title="all bands over time (Zarr, CF: time_bnds, grid_mapping, _FillValue)",
+            media_type="application/vnd+zarr",
+            roles=["data"],
+            extra_fields={"xarray:open_kwargs": {"engine": "zarr", "consolidated": True}},
+        )
+    }
+    for b in bands:
+        dtype, nodata = band_dtype(b)
+        vrt = write_band_vrt(
+            cfg.out_dir / MAPS / f"{band_stem(b)}.vrt",
+            files[b],
+            geobox,
+            dtype,
+            nodata,
+            band_units(b, target_units),
+            band_quantity(b),
+        )
+        assets[f"{band_stem(b)}-vrt"] = pystac.Asset(
+            href=str(vrt.resolve()),
+            title=f"{b}: one band per period (GDAL VRT)",
+            media_type="application/xml",
+            roles=_band_roles(b),
+        )
+    return assets
 
 
 MAP_COLLECTIONS = ("geoflux-nee", "geoflux-nee-tiles")
@@ -457,15 +584,59 @@ def _drop_catalog_maps(cfg: RunConfig) -> None:
             shutil.rmtree(root / cid)
 
 
-def save_catalog_maps(cfg: RunConfig, collections: dict, geobox) -> Path:
+def save_catalog_maps(cfg: RunConfig, collections: dict, geobox, assets: dict | None = None) -> Path:
     """Write ``maps/catalog.json`` describing the map outputs (one collection per kind).
 
-    Replaces the catalog written before (collections or items that are gone leave nothing behind).
+    Each collection gets ``item_assets`` (every band's role, unit, nodata and data type), summaries, the
+    licence (:data:`MAP_LICENSE`) with its link, geoflux as processor, and ``assets`` (the time cube and
+    VRT stacks, on the full-grid collection). Replaces the catalog written before (collections or items
+    that are gone leave nothing behind).
     """
+    import pystac
+
     from geoflux.cog import save_catalog
 
+    def decorate(coll: pystac.Collection) -> None:
+        items = list(coll.get_items())
+        coll.license = MAP_LICENSE[0]
+        coll.add_link(pystac.Link("license", MAP_LICENSE[1], media_type="text/html", title=MAP_LICENSE[0]))
+        coll.providers = [
+            pystac.Provider(
+                "geoflux",
+                description=f"geoflux {geoflux.__version__}: footprint-aware NEE maps from flux towers",
+                roles=[pystac.ProviderRole.PROCESSOR],
+            )
+        ]
+        defs = {}
+        for item in items:
+            for key, asset in item.assets.items():
+                if key not in defs:
+                    fields = {k: v for k, v in asset.extra_fields.items() if k in ("bands", "raster:bands")}
+                    defs[key] = pystac.ItemAssetDefinition.create(
+                        title=asset.title,
+                        description=None,
+                        media_type=asset.media_type,
+                        roles=asset.roles,
+                        extra_fields=fields,
+                    )
+        coll.item_assets = defs
+        summary = {
+            "geoflux:model_sha256": sorted(
+                {i.properties.get("geoflux:model_sha256") for i in items} - {None}
+            ),
+            "geoflux:period": sorted({i.properties.get("geoflux:period") for i in items} - {None}),
+            "geoflux:bands": sorted({b for i in items for b in i.properties.get("geoflux:bands", [])}),
+            "proj:code": sorted({i.properties.get("proj:code") for i in items} - {None}),
+        }
+        coll.summaries = pystac.Summaries({k: v for k, v in summary.items() if v})
+        if coll.id == MAP_COLLECTIONS[0]:
+            for key, asset in (assets or {}).items():
+                coll.add_asset(key, asset.clone())
+
     _drop_catalog_maps(cfg)
-    return save_catalog(cfg.out_dir / MAPS, "geoflux-maps", "geoflux NEE maps", collections, geobox)
+    return save_catalog(
+        cfg.out_dir / MAPS, "geoflux-maps", "geoflux NEE maps", collections, geobox, decorate=decorate
+    )
 
 
 def _mosaic_tags(files: list[Path]) -> dict[str, str] | None:
@@ -482,7 +653,8 @@ def _mosaic_tags(files: list[Path]) -> dict[str, str] | None:
             tags.append(src.tags())
     if len({(t.get("model_sha256"), t.get("variables")) for t in tags}) != 1:
         return None
-    common = {k: v for k, v in tags[0].items() if all(t.get(k) == v for t in tags[1:])}
+    # ``created`` is the mosaic's own (set when it is written), not its tiles'
+    common = {k: v for k, v in tags[0].items() if k != "created" and all(t.get(k) == v for t in tags[1:])}
     ids = {x for t in tags for x in t.get("input_items", "").split(",") if x}
     common["input_items"] = ",".join(sorted(ids))
     return common

@@ -193,8 +193,9 @@ def garbage(n: int = 4096) -> bytes:
 
 
 RUN = ("run", "{w}/config.yaml")  # configs are refused while loading, before any stage runs
-TOWERS = ("towers", "aggregate", "{w}/config.yaml")
-EXTRACT = ("extract", "{w}/config.yaml")  # the towers stage's outputs are in place: next comes the catalog
+# --overwrite: the world already holds these verbs' outputs, which they refuse to replace without it
+TOWERS = ("towers", "aggregate", "{w}/config.yaml", "--overwrite")
+EXTRACT = ("extract", "{w}/config.yaml", "--overwrite")  # towers outputs in place: next comes the catalog
 TRAIN = ("train", "{w}/config.yaml")
 ANALYZE = ("analyze", "{w}/config.yaml")
 MAPS, TOWER_GLOB, SITES = "{w}/maps/*.tif", "{w}/world/towers/*.csv", "{w}/world/sites.csv"

@@ -37,7 +37,8 @@ def test_maps_are_valid_cogs_with_units_and_stac(tiny_run):
         assert ds.dtypes[0] == "float32"
         assert ds.nodata is not None
         assert ds.crs.to_epsg() == 32632
-        assert ds.overviews(1), "COG has overviews"
+        # 48 x 48 px fit one 128-px tile (GDAL's smallest COG block): no overviews needed
+        assert ds.overviews(1) or max(ds.shape) <= 128, "COG has overviews"
         assert ds.block_shapes[0][0] < ds.height or ds.height <= 256
         assert ds.tags(1)["units"] == "gC m-2 d-1"
         assert "model_sha256" in ds.tags()

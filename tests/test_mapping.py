@@ -40,7 +40,14 @@ def _finished(folder: Path) -> list[Path]:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in _finished(folder)}
+    """Per file, sha256 of its pixels, georeferencing and tags but ``created`` (the write time)."""
+    out = {}
+    for p in _finished(folder):
+        with rasterio.open(p) as src:
+            tags = {k: v for k, v in src.tags().items() if k != "created"}
+            meta = repr((src.profile, tags, src.tags(1), src.descriptions, src.overviews(1)))
+            out[p.name] = hashlib.sha256(src.read().tobytes() + meta.encode()).hexdigest()
+    return out
 
 
 def _expected(ds, model, t: int) -> np.ndarray:
@@ -76,12 +83,17 @@ def test_all_bands_written_as_valid_georeferenced_cogs(tmp_path, gb, ds):
             ok, problems = is_valid_cog(spec.path)
             assert ok, (spec.path, problems)
             with rasterio.open(spec.path) as src:
-                assert src.dtypes[0] == "float32" and src.nodata == -9999
+                if model.bands[k] == "AOA":  # a 0/1 mask: one byte, its own nodata
+                    assert src.dtypes[0] == "uint8" and src.nodata == 255
+                else:
+                    assert src.dtypes[0] == "float32" and src.nodata == -9999
                 assert src.crs.to_epsg() == 32632
-                assert src.overviews(1)
+                # 96 x 80 px: one 128-px COG tile (GDAL's smallest COG block), no overview needed
+                assert src.block_shapes[0] == (128, 128) and not src.overviews(1)
                 assert src.tags(1)["units"] == spec.units and src.tags()["band"] == model.bands[k]
+                assert src.tags()["quantity"] and "created" in src.tags()
                 assert src.descriptions[0].startswith(model.bands[k])
-                a = src.read(1, masked=True)
+                a = src.read(1, masked=True).astype("float64")
                 # world coordinate of a pixel centre equals the cube's coordinate of the same pixel
                 assert src.xy(37, 61) == pytest.approx((float(ds.x[61]), float(ds.y[37])))
             np.testing.assert_array_equal(a.mask, np.isnan(want[k]))  # masked drivers → nodata

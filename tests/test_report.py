@@ -84,7 +84,7 @@ def test_report_of_a_partial_run_says_what_is_missing(tiny_run, tmp_path):
     html = index.read_text()
     assert "scatter not drawn" in html and "validation/pairs.parquet not found" in html
     assert "2021-03-30" in html  # the map period containing --date 2021-04-01 is named in the caption
-    bad = CliRunner().invoke(cli, ["report", str(dst / "config.yaml"), "--date", "1999-01-01"])
+    bad = CliRunner().invoke(cli, ["report", str(dst / "config.yaml"), "--date", "1999-01-01", "--overwrite"])
     assert bad.exit_code == 1 and "no map period contains it" in bad.output
 
 

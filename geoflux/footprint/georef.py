@@ -75,7 +75,7 @@ def _window(geobox: GeoBox, lon: float, lat: float, radius: float, site: str) ->
     if aff.b != 0 or aff.d != 0:
         raise GridError(f"site {site}: rotated grids are not supported for footprints")
     x_t, y_t = tower_xy(geobox, lon, lat)
-    col_f, row_f = ~aff * (x_t, y_t)
+    col_f, row_f = ~aff @ (x_t, y_t)
     ny, nx = geobox.shape
     if not (0 <= col_f < nx and 0 <= row_f < ny):
         raise GridError(
@@ -85,13 +85,13 @@ def _window(geobox: GeoBox, lon: float, lat: float, radius: float, site: str) ->
     to_grid = Transformer.from_crs(_local_crs(lon, lat), _grid_crs(geobox), always_xy=True)
     ang = np.linspace(0, 2 * np.pi, 73)
     gx, gy = to_grid.transform(radius * np.sin(ang), radius * np.cos(ang))
-    cols, rows = ~aff * (np.asarray(gx), np.asarray(gy))
+    cols, rows = ~aff @ (np.asarray(gx), np.asarray(gy))
     c0 = max(int(np.floor(min(np.min(cols), col_f))) - 1, 0)
     c1 = min(int(np.ceil(max(np.max(cols), col_f))) + 1, nx)
     r0 = max(int(np.floor(min(np.min(rows), row_f))) - 1, 0)
     r1 = min(int(np.ceil(max(np.max(rows), row_f))) + 1, ny)
     cc, rr = np.meshgrid(np.arange(c0, c1 + 1, dtype=float), np.arange(r0, r1 + 1, dtype=float))
-    px, py = aff * (cc, rr)
+    px, py = aff @ (cc, rr)
     to_local = Transformer.from_crs(_grid_crs(geobox), _local_crs(lon, lat), always_xy=True)
     e, n = to_local.transform(px, py)
     e, n = np.asarray(e), np.asarray(n)
