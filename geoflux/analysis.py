@@ -742,7 +742,7 @@ def aoa_truth_scores(cfg: RunConfig, model: TrainedModel | None = None) -> dict[
 
     from geoflux.cube import cube_from_config
     from geoflux.model import load_model
-    from geoflux.pipeline import MODEL
+    from geoflux.run import MODEL
 
     if not cfg.truth:
         raise GeofluxError("truth: the configuration has no truth rasters (generated worlds only)")
@@ -874,7 +874,7 @@ def analyze(
     """
     from geoflux.features import feature_names
     from geoflux.model import load_model
-    from geoflux.pipeline import CV_PREDICTIONS, MODEL, TRAINING, load_sites
+    from geoflux.run import CV_PREDICTIONS, MODEL, TRAINING, load_sites
 
     out = Path(out_dir) if out_dir is not None else cfg.out_dir / ANALYSIS_DIR
     for rel, stage in ((TRAINING, "extract"), (MODEL, "train"), (CV_PREDICTIONS, "train")):

@@ -61,15 +61,6 @@ BAND_DTYPES = {"AOA": ("uint8", 255)}
 FLOAT_NODATA = -9999.0
 
 
-def band_stem(band: str) -> str:
-    """File-name stem of a band: ``NEE`` → ``nee``, ``NEE_q05`` → ``nee-q05``, ``AOA`` → ``aoa``.
-
-    The band and the date are separated by ``_`` and nothing else is, so ``nee_*.tif`` lists exactly the
-    NEE maps (as tools written for single-band runs expect).
-    """
-    return band.lower().replace("_", "-")
-
-
 def band_units(band: str, target_units: str) -> str:
     """Units of a band: NEE and its quantiles carry the model's target units; DI and AOA are unitless."""
     return BAND_UNITS.get(band, target_units)

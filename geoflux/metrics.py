@@ -120,3 +120,27 @@ def grouped_skill(
         rows.append(row)
     cols = [*keys, "n_sites", *skill(np.array([]), np.array([])).keys()]
     return pd.DataFrame(rows, columns=cols)
+
+
+def summarize_metrics(metrics: dict) -> str:
+    """A short human summary of metrics.json."""
+    lines = [f"NEE maps validated (units {metrics.get('units', '?')}):"]
+    if "truth" in metrics:
+        t = metrics["truth"]
+        lines.append(
+            f"  map vs true field : R2 {t['r2']:.3f}  RMSE {t['rmse']:.3f}  bias {t['bias']:+.3f}"
+            f"  (n={t['n']} pixel-steps)"
+        )
+    if "cv" in metrics:
+        c = metrics["cv"]
+        lines.append(
+            f"  {c['scheme']} CV: R2 {c['r2']:.3f}  RMSE {c['rmse']:.3f}  "
+            f"median site NSE {c['nse_site_median']:.3f}  ({c['n_sites']} sites)"
+        )
+    if "towers" in metrics and "r2" in metrics["towers"]:
+        w = metrics["towers"]
+        lines.append(
+            f"  map vs towers (footprint-weighted): R2 {w['r2']:.3f}  RMSE {w['rmse']:.3f}  "
+            f"bias {w['bias']:+.3f}"
+        )
+    return "\n".join(lines)

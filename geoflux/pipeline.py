@@ -30,21 +30,26 @@ from geoflux.atomic import atomic_path
 from geoflux.config import RunConfig
 from geoflux.errors import GeofluxError
 from geoflux.features import feature_names, feature_units
+from geoflux.metrics import summarize_metrics  # noqa: F401 (the CLI prints it)
+from geoflux.run import (
+    CUBE,
+    CV_METRICS,
+    CV_PREDICTIONS,
+    FOOTPRINT_METHODS,
+    FOOTPRINTS,
+    MAPS,
+    METRICS,
+    MODEL,
+    OBSERVATIONS,
+    PIXELS,
+    REPORT,  # noqa: F401 (layout names stay importable from the pipeline)
+    TRAINING,
+    VALIDATION_PAIRS,
+    layout,
+    load_sites,
+)
 
 log = logging.getLogger("geoflux")
-
-OBSERVATIONS = "towers/observations.parquet"
-FOOTPRINTS = "towers/footprints.npz"
-CUBE = "cube.zarr"
-TRAINING = "training/training.parquet"
-PIXELS = "training/pixels.parquet"
-FOOTPRINT_METHODS = "towers/footprint_methods.csv"
-MODEL = "model/model.skops"
-CV_PREDICTIONS = "model/cv_predictions.parquet"
-CV_METRICS = "model/cv_metrics.json"
-MAPS = "maps"
-METRICS = "validation/metrics.json"
-
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
     with atomic_path(path) as tmp:
@@ -59,16 +64,7 @@ def _write_json(obj: dict, path: Path) -> Path:
 
 
 def _read_stage(cfg: RunConfig, rel: str, producer: str) -> Path:
-    path = cfg.out_dir / rel
-    if not path.exists():
-        raise GeofluxError(f"{path}: not found (run 'geoflux {producer}' first)")
-    return path
-
-
-def load_sites(cfg: RunConfig) -> pd.DataFrame:
-    """The site table restricted to sites that have a tower file."""
-    sites = tw.read_sites(cfg.path(cfg.towers.sites))
-    return sites
+    return layout(cfg).require(rel, producer)
 
 
 def stage_towers(cfg: RunConfig, echo: Callable[[str], None] = log.info) -> pd.DataFrame:
@@ -94,7 +90,7 @@ def stage_towers(cfg: RunConfig, echo: Callable[[str], None] = log.info) -> pd.D
             f"min_coverage={cfg.towers.min_coverage}"
         )
     _write_parquet(obs, cfg.out_dir / OBSERVATIONS)
-    save_footprints(fps, cfg.out_dir / FOOTPRINTS)
+    save_footprints(fps, cfg.out_dir / FOOTPRINTS, geobox=target_grid(cfg.grid))
     with atomic_path(cfg.out_dir / FOOTPRINT_METHODS) as tmp:
         methods.to_csv(tmp, index=False)
     _report_footprints(methods, cfg.footprint.fallback, echo)
@@ -111,11 +107,10 @@ def _report_footprints(methods: pd.DataFrame, fallback: str, echo: Callable[[str
 
 
 def footprints_for(cfg: RunConfig, sites: pd.DataFrame) -> dict:
-    """Footprint weights (written by the towers stage) of the given sites."""
-    from geoflux.footprint import load_footprints
+    """Footprint weights (written by the towers stage) of the given sites, checked against the run's grid."""
+    from geoflux.cube import target_grid
 
-    fps = load_footprints(_read_stage(cfg, FOOTPRINTS, "towers aggregate"))
-    return {s: fw for s, fw in fps.items() if s in sites.index}
+    return layout(cfg).footprints(sites.index, geobox=target_grid(cfg.grid))
 
 
 def stage_cube(cfg: RunConfig, progress: bool = True) -> Path:
@@ -185,10 +180,7 @@ def map_paths(cfg: RunConfig, band: str = "NEE", folder: Path | None = None) -> 
 
     ``folder`` replaces ``maps/`` (tile outputs live in ``maps/tiles-<size>/x<X>_y<Y>/``).
     """
-    from geoflux.mapping import band_stem
-
-    base = cfg.out_dir / MAPS if folder is None else folder
-    return {p: base / f"{band_stem(band)}_{p:%Y%m%d}.tif" for p in cfg.periods()}
+    return layout(cfg).map_paths(cfg.periods(), band, folder)
 
 
 def _input_item_ids(cfg: RunConfig, cube) -> dict[pd.Timestamp, str]:
@@ -709,17 +701,9 @@ def _mosaic_tiles(cfg: RunConfig, scheme, bands, target_units: str, mosaic_cog: 
     return found
 
 
-VALIDATION_PAIRS = "validation/pairs.parquet"
-REPORT = "report/index.html"
-
-
 def _training_sites(cfg: RunConfig) -> list[str] | None:
     """Sites the model was fitted on (model card ``provenance.sites``); None without a model card."""
-    card = (cfg.out_dir / MODEL).with_suffix(".json")
-    if not card.exists():
-        return None
-    sites = json.loads(card.read_text()).get("provenance", {}).get("sites")
-    return [str(s) for s in sites] if sites is not None else None
+    return layout(cfg).training_sites()
 
 
 def stage_validate(cfg: RunConfig) -> dict:
@@ -813,27 +797,3 @@ def run(
     metrics = stage_validate(cfg)
     echo(f"report: {stage_report(cfg)}")
     return metrics
-
-
-def summarize_metrics(metrics: dict) -> str:
-    """A short human summary of metrics.json."""
-    lines = [f"NEE maps validated (units {metrics.get('units', '?')}):"]
-    if "truth" in metrics:
-        t = metrics["truth"]
-        lines.append(
-            f"  map vs true field : R2 {t['r2']:.3f}  RMSE {t['rmse']:.3f}  bias {t['bias']:+.3f}"
-            f"  (n={t['n']} pixel-steps)"
-        )
-    if "cv" in metrics:
-        c = metrics["cv"]
-        lines.append(
-            f"  {c['scheme']} CV: R2 {c['r2']:.3f}  RMSE {c['rmse']:.3f}  "
-            f"median site NSE {c['nse_site_median']:.3f}  ({c['n_sites']} sites)"
-        )
-    if "towers" in metrics and "r2" in metrics["towers"]:
-        w = metrics["towers"]
-        lines.append(
-            f"  map vs towers (footprint-weighted): R2 {w['r2']:.3f}  RMSE {w['rmse']:.3f}  "
-            f"bias {w['bias']:+.3f}"
-        )
-    return "\n".join(lines)

@@ -67,19 +67,19 @@ class _Run:
     """The output folder of a run and lazily read pieces of it."""
 
     def __init__(self, cfg: RunConfig):
-        from geoflux import pipeline
+        from geoflux.run import METRICS, VALIDATION_PAIRS, layout, load_sites
 
         self.cfg = cfg
+        self.layout = layout(cfg)
         self.out = cfg.out_dir
-        self.metrics = json.loads((self.out / pipeline.METRICS).read_text())
-        self.maps = {p: f for p, f in pipeline.map_paths(cfg).items() if f.exists()}
+        self.metrics = json.loads(self.layout.path(METRICS).read_text())
+        self.maps = {p: f for p, f in self.layout.map_paths(cfg.periods()).items() if f.exists()}
         self.step_days = float(pd.Timedelta(pd.tseries.frequencies.to_offset(cfg.time.step)).days or 1)
-        pairs = self.out / pipeline.VALIDATION_PAIRS
+        pairs = self.layout.path(VALIDATION_PAIRS)
         self.pairs = pd.read_parquet(pairs) if pairs.exists() else None
-        card = (self.out / pipeline.MODEL).with_suffix(".json")
-        self.card = json.loads(card.read_text()) if card.exists() else None
+        self.card = self.layout.model_card()
         try:
-            self.sites = pipeline.load_sites(cfg)
+            self.sites = load_sites(cfg)
         except GeofluxError:
             self.sites = None
         analysis = self.out / "analysis" / "analysis.json"
@@ -257,7 +257,6 @@ def fig_scatter(run: _Run, folder: Path) -> str:
 
 def _footprint_truth(run: _Run) -> pd.DataFrame | None:
     """Footprint-weighted true NEE at the towers (generated worlds), via the validation module."""
-    from geoflux import pipeline
     from geoflux.cube import target_grid
     from geoflux.validate import footprint_values, footprints_on_grid, open_geotiff_series
 
@@ -266,7 +265,7 @@ def _footprint_truth(run: _Run) -> pd.DataFrame | None:
         return None
     series = open_geotiff_series(truths)
     try:
-        fps = pipeline.footprints_for(run.cfg, run.sites)
+        fps = run.layout.footprints(run.sites.index, geobox=target_grid(run.cfg.grid))
         fps = footprints_on_grid(
             run.sites, series.geobox, footprints=fps, footprint_geobox=target_grid(run.cfg.grid)
         )
@@ -683,7 +682,7 @@ def write_report(cfg: RunConfig, dates: Sequence[str] | None = None, n_sites: in
             f"{html.escape(str(run.metrics.get('created', '?')))} · units gC m-2 d-1 "
             "(positive = CO2 source)</p>",
         ]
-        from geoflux.pipeline import summarize_metrics
+        from geoflux.metrics import summarize_metrics
 
         parts.append(f"<pre>{html.escape(summarize_metrics(run.metrics))}</pre>")
         info: dict = {}

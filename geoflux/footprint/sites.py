@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from odc.geo.crs import CRS
 from odc.geo.geobox import GeoBox
 
 from geoflux.atomic import atomic_path
@@ -77,8 +78,19 @@ def tower_footprint(
     return disk_weights(geobox, *tower_xy(geobox, lon, lat), radius, site=name)
 
 
-def save_footprints(footprints: Mapping[str, FootprintWeights], path: str | Path) -> Path:
-    """Write footprint weights of many sites to one ``.npz`` (weights) with a ``.json`` index beside it."""
+def _grid_record(geobox: GeoBox) -> dict:
+    a = geobox.affine
+    return {"crs": geobox.crs.to_wkt(), "affine": [a.a, a.b, a.c, a.d, a.e, a.f], "shape": list(geobox.shape)}
+
+
+def save_footprints(
+    footprints: Mapping[str, FootprintWeights], path: str | Path, geobox: GeoBox | None = None
+) -> Path:
+    """Write footprint weights of many sites to one ``.npz`` (weights) with a ``.json`` index beside it.
+
+    ``geobox``: the grid the weights' row/column offsets refer to, stored with them so that a reader on
+    another grid is refused instead of reading misplaced footprints.
+    """
     path = Path(path)
     index = {
         s: {
@@ -90,24 +102,44 @@ def save_footprints(footprints: Mapping[str, FootprintWeights], path: str | Path
         }
         for s, fw in footprints.items()
     }
+    doc = {"grid": _grid_record(geobox) if geobox is not None else None, "sites": index}
     arrays = {f"w{i}": fw.weights for i, fw in enumerate(footprints.values())}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
     with atomic_path(path.with_suffix(".json")) as tmp:
-        tmp.write_text(json.dumps(index, indent=1))
+        tmp.write_text(json.dumps(doc, indent=1))
     return path
 
 
-def load_footprints(path: str | Path) -> dict[str, FootprintWeights]:
-    """Read footprints written by :func:`save_footprints`."""
+def load_footprints(path: str | Path, geobox: GeoBox | None = None) -> dict[str, FootprintWeights]:
+    """Read footprints written by :func:`save_footprints`.
+
+    With ``geobox``, footprints stored with another grid raise a one-line error (re-run the towers stage).
+    """
     path = Path(path)
     try:
-        index = json.loads(path.with_suffix(".json").read_text())
+        doc = json.loads(path.with_suffix(".json").read_text())
         arrays = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
         msg = f"{exc.filename}: footprints not found (run 'geoflux towers aggregate' first)"
         raise GeofluxError(msg) from None
+    index = doc["sites"] if "sites" in doc and isinstance(doc.get("sites"), dict) else doc
+    grid = doc.get("grid") if "sites" in doc else None
+    if geobox is not None and grid is not None:
+        want = _grid_record(geobox)
+        same = (
+            grid["shape"] == want["shape"]
+            and np.allclose(grid["affine"], want["affine"], rtol=0, atol=1e-6)
+            and CRS(grid["crs"]) == geobox.crs
+        )
+        if not same:
+            raise GeofluxError(
+                f"{path}: footprints were computed on another grid (shape {grid['shape']}, origin "
+                f"{grid['affine'][2]:.1f}, {grid['affine'][5]:.1f}) than the run's (shape "
+                f"{want['shape']}, origin {want['affine'][2]:.1f}, {want['affine'][5]:.1f}); re-run "
+                "'geoflux towers aggregate'"
+            )
     return {
         s: FootprintWeights(v["row_off"], v["col_off"], arrays[f"w{i}"], float(v["coverage"]), v["method"])
         for i, (s, v) in enumerate(index.items())
