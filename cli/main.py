@@ -824,5 +824,66 @@ def analyze(config: Path, pixels: int, out: Path | None, overwrite: bool) -> Non
     click.echo(multiscale_table(result["multiscale"]))
 
 
+@cli.command()
+@config_arg
+@click.option(
+    "--correlation",
+    type=click.Choice(["full", "period", "independent"]),
+    default="full",
+    show_default=True,
+    help="How map errors combine in a budget: full (correlated across pixels and periods: conservative), "
+    "period (correlated across pixels, independent between periods) or independent.",
+)
+@click.option(
+    "--window",
+    "windows",
+    nargs=2,
+    multiple=True,
+    metavar="START END",
+    help="Budget over [START, END) (dates, repeatable) instead of calendar years.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+@_fail_cleanly
+def budgets(config: Path, correlation: str, windows: tuple[tuple[str, str], ...], as_json: bool) -> None:
+    """Annual (or --window) NEE budgets from the maps: per pixel (budgets/*.tif), per land-cover class and
+    for the region (gC m-2 yr-1, Tg C) with a 90 % interval from the maps' band; against the truth when the
+    run has one. Writes budgets/budgets.json, budgets.csv and budget and anomaly COGs."""
+    import pandas as pd
+
+    from geoflux.budgets import Window, compute_budgets
+    from geoflux.errors import ConfigError
+
+    cfg = _load(config)
+    wins = None
+    if windows:
+        wins = []
+        for a, b in windows:
+            try:
+                start, end = pd.Timestamp(a), pd.Timestamp(b)
+            except ValueError:
+                raise ConfigError(
+                    f"--window {a} {b}: not dates (expected e.g. 2022-04-01 2022-10-01)"
+                ) from None
+            if end <= start:
+                raise ConfigError(f"--window {a} {b}: end is not after start (expected START < END)")
+            wins.append(Window(f"{start:%Y%m%d}-{end:%Y%m%d}", start, end))
+    out = compute_budgets(cfg, windows=wins, correlation=correlation)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"NEE budgets (gC m-2 over the window; yr-1 for whole years), 90 % interval ({correlation}):")
+    for name, w in out["windows"].items():
+        r = w["region"]
+        lo, hi = r["interval"]
+        line = f"  {name}: {r['nee']:8.1f} [{lo:8.1f}, {hi:8.1f}]  {r['nee_total_tgc']:+.4f} Tg C"
+        if not w["complete"]:
+            line += f"  ({w['days']:g} days of map periods)"
+        if "truth" in r:
+            t = r["truth"]
+            line += f"  true {t['nee']:8.1f} ({'inside' if t['covered'][correlation] else 'outside'})"
+        click.echo(line)
+    click.echo(f"budgets: {cfg.out_dir / 'budgets'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     cli()

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import yaml
 from pydantic import (
@@ -156,8 +157,60 @@ class GridSpec(_Strict):
         return self
 
 
+MODIS_8DAY = "MODIS8D"
+"""``time.step`` of MODIS-style 8-day composites: periods start on day of year 1, 9, ..., 361 of every year
+(restarting on 1 January), so the last period of a year is 5 days long (6 in a leap year)."""
+
+
+def _is_modis_8day(step: str) -> bool:
+    return step.upper() == MODIS_8DAY
+
+
+def make_period_starts(start: str | pd.Timestamp, end: str | pd.Timestamp, step: str) -> pd.DatetimeIndex:
+    """Start times of the periods of ``step`` from ``start`` to ``end`` (both inclusive).
+
+    ``step`` is a pandas frequency (``8D``, ``1D``, ``MS``: one continuous range) or ``MODIS8D`` (8-day
+    periods restarting every 1 January). The index is unnamed (xarray would take a name for a dimension):
+    pass the true end of the last period (:func:`period_ends`) wherever it is needed.
+    """
+    start, end = pd.Timestamp(start), pd.Timestamp(end)
+    if not _is_modis_8day(step):
+        return pd.date_range(start, end, freq=step)
+    starts = [
+        t
+        for year in range(start.year, end.year + 1)
+        for t in pd.date_range(f"{year}-01-01", f"{year}-12-31", freq="8D")
+        if start <= t <= end
+    ]
+    return pd.DatetimeIndex(starts)
+
+
+def period_ends(starts: pd.DatetimeIndex, step: str) -> pd.DatetimeIndex:
+    """The true (exclusive) end of each period starting at ``starts``: start + step, except that a MODIS
+    8-day period never runs past the next 1 January."""
+    starts = pd.DatetimeIndex(starts)
+    if _is_modis_8day(step):
+        nxt = starts + pd.Timedelta(days=8)
+        new_year = pd.DatetimeIndex([pd.Timestamp(year=y + 1, month=1, day=1) for y in starts.year])
+        return pd.DatetimeIndex(np.minimum(nxt.to_numpy(), new_year.to_numpy()))
+    off = pd.tseries.frequencies.to_offset(step)
+    return pd.DatetimeIndex([t + off for t in starts])
+
+
+def period_edges(starts: pd.DatetimeIndex, step: str) -> pd.DatetimeIndex:
+    """``starts`` followed by the end of the last period: the bin edges of contiguous periods (a scene at
+    time t belongs to period k when edges[k] <= t < edges[k + 1])."""
+    starts = pd.DatetimeIndex(starts)
+    return starts.append(period_ends(starts[-1:], step))
+
+
 class TimeSpec(_Strict):
     """Map time steps: periods of length ``step`` starting at ``start`` up to ``end`` (inclusive).
+
+    ``step`` is a pandas frequency (``8D``: a continuous 8-day range from ``start``; ``1D``; ``MS``:
+    calendar months) or ``MODIS8D``: 8-day periods restarting every 1 January as MODIS 8-day products are
+    dated (46 a year, the last 5 or 6 days long). Over several years use ``MODIS8D``, not ``8D``: a
+    continuous 8-day range drifts from the products' dates from the second year on.
 
     Dates may be quoted strings or YAML dates (``start: 2021-01-01`` unquoted); the latter are kept as ISO
     strings.
@@ -165,7 +218,11 @@ class TimeSpec(_Strict):
 
     start: str
     end: str
-    step: str = Field(default="8D", description="pandas frequency of the model time step, e.g. '1D', '8D'")
+    step: str = Field(
+        default="8D",
+        description="pandas frequency of the model time step ('1D', '8D', 'MS') or 'MODIS8D' (8-day periods "
+        "restarting every 1 January)",
+    )
 
     @field_validator("start", "end", mode="before")
     @classmethod
@@ -175,22 +232,34 @@ class TimeSpec(_Strict):
             return v.isoformat()
         return v
 
+    @field_validator("step", mode="before")
+    @classmethod
+    def _modis_spelling(cls, v: Any) -> Any:
+        return MODIS_8DAY if isinstance(v, str) and _is_modis_8day(v) else v
+
     @model_validator(mode="after")
     def _parse(self) -> TimeSpec:
         try:
             start, end = pd.Timestamp(self.start), pd.Timestamp(self.end)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"cannot parse start/end as dates ({exc}; expected e.g. 2021-01-01)") from None
+        if end < start:
+            raise ValueError(f"end {self.end} is before start {self.start}")
+        if _is_modis_8day(self.step):
+            if not len(make_period_starts(start, end, self.step)):
+                raise ValueError(
+                    f"{self.start}..{self.end} holds no MODIS8D period start (expected a range containing "
+                    "day of year 1, 9, ..., 361)"
+                )
+            return self
         try:
             step = pd.tseries.frequencies.to_offset(self.step)
         except (ValueError, TypeError):
             raise ValueError(
-                f"step {self.step!r} is not a pandas frequency (expected e.g. '1D', '8D', 'MS')"
+                f"step {self.step!r} is not a pandas frequency (expected e.g. '1D', '8D', 'MS' or 'MODIS8D')"
             ) from None
         if step.n <= 0:
             raise ValueError(f"step {self.step!r} must be a positive period (expected e.g. '1D', '8D', 'MS')")
-        if end < start:
-            raise ValueError(f"end {self.end} is before start {self.start}")
         return self
 
 
@@ -297,8 +366,19 @@ class RunConfig(_Strict):
         return self.path(self.output)
 
     def periods(self) -> pd.DatetimeIndex:
-        """Start times of the map time steps."""
-        return pd.date_range(self.time.start, self.time.end, freq=self.time.step)
+        """Start times of the map time steps (see :class:`TimeSpec` for ``MODIS8D``)."""
+        return make_period_starts(self.time.start, self.time.end, self.time.step)
+
+    def period_bounds(self) -> tuple[pd.DatetimeIndex, pd.DatetimeIndex]:
+        """(starts, ends) of the map time steps; ends are exclusive and true (a MODIS8D period ends at the
+        next 1 January when that comes first). Every period end in geoflux comes from here."""
+        starts = self.periods()
+        return starts, period_ends(starts, self.time.step)
+
+    def period_days(self) -> np.ndarray:
+        """Length of each map time step in days (float): the weight of its NEE (gC m-2 d-1) in budgets."""
+        starts, ends = self.period_bounds()
+        return ((ends - starts) / pd.Timedelta(days=1)).to_numpy(dtype=float)
 
 
 def config_from_dict(data: dict, source: str = "<config>", base_dir: str | Path = ".") -> RunConfig:

@@ -49,7 +49,7 @@ from odc.loader._rio import RioDriver, RioReader, rio_read
 from urllib3.util.retry import Retry
 
 from geoflux.catalog import item_crs
-from geoflux.config import GridSpec, RunConfig, VariableSpec
+from geoflux.config import GridSpec, RunConfig, VariableSpec, period_edges
 from geoflux.decode import (  # noqa: F401 (ndvi, nirv, vpd_from_dewpoint: the cube's public kernels)
     DERIVE,
     check_physical,
@@ -590,14 +590,16 @@ def composite(
     Parameters
     ----------
     arr : (time, y, x) scenes.
-    periods, step : period starts and their pandas frequency.
+    periods, step : period starts and their step (pandas frequency or ``MODIS8D``; see
+        :func:`geoflux.config.period_ends`).
     aggregation : mean, median, max, min or sum (NaN-skipping; a period with no valid value stays NaN).
 
     Lazy; when every period holds at most one scene this is a relabelling, not a computation.
     """
     if aggregation not in _REDUCERS:
         raise CubeError(f"aggregation '{aggregation}': expected one of {', '.join(_REDUCERS)}")
-    edges = periods.append(pd.DatetimeIndex([periods[-1] + pd.tseries.frequencies.to_offset(step)]))
+    # true period ends (a MODIS8D year's last period closes on 1 January), from the one place that knows
+    edges = period_edges(periods, step)
     times = pd.DatetimeIndex(arr["time"].to_numpy())
     bins = np.searchsorted(edges.to_numpy(), times.to_numpy(), side="right") - 1
     keep = (bins >= 0) & (bins < len(periods))
@@ -708,8 +710,8 @@ def cube_from_config(
 
     geobox = target_grid(cfg.grid)
     lonlat = geobox.extent.to_crs("EPSG:4326").boundingbox
-    periods = cfg.periods()
-    end = periods[-1] + pd.tseries.frequencies.to_offset(cfg.time.step) - pd.Timedelta("1s")
+    periods, ends = cfg.period_bounds()
+    end = ends[-1] - pd.Timedelta("1s")
     items: dict[str, list[pystac.Item]] = {}
     signers: dict[str, Callable[[str], str] | None] = {}
     sources: dict[str, str] = {}

@@ -16,6 +16,7 @@ FULLSET-style half-hourly tower CSVs, a site table, truth COGs and the run confi
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,7 +28,14 @@ from scipy.ndimage import gaussian_filter, uniform_filter
 
 from geoflux.atomic import atomic_path
 from geoflux.cog import RasterSpec, save_catalog, stac_item_for_cog, write_cog
-from geoflux.config import FootprintSpec, config_from_dict, dump_config
+from geoflux.config import (
+    MODIS_8DAY,
+    FootprintSpec,
+    config_from_dict,
+    dump_config,
+    make_period_starts,
+    period_ends,
+)
 from geoflux.extract import tower_footprints
 from geoflux.footprint import FootprintWeights, tower_xy
 from geoflux.towers.aggregate import UMOL_TO_GC_PER_DAY
@@ -41,6 +49,8 @@ HEIGHTS = {1: (32.0, 18.0), 2: (35.0, 22.0), 3: (3.0, 0.3), 4: (3.5, 1.0)}
 E0_K, TREF_K, T0_K = 309.0, 288.15, 227.13  # Lloyd & Taylor (1994)
 
 NEE_UNITS = "gC m-2 d-1"
+# the generator's annual budgets and their driver attribution, beside truth/ (and a .csv of the budgets)
+TRUTH_BUDGETS = "truth_budgets.json"
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,15 @@ class WorldSpec:
     patch_pixels: float | None = None
     rotate_deg: float = 60.0
     box_half_width: float = 600.0
+    # Time steps: "steps" (``n_steps`` periods of ``step_days`` from ``start``, one continuous range) or
+    # "MODIS8D" (``n_years`` whole years from ``start``'s year in 8-day periods restarting every 1 January,
+    # 46 a year, the last 5 or 6 days long, as MODIS 8-day products are dated; ``n_steps`` is ignored).
+    calendar: str = "steps"
+    n_years: int = 1
+    # Interannual anomalies imposed on the weather, one per year (cycled over the years), so that the true
+    # budget differs between years for known reasons (see :data:`YEAR_ANOMALIES`): "none", "warm-spring",
+    # "drought-summer" or "cloudy". Empty: none (the weather still varies at random).
+    year_anomalies: tuple[str, ...] = ()
 
     @property
     def geobox(self) -> GeoBox:
@@ -87,14 +106,78 @@ class WorldSpec:
         return gb
 
     @property
+    def time_step(self) -> str:
+        """The run configuration's ``time.step`` for this world's periods."""
+        if self.calendar == "steps":
+            return f"{self.step_days}D"
+        if self.calendar == MODIS_8DAY:
+            return MODIS_8DAY
+        raise ValueError(f"calendar: {self.calendar!r} (expected steps or {MODIS_8DAY})")
+
+    @property
     def periods(self) -> pd.DatetimeIndex:
+        """Start of every time step."""
+        if self.time_step == MODIS_8DAY:
+            y0 = pd.Timestamp(self.start).year
+            return make_period_starts(f"{y0}-01-01", f"{y0 + self.n_years - 1}-12-31", MODIS_8DAY)
         return pd.date_range(self.start, periods=self.n_steps, freq=f"{self.step_days}D")
+
+    @property
+    def period_days(self) -> np.ndarray:
+        """Length of every time step, days (int)."""
+        starts = self.periods
+        return ((period_ends(starts, self.time_step) - starts) // pd.Timedelta(days=1)).to_numpy().astype(int)
+
+    def year_anomaly(self, year_index: int) -> str:
+        """The anomaly imposed on the ``year_index``-th year (0 = the first)."""
+        if not self.year_anomalies:
+            return "none"
+        kind = self.year_anomalies[year_index % len(self.year_anomalies)]
+        if kind not in YEAR_ANOMALIES:
+            raise ValueError(f"year_anomalies: {kind!r} (expected one of {', '.join(YEAR_ANOMALIES)})")
+        return kind
+
+
+# What each interannual anomaly does to the weather (day of year doy; applied on top of the random weather):
+YEAR_ANOMALIES = {
+    "none": "no imposed anomaly",
+    # +3.5 degC peaking mid-April (doy 105, width 30 d): deciduous green-up (NDVI follows smoothed
+    # temperature) and crop/grass growth start early; respiration rises too
+    "warm-spring": "air temperature +3.5 degC in March-May (Gaussian in day of year, peak 15 April)",
+    # precipitation x0.15, +2 degC and relative humidity -0.2 around mid-July (doy 195, width 40 d): the soil
+    # bucket dries (f(SM) and the NDVI of grass and crops fall) and VPD rises (f(VPD) falls)
+    "drought-summer": "summer precipitation x0.15, air temperature +2 degC, relative humidity -0.2 "
+    "(Gaussian in day of year, peak mid-July): low soil moisture, high VPD",
+    # cloud cover logit +1.2 all year: less shortwave (PAR), slightly cooler days, more humid air
+    "cloudy": "cloud cover raised all year (logit +1.2): dull, less PAR, slightly cooler and more humid",
+}
 
 
 WORLD_SIZES: dict[str, WorldSpec] = {
     "default": WorldSpec(),
     # small enough for an end-to-end test in seconds; spring–summer so fluxes have range
     "tiny": WorldSpec(nx=48, ny=48, resolution=500.0, start="2021-03-06", n_steps=16, n_towers=25),
+    # three whole years in MODIS 8-day periods (138 steps) with a warm spring, a drought summer and a dull
+    # cloudy year, so budgets differ between years for known reasons
+    "multiyear": WorldSpec(
+        nx=128,
+        ny=128,
+        start="2021-01-01",
+        calendar=MODIS_8DAY,
+        n_years=3,
+        year_anomalies=("warm-spring", "drought-summer", "cloudy"),
+    ),
+    # the same three years on a small grid with fewer towers, for tests
+    "tiny-multiyear": WorldSpec(
+        nx=32,
+        ny=32,
+        resolution=500.0,
+        start="2021-01-01",
+        calendar=MODIS_8DAY,
+        n_years=3,
+        year_anomalies=("warm-spring", "drought-summer", "cloudy"),
+        n_towers=12,
+    ),
 }
 
 
@@ -154,10 +237,29 @@ def true_fluxes(
     return gpp, reco
 
 
+def _imposed_anomalies(spec: WorldSpec, periods: pd.DatetimeIndex, doy: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-step additive (``ta`` degC, ``rh``, ``cloud_logit``) and multiplicative (``precip``) weather
+    anomalies of each year's :data:`YEAR_ANOMALIES` kind, shaped (step, 1, 1) to broadcast over the grid."""
+    year_index = periods.year.to_numpy() - periods.year[0]
+    kinds = np.array([spec.year_anomaly(int(i)) for i in year_index])
+    spring = np.exp(-(((doy - 105.0) / 30.0) ** 2))
+    summer = np.exp(-(((doy - 195.0) / 40.0) ** 2))
+    warm, dry, dull = kinds == "warm-spring", kinds == "drought-summer", kinds == "cloudy"
+    out = {
+        "ta": 3.5 * spring * warm + 2.0 * summer * dry,
+        "rh": -0.2 * summer * dry,
+        "cloud_logit": 1.2 * dull,
+        "precip": 1.0 - 0.85 * summer * dry,
+    }
+    return {k: v.astype(float)[:, None, None] for k, v in out.items()}
+
+
 def generate_fields(spec: WorldSpec) -> WorldFields:
     """Generate every gridded field of the world (pure numpy, deterministic from ``spec.seed``)."""
     rng = np.random.default_rng(spec.seed)
-    ny, nx, nt = spec.ny, spec.nx, spec.n_steps
+    periods = spec.periods
+    days = spec.period_days
+    ny, nx, nt = spec.ny, spec.nx, len(periods)
     scale = max(nx, ny)
     yy, xx = np.mgrid[0:ny, 0:nx] / scale  # 0 at the top/west edge
 
@@ -175,10 +277,10 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
         np.uint8
     )
 
-    periods = spec.periods
-    doy = (periods.day_of_year.to_numpy() + spec.step_days / 2).astype(float)
+    doy = (periods.day_of_year.to_numpy() + days / 2).astype(float)
     lat_c = 50.0
     clear = _clear_sky_sw(lat_c, doy)[:, None, None]
+    imposed = _imposed_anomalies(spec, periods, doy)
 
     # weather anomalies: spatially smooth, AR(1) in time
     def anomalies(sigma_space: float, rho: float) -> np.ndarray:
@@ -190,7 +292,7 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
         return out
 
     cloud = 1 / (
-        1 + np.exp(-(0.6 * anomalies(scale / 4, 0.3) - 0.2 + 0.8 * xx[None]))
+        1 + np.exp(-(0.6 * anomalies(scale / 4, 0.3) - 0.2 + 0.8 * xx[None] + imposed["cloud_logit"]))
     )  # cloudier in the west
     sw = clear * (1 - 0.65 * cloud)
     season = np.sin(2 * np.pi * (doy - 110) / 365)[:, None, None]
@@ -201,8 +303,13 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
         - 2.0 * yy[None]
         + 2.2 * anomalies(scale / 3, 0.5)
         + 0.012 * (sw - clear * 0.7)
+        + imposed["ta"]
     )
-    rh = np.clip(0.85 - 0.3 * xx[None] * (0.5 + 0.5 * season) - 0.35 * (1 - cloud) - 0.1 * season, 0.2, 0.97)
+    rh = np.clip(
+        0.85 - 0.3 * xx[None] * (0.5 + 0.5 * season) - 0.35 * (1 - cloud) - 0.1 * season + imposed["rh"],
+        0.2,
+        0.97,
+    )
     vpd = _esat(ta) * (1 - rh)
     precip = (
         np.clip(
@@ -213,13 +320,13 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
             0,
             None,
         )
-        * 1.0
+        * imposed["precip"]
     )
     sm = np.empty_like(ta)
     bucket = np.full((ny, nx), 0.75)
     for t in range(nt):
         et = 0.3 + 3.0 * np.clip(sw[t] / 250, 0, 1.3) * np.clip(ta[t] / 18, 0, 1.3)
-        bucket = np.clip(bucket + (precip[t] - et) * spec.step_days / 150.0, 0.03, 1.0)
+        bucket = np.clip(bucket + (precip[t] - et) * days[t] / 150.0, 0.03, 1.0)
         sm[t] = bucket
 
     t_smooth = uniform_filter(ta, size=(3, 1, 1), mode="nearest")
@@ -260,6 +367,115 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
         reco=reco.astype(f32),
         nee=(reco - gpp).astype(f32),
     )
+
+
+ATTRIBUTION_DRIVERS = ("sw", "ta", "vpd", "sm", "ndvi")
+
+
+def _budget_by_year(flux: np.ndarray, years: np.ndarray, days: np.ndarray, mask: np.ndarray) -> dict:
+    """Per year: sum over its steps of flux (gC m-2 d-1) x step days, averaged over ``mask`` pixels."""
+    per_step = flux[:, mask].mean(axis=1, dtype=np.float64) * days  # gC m-2 per step
+    return {int(y): float(per_step[years == y].sum()) for y in np.unique(years)}
+
+
+def true_budgets(spec: WorldSpec, fields: WorldFields) -> dict:
+    """The generator's own annual budgets and the driver attribution of their anomalies.
+
+    Budgets: per calendar year, the sum over its steps of GPP, RECO and NEE (gC m-2 d-1) times the step's
+    days, averaged over the region's pixels and per land-cover class (gC m-2 yr-1 when the year is
+    complete), and the region total in Tg C. Attribution (worlds of two or more years whose years have the
+    same steps): for each driver d of :func:`true_fluxes` (sw, ta, vpd, sm, ndvi), NEE is recomputed with d
+    at its climatology (per pixel, the mean over years of the same step of the year); d's contribution to a
+    year's anomaly (year minus mean over years) is anomaly(NEE) - anomaly(NEE with d at climatology).
+    Contributions need not add up to the anomaly (the model is not additive): the rest is ``interaction``.
+    NDVI is itself driven by temperature and moisture in the generator; its share is the greenness path.
+    """
+    periods, days = spec.periods, spec.period_days.astype(float)
+    years = periods.year.to_numpy()
+    ends = period_ends(periods, spec.time_step)
+    lc = fields.landcover
+    area_m2 = spec.nx * spec.ny * spec.resolution**2
+    masks = {"region": np.ones(lc.shape, bool), **{name: lc == code for code, name in CLASSES.items()}}
+    out: dict = {
+        "units": "gC m-2 over the year's steps (gC m-2 yr-1 for complete years); total_tgc: Tg C",
+        "sign": "NEE > 0 is a source to the atmosphere",
+        "time_step": spec.time_step,
+        "area_m2": area_m2,
+        "anomalies": {
+            str(y): {"kind": spec.year_anomaly(i), "what": YEAR_ANOMALIES[spec.year_anomaly(i)]}
+            for i, y in enumerate(np.unique(years))
+        },
+        "years": {},
+    }
+    for y in np.unique(years):
+        sel = years == y
+        first, last_end = periods[sel][0], ends[sel][-1]
+        complete = first == pd.Timestamp(year=int(y), month=1, day=1) and last_end == pd.Timestamp(
+            year=int(y) + 1, month=1, day=1
+        )
+        out["years"][str(y)] = {"complete": bool(complete), "days": float(days[sel].sum()), "region": {}}
+    for region, mask in masks.items():
+        if not mask.any():
+            continue
+        b = {k: _budget_by_year(getattr(fields, k), years, days, mask) for k in ("gpp", "reco", "nee")}
+        for y in b["nee"]:
+            entry = {k: b[k][y] for k in b}
+            if region == "region":
+                out["years"][str(y)]["region"] = {**entry, "nee_total_tgc": b["nee"][y] * area_m2 * 1e-12}
+            else:
+                out["years"][str(y)].setdefault("classes", {})[region] = {
+                    **entry,
+                    "pixels": int(mask.sum()),
+                }
+    # attribution: needs >= 2 years with the same number of steps (steps of the year line up)
+    counts = pd.Series(years).value_counts()
+    if len(counts) < 2 or counts.nunique() != 1:
+        out["attribution"] = None
+        out["attribution_note"] = "needs two or more years with the same steps"
+        return out
+    n_years, per_year = len(counts), int(counts.iloc[0])
+    ta_q = np.round(fields.ta * 100) / 100  # the truth was computed from the drivers as stored
+    ndvi_q = np.round(fields.ndvi * 1e4) / 1e4
+    drivers = {"sw": fields.sw, "ta": ta_q, "vpd": fields.vpd, "sm": fields.sm, "ndvi": ndvi_q}
+    region = masks["region"]
+    base = _budget_by_year(fields.nee, years, days, region)
+
+    def anomaly(b: dict[int, float]) -> dict[int, float]:
+        mean = float(np.mean(list(b.values())))
+        return {y: v - mean for y, v in b.items()}
+
+    total = anomaly(base)
+    contrib: dict[str, dict[int, float]] = {}
+    for d in ATTRIBUTION_DRIVERS:
+        x = drivers[d]
+        clim = x.reshape(n_years, per_year, *x.shape[1:]).mean(axis=0)
+        held = dict(drivers, **{d: np.tile(clim, (n_years, 1, 1))})
+        gpp, reco = true_fluxes(lc[None], held["sw"], held["ta"], held["vpd"], held["sm"], held["ndvi"])
+        a = anomaly(_budget_by_year(reco - gpp, years, days, region))
+        contrib[d] = {y: total[y] - a[y] for y in total}
+    out["attribution"] = {
+        "method": "true_fluxes with one driver at a time held at its per-pixel climatology (mean over years "
+        "of the same step); contribution = anomaly(NEE) - anomaly(NEE with the driver at climatology)",
+        "units": "gC m-2 yr-1 (region mean NEE anomaly against the mean over years)",
+        "years": {
+            str(y): {
+                "anomaly": total[y],
+                **{f"contrib_{d}": contrib[d][y] for d in ATTRIBUTION_DRIVERS},
+                "interaction": total[y] - sum(contrib[d][y] for d in ATTRIBUTION_DRIVERS),
+            }
+            for y in total
+        },
+    }
+    return out
+
+
+def _budget_rows(budgets: dict) -> pd.DataFrame:
+    """The true budgets as a long table: year, region (region or class), gpp, reco, nee (gC m-2)."""
+    rows = []
+    for y, entry in budgets["years"].items():
+        for region, b in {"region": entry["region"], **entry.get("classes", {})}.items():
+            rows.append({"year": int(y), "region": region, "complete": entry["complete"], **b})
+    return pd.DataFrame(rows)
 
 
 def _tower_pixels(spec: WorldSpec, lc: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int, int]]:
@@ -366,10 +582,11 @@ def synthesize_tower(
     x, y = tower_xy(gb, site.LON, site.LAT)
     row, col = int((y - gb.affine.f) / gb.affine.e), int((x - gb.affine.c) / gb.affine.a)
     met = {k: getattr(fields, k)[:, row, col] for k in ("sw", "ta", "vpd", "precip")}
-    n_days = spec.n_steps * spec.step_days
-    start = pd.Timestamp(spec.start)
+    days = spec.period_days
+    n_days = int(days.sum())
+    start = spec.periods[0]
     t = start + pd.to_timedelta(np.arange(n_days * 48) * 30, unit="min")
-    step = np.arange(n_days * 48) // (48 * spec.step_days)
+    step = np.repeat(np.arange(len(days)), days * 48)  # period of each half-hour
     hour = (np.arange(n_days * 48) % 48) / 2 + 0.25  # record centre, local solar ≈ standard time
     doy = t.day_of_year.to_numpy()
     phi = np.deg2rad(site.LAT)
@@ -468,8 +685,8 @@ def synthesize_tower(
 
 
 def tower_file_name(site_id: str, spec: WorldSpec) -> str:
-    y0 = pd.Timestamp(spec.start).year
-    y1 = (spec.periods[-1] + pd.Timedelta(days=spec.step_days - 1)).year
+    y0 = spec.periods[0].year
+    y1 = (spec.periods[-1] + pd.Timedelta(days=int(spec.period_days[-1]) - 1)).year
     return f"FLX_{site_id}_FLUXNET2015_FULLSET_HH_{y0}-{y1}_1-4.csv"
 
 
@@ -511,7 +728,9 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
     """Generate a world and write it under ``out/world``; return the run configuration's path.
 
     Layout: ``world/catalog.json`` (static STAC, one collection per driver), ``world/cogs/``,
-    ``world/towers/*.csv``, ``world/sites.csv``, ``world/truth/nee_<date>.tif`` and ``out/config.yaml``.
+    ``world/towers/*.csv``, ``world/sites.csv``, ``world/truth/nee_<date>.tif``, the true annual budgets
+    and their driver attribution ``world/truth_budgets.json`` (+ ``.csv``, see :func:`true_budgets`) and
+    ``out/config.yaml``.
     """
     spec = WORLD_SIZES[size] if isinstance(size, str) else size
     if seed is not None:
@@ -521,7 +740,7 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
     gb = spec.geobox
     fields = generate_fields(spec)
     periods = spec.periods
-    step = dt.timedelta(days=spec.step_days)
+    ends = period_ends(periods, spec.time_step)
     tags = {"generator": "geoflux.demo", "seed": str(spec.seed)}
 
     collections: dict[str, list] = {}
@@ -531,7 +750,10 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
         steps = (
             [(0, dt.datetime(2000, 1, 1), dt.datetime(2000, 1, 1))]
             if static
-            else [(i, p.to_pydatetime(), (p + step).to_pydatetime()) for i, p in enumerate(periods)]
+            else [
+                (i, p.to_pydatetime(), e.to_pydatetime())
+                for i, (p, e) in enumerate(zip(periods, ends, strict=True))
+            ]
         )
         for i, t0, t1 in steps:
             values = data if static else data[i]
@@ -565,6 +787,12 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
             RasterSpec(truth_dir / f"nee_{p:%Y%m%d}.tif", units=NEE_UNITS, description="true NEE", tags=tags),
         )
 
+    budgets = true_budgets(spec, fields)
+    with atomic_path(world / TRUTH_BUDGETS) as tmp:
+        tmp.write_text(json.dumps(budgets, indent=2))
+    with atomic_path((world / TRUTH_BUDGETS).with_suffix(".csv")) as tmp:
+        _budget_rows(budgets).to_csv(tmp, index=False, float_format="%.4f")
+
     sites = place_towers(spec, fields)
     rng = np.random.default_rng(spec.seed + 2)
     (world / "towers").mkdir(parents=True, exist_ok=True)
@@ -575,7 +803,7 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
     with atomic_path(world / "sites.csv") as tmp:
         sites.to_csv(tmp, index=False)
 
-    end = periods[-1] + pd.Timedelta(days=spec.step_days - 1)
+    end = ends[-1] - pd.Timedelta(days=1)
     cfg = {
         "catalog": "world/catalog.json",
         "variables": [
@@ -610,7 +838,7 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
             "bbox": list(gb.boundingbox),
             "chunk": 128 if max(spec.nx, spec.ny) > 128 else 32,
         },
-        "time": {"start": f"{periods[0]:%Y-%m-%d}", "end": f"{end:%Y-%m-%d}", "step": f"{spec.step_days}D"},
+        "time": {"start": f"{periods[0]:%Y-%m-%d}", "end": f"{end:%Y-%m-%d}", "step": spec.time_step},
         "footprint": {**FootprintSpec().model_dump(), "radius": spec.footprint_radius},
         "model": {
             "kind": "random_forest",

@@ -27,7 +27,7 @@ import pandas as pd
 import geoflux
 from geoflux import towers as tw
 from geoflux.atomic import atomic_path
-from geoflux.config import RunConfig
+from geoflux.config import RunConfig, period_edges, period_ends
 from geoflux.errors import GeofluxError
 from geoflux.features import feature_names, feature_units
 from geoflux.metrics import summarize_metrics  # noqa: F401 (the CLI prints it)
@@ -83,7 +83,8 @@ def stage_towers(cfg: RunConfig, echo: Callable[[str], None] = log.info) -> pd.D
     fps = tower_footprints(with_records, target_grid(cfg.grid), cfg.footprint, records=records)
     methods = check_footprint_methods(fps, with_records, records, cfg.footprint)  # raises on fallback=error
     filtered = tw.qc_filter(records, qc_max=cfg.towers.qc_max)
-    obs = tw.aggregate(filtered, cfg.periods(), min_coverage=cfg.towers.min_coverage)
+    starts, ends = cfg.period_bounds()
+    obs = tw.aggregate(filtered, starts, min_coverage=cfg.towers.min_coverage, end=ends[-1])
     if obs.empty:
         raise GeofluxError(
             f"{cfg.towers.files}: no tower period in {cfg.time.start}..{cfg.time.end} reaches "
@@ -198,8 +199,7 @@ def _input_item_ids(cfg: RunConfig, cube) -> dict[pd.Timestamp, str]:
         )
     loaded = json.loads(cube.attrs[LOADED_ITEMS_ATTR])
     periods = cfg.periods()
-    step = pd.tseries.frequencies.to_offset(cfg.time.step)
-    edges = periods.append(pd.DatetimeIndex([periods[-1] + step]))
+    edges = period_edges(periods, cfg.time.step)
     ids: dict[pd.Timestamp, set[str]] = {p: set() for p in periods}
     for var in loaded.values():
         for item_id, time in var["items"]:
@@ -289,7 +289,7 @@ def _map_item(cfg: RunConfig, band_files: dict[str, Path], item_id: str, p: pd.T
     props, geobox, start, nee_band = _file_props(band_files["NEE"])
     start = start if start is not None else p
     period = props.get("geoflux:period", cfg.time.step)
-    end = start + pd.tseries.frequencies.to_offset(period)
+    end = period_ends(pd.DatetimeIndex([start]), period)[0]
     same = ("geoflux:model_sha256", "geoflux:input_items")
     extras = {}
     for band, path in band_files.items():
@@ -706,6 +706,50 @@ def _training_sites(cfg: RunConfig) -> list[str] | None:
     return layout(cfg).training_sites()
 
 
+def check_truth_alignment(cfg: RunConfig) -> dict[pd.Timestamp, Path] | None:
+    """The truth raster of every map period (None when the run has no ``truth``), checked before any stage.
+
+    Each truth raster's date comes from its ``period_start`` tag or its name (``nee_YYYYMMDD.tif``); there
+    must be exactly one per period start of ``time`` and none for other dates, so a calendar mismatch
+    (``8D`` drifting from products that restart on 1 January) stops the run before hours of mapping.
+
+    Raises
+    ------
+    GeofluxError
+        naming the truth glob, the counts and the first date that has no partner.
+    """
+    from geoflux.validate import time_from_name
+
+    if not cfg.truth:
+        return None
+    files = sorted(glob.glob(str(cfg.path(cfg.truth))))
+    periods = cfg.periods()
+    if not files:
+        raise GeofluxError(f"{cfg.truth}: no truth raster matches (expected one per map period)")
+    by_date: dict[pd.Timestamp, Path] = {}
+    for f in files:
+        t = time_from_name(f)
+        if t is None:
+            raise GeofluxError(f"{f}: truth raster without a date (expected a period_start tag or _YYYYMMDD)")
+        if t in by_date:
+            raise GeofluxError(f"{f}: second truth raster for {t:%Y-%m-%d} (first: {by_date[t]})")
+        by_date[t] = Path(f)
+    missing = [p for p in periods if p not in by_date]
+    extra = sorted(t for t in by_date if t not in set(periods))
+    if missing or extra:
+        first = (
+            f"no truth raster for period {missing[0]:%Y-%m-%d}"
+            if missing
+            else f"truth raster {by_date[extra[0]].name} dated {extra[0]:%Y-%m-%d} starts no period"
+        )
+        raise GeofluxError(
+            f"{cfg.truth}: {len(files)} truth rasters for {len(periods)} map time steps of time.step "
+            f"{cfg.time.step}; {first} (expected one truth raster per period start; a world whose "
+            "periods restart on 1 January needs time.step MODIS8D)"
+        )
+    return {p: by_date[p] for p in periods}
+
+
 def stage_validate(cfg: RunConfig) -> dict:
     """Score maps against the truth (if configured), the CV results and the towers; writes metrics.json.
 
@@ -724,11 +768,9 @@ def stage_validate(cfg: RunConfig) -> dict:
     if missing:
         raise GeofluxError(f"{missing[0]}: map not found (run 'geoflux map' first)")
     metrics: dict = {"units": "gC m-2 d-1", "created": dt.datetime.now(dt.timezone.utc).isoformat()}
-    if cfg.truth:
-        truths = sorted(glob.glob(str(cfg.path(cfg.truth))))
-        if len(truths) != len(paths):
-            raise GeofluxError(f"{cfg.truth}: {len(truths)} truth rasters for {len(paths)} map time steps")
-        metrics["truth"] = truth_scores(list(paths.values()), [Path(t) for t in truths])
+    truths = check_truth_alignment(cfg)
+    if truths is not None:
+        metrics["truth"] = truth_scores(list(paths.values()), [truths[p] for p in paths])
         if cfg.model.aoa:
             # generated worlds: is the map better inside its area of applicability than outside?
             from geoflux.analysis import aoa_truth_scores
@@ -785,6 +827,8 @@ def run(
     The towers stage checks its inputs (tower files, site table, towers inside the grid) before it writes
     anything, so a bad input leaves no partial output.
     """
+    # cheap checks of inputs that only later stages read, so a mismatch stops the run before any work
+    check_truth_alignment(cfg)
     echo("towers: QC, aggregation and footprints")
     stage_towers(cfg, echo=echo)
     echo("extract: footprint-weighted drivers at towers")
