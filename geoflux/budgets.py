@@ -255,13 +255,14 @@ def compute_budgets(
     from geoflux.cog import RasterSpec, write_cogs
     from geoflux.cube import target_grid
     from geoflux.mapping import band_stem
-    from geoflux.pipeline import check_truth_alignment, map_paths
+    from geoflux.run import layout
+    from geoflux.validate import check_truth_alignment
 
     if correlation not in CORRELATIONS:
         raise GeofluxError(f"correlation: {correlation!r} (expected one of {', '.join(CORRELATIONS)})")
     starts, ends = cfg.period_bounds()
     windows = list(windows) if windows is not None else year_windows(cfg)
-    paths = {b: map_paths(cfg, b) for b in MAP_BANDS}
+    paths = {b: layout(cfg).map_paths(cfg.periods(), b) for b in MAP_BANDS}
     for band, per in paths.items():
         missing = [p for p in per.values() if not p.exists()]
         if missing:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import glob
 import json
 import logging
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from geoflux.run import (
     layout,
     load_sites,
 )
+from geoflux.validate import check_truth_alignment
 
 log = logging.getLogger("geoflux")
 
@@ -404,8 +404,8 @@ def stage_map(
         "catalog": catalog_uri(cfg),
         "variables": ",".join(v.name for v in cfg.variables),
     }
-    periods = cfg.periods()
-    step = pd.tseries.frequencies.to_offset(cfg.time.step)
+    periods, period_end = cfg.period_bounds()
+    end_of = dict(zip(periods, period_end, strict=True))
     bands = tuple(model.bands)
 
     def outputs_for(folder: Path | None, cube) -> dict[int, list]:
@@ -417,7 +417,7 @@ def stage_map(
             ptags = {
                 **tags,
                 "period_start": f"{p:%Y-%m-%d}",
-                "period_end": f"{p + step:%Y-%m-%d}",
+                "period_end": f"{end_of[p]:%Y-%m-%d}",
                 "period": cfg.time.step,
                 "input_items": item_ids[p],
             }
@@ -704,50 +704,6 @@ def _mosaic_tiles(cfg: RunConfig, scheme, bands, target_units: str, mosaic_cog: 
 def _training_sites(cfg: RunConfig) -> list[str] | None:
     """Sites the model was fitted on (model card ``provenance.sites``); None without a model card."""
     return layout(cfg).training_sites()
-
-
-def check_truth_alignment(cfg: RunConfig) -> dict[pd.Timestamp, Path] | None:
-    """The truth raster of every map period (None when the run has no ``truth``), checked before any stage.
-
-    Each truth raster's date comes from its ``period_start`` tag or its name (``nee_YYYYMMDD.tif``); there
-    must be exactly one per period start of ``time`` and none for other dates, so a calendar mismatch
-    (``8D`` drifting from products that restart on 1 January) stops the run before hours of mapping.
-
-    Raises
-    ------
-    GeofluxError
-        naming the truth glob, the counts and the first date that has no partner.
-    """
-    from geoflux.validate import time_from_name
-
-    if not cfg.truth:
-        return None
-    files = sorted(glob.glob(str(cfg.path(cfg.truth))))
-    periods = cfg.periods()
-    if not files:
-        raise GeofluxError(f"{cfg.truth}: no truth raster matches (expected one per map period)")
-    by_date: dict[pd.Timestamp, Path] = {}
-    for f in files:
-        t = time_from_name(f)
-        if t is None:
-            raise GeofluxError(f"{f}: truth raster without a date (expected a period_start tag or _YYYYMMDD)")
-        if t in by_date:
-            raise GeofluxError(f"{f}: second truth raster for {t:%Y-%m-%d} (first: {by_date[t]})")
-        by_date[t] = Path(f)
-    missing = [p for p in periods if p not in by_date]
-    extra = sorted(t for t in by_date if t not in set(periods))
-    if missing or extra:
-        first = (
-            f"no truth raster for period {missing[0]:%Y-%m-%d}"
-            if missing
-            else f"truth raster {by_date[extra[0]].name} dated {extra[0]:%Y-%m-%d} starts no period"
-        )
-        raise GeofluxError(
-            f"{cfg.truth}: {len(files)} truth rasters for {len(periods)} map time steps of time.step "
-            f"{cfg.time.step}; {first} (expected one truth raster per period start; a world whose "
-            "periods restart on 1 January needs time.step MODIS8D)"
-        )
-    return {p: by_date[p] for p in periods}
 
 
 def stage_validate(cfg: RunConfig) -> dict:

@@ -74,7 +74,10 @@ class _Run:
         self.out = cfg.out_dir
         self.metrics = json.loads(self.layout.path(METRICS).read_text())
         self.maps = {p: f for p, f in self.layout.map_paths(cfg.periods()).items() if f.exists()}
-        self.step_days = float(pd.Timedelta(pd.tseries.frequencies.to_offset(cfg.time.step)).days or 1)
+        starts, ends = cfg.period_bounds()
+        # true length of each period, days (a MODIS 8-day year ends with a 5-6 day period)
+        self.period_days = {s: (e - s) / pd.Timedelta(days=1) for s, e in zip(starts, ends, strict=True)}
+        self.period_end = dict(zip(starts, ends, strict=True))
         pairs = self.layout.path(VALIDATION_PAIRS)
         self.pairs = pd.read_parquet(pairs) if pairs.exists() else None
         self.card = self.layout.model_card()
@@ -421,23 +424,25 @@ def budget(run: _Run) -> tuple[np.ndarray, tuple, str, dict]:
     for p, path in run.maps.items():
         a, extent, crs_label = _read_map(path)
         if acc is None:
-            acc, cnt = np.zeros_like(a), np.zeros_like(a)
+            acc, cnt, dsum = np.zeros_like(a), np.zeros_like(a), np.zeros_like(a)
         ok = np.isfinite(a)
-        acc += np.where(ok, a, 0.0) * run.step_days
+        acc += np.where(ok, a, 0.0) * run.period_days[p]
         cnt += ok
+        dsum += ok * run.period_days[p]
         means[p] = float(np.nanmean(a)) if ok.any() else np.nan
     n = len(run.maps)
     total = np.where(cnt == n, acc, np.nan)  # only pixels mapped in every step have a complete budget
-    mean_map = np.where(cnt > 0, acc / np.maximum(cnt, 1) / run.step_days, np.nan)
+    days = float(sum(run.period_days[p] for p in run.maps))
+    # mean NEE, gC m-2 d-1, over the periods each pixel was mapped in, weighted by period length
+    mean_map = np.where(cnt > 0, acc / np.maximum(dsum, 1e-9), np.nan)
     with rasterio.open(next(iter(run.maps.values()))) as ds:
         px_area = abs(ds.transform.a * ds.transform.e) * (ds.width * ds.height) / total.size
         projected = ds.crs is not None and ds.crs.is_projected
-    days = n * run.step_days
     mean = float(np.nanmean(total)) if np.isfinite(total).any() else float("nan")
     info = {
         "days": days,
         "start": f"{min(run.maps):%Y-%m-%d}",
-        "end": f"{max(run.maps) + pd.Timedelta(days=run.step_days - 1):%Y-%m-%d}",
+        "end": f"{run.period_end[max(run.maps)] - pd.Timedelta(days=1):%Y-%m-%d}",
         "mean_gC_m2": mean,
         "sink_fraction": float(np.nanmean(total < 0)) if np.isfinite(total).any() else float("nan"),
         "annual": days >= 365,
@@ -787,7 +792,7 @@ def _match_dates(run: _Run, dates: Sequence[str]) -> list[pd.Timestamp]:
     out = []
     for d in dates:
         t = pd.Timestamp(d)
-        inside = [p for p in periods if p <= t < p + pd.Timedelta(days=run.step_days)]
+        inside = [p for p in periods if p <= t < run.period_end[p]]
         if not inside:
             raise GeofluxError(
                 f"date {d}: no map period contains it ({periods[0]:%Y-%m-%d}..{periods[-1]:%Y-%m-%d})"

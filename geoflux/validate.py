@@ -32,6 +32,7 @@ from odc.geo.geobox import GeoBox
 from pyproj import CRS, Transformer
 from rasterio._err import CPLE_BaseError  # GDAL errors rasterio does not wrap
 
+from geoflux.config import RunConfig
 from geoflux.errors import GeofluxError, GridError, MapReadError
 from geoflux.footprint import FootprintWeights
 from geoflux.metrics import grouped_skill, summary
@@ -1023,3 +1024,45 @@ def write_validation(val: Validation, out_dir: str | Path) -> Path:
     with atomic_path(out / "validation.json") as tmp:
         tmp.write_text(json.dumps(val.to_dict(), indent=2, default=str))
     return out / "validation.json"
+
+
+def check_truth_alignment(cfg: RunConfig) -> dict[pd.Timestamp, Path] | None:
+    """The truth raster of every map period (None when the run has no ``truth``), checked before any stage.
+
+    Each truth raster's date comes from its ``period_start`` tag or its name (``nee_YYYYMMDD.tif``); there
+    must be exactly one per period start of ``time`` and none for other dates, so a calendar mismatch
+    (``8D`` drifting from products that restart on 1 January) stops the run before hours of mapping.
+
+    Raises
+    ------
+    GeofluxError
+        naming the truth glob, the counts and the first date that has no partner.
+    """
+    if not cfg.truth:
+        return None
+    files = sorted(glob.glob(str(cfg.path(cfg.truth))))
+    periods = cfg.periods()
+    if not files:
+        raise GeofluxError(f"{cfg.truth}: no truth raster matches (expected one per map period)")
+    by_date: dict[pd.Timestamp, Path] = {}
+    for f in files:
+        t = time_from_name(f)
+        if t is None:
+            raise GeofluxError(f"{f}: truth raster without a date (expected a period_start tag or _YYYYMMDD)")
+        if t in by_date:
+            raise GeofluxError(f"{f}: second truth raster for {t:%Y-%m-%d} (first: {by_date[t]})")
+        by_date[t] = Path(f)
+    missing = [p for p in periods if p not in by_date]
+    extra = sorted(t for t in by_date if t not in set(periods))
+    if missing or extra:
+        first = (
+            f"no truth raster for period {missing[0]:%Y-%m-%d}"
+            if missing
+            else f"truth raster {by_date[extra[0]].name} dated {extra[0]:%Y-%m-%d} starts no period"
+        )
+        raise GeofluxError(
+            f"{cfg.truth}: {len(files)} truth rasters for {len(periods)} map time steps of time.step "
+            f"{cfg.time.step}; {first} (expected one truth raster per period start; a world whose "
+            "periods restart on 1 January needs time.step MODIS8D)"
+        )
+    return {p: by_date[p] for p in periods}
