@@ -2,9 +2,9 @@
 
 Builds generated worlds (``geoflux.demo.WorldSpec``) whose towers stand in homogeneous patches, anywhere
 (without regard to land cover, so many footprints mix classes), or anywhere with a mis-modelled footprint
-(the true source area is the FFP of a wind rotated by 60°, or a fixed 1.2 km or 600 m box), runs the pipeline's
-towers and extraction stages once per world and footprint method, then trains and maps with each training
-method and scores the maps against the world's true NEE (which no model code computes).
+(the true source area is the FFP of a wind rotated by 60°, or a fixed 1.2 km or 600 m box), runs the
+pipeline's towers and extraction stages once per world and footprint method, then trains and maps with
+each training method and scores the maps against the world's true NEE (which no model code computes).
 
 Printed per variant (NEE in gC m-2 d-1):
 

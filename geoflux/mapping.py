@@ -38,6 +38,7 @@ from geoflux.config import VariableSpec
 from geoflux.errors import GridError, ModelError
 from geoflux.features import feature_names, pixel_features
 from geoflux.model import TrainedModel
+from geoflux.run import band_stem  # noqa: F401 (file naming lives in the run layout; kept importable here)
 from geoflux.scheduler import Scheduler, Shared, open_scheduler
 
 log = logging.getLogger("geoflux")
