@@ -30,6 +30,7 @@ from sklearn.base import RegressorMixin
 from sklearn.ensemble import RandomForestRegressor
 
 DRAWS_PER_ROW = 4  # footprint pixels drawn per tower-step for a fit (rows = 4 x tower-steps)
+QUANTILE_DRAWS = 2  # of those, per tower-step, for the band's quantile models (their cost is linear in rows)
 CROSSFIT_TREES = (
     60  # trees of the cross-fitted forests that split tower NEE over pixels (not the final model)
 )

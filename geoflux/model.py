@@ -44,6 +44,8 @@ from geoflux.atomic import atomic_path
 from geoflux.config import ModelSpec
 from geoflux.errors import ModelError
 from geoflux.footprint_fit import (
+    DRAWS_PER_ROW,
+    QUANTILE_DRAWS,
     FootprintRows,
     fit_pixels,
     footprint_rows,
@@ -163,8 +165,9 @@ def make_estimator(spec: ModelSpec) -> RegressorMixin:
     """
     est = _construct(spec)
     # scikit-learn checks parameter values only in fit; check them now so a bad value is a config error
+    # (LightGBM/XGBoost wrappers inherit the method without scikit-learn's parameter constraints)
     check = getattr(est, "_validate_params", None)
-    if check is not None:
+    if check is not None and type(est).__module__.startswith("sklearn."):
         try:
             check()
         except (ValueError, TypeError) as exc:
@@ -354,7 +357,9 @@ def _fit_point(
         iterations=spec.refit_iterations,
         seed=seed,
     )
-    return est, fr.x[draws], target
+    # the band's quantile models learn from the first QUANTILE_DRAWS draws of every tower-step
+    sub = np.arange(len(draws)).reshape(-1, DRAWS_PER_ROW)[:, :QUANTILE_DRAWS].ravel()
+    return est, fr.x[draws[sub]], target[sub]
 
 
 def align_footprints(
