@@ -252,7 +252,7 @@ def sample_pixels(model: TrainedModel, n: int = SAMPLE_ROWS, seed: int = 0) -> n
     return rng.uniform(lo, hi, (n, nf)).astype(np.float32)
 
 
-def time_predict(predict: Callable[[np.ndarray], Any], x: np.ndarray, repeats: int = 3) -> float:
+def time_predict(predict: Callable[[np.ndarray], Any], x: np.ndarray, repeats: int = 5) -> float:
     """Best-of-``repeats`` seconds of ``predict(x)`` on one thread (as a map task runs it).
 
     The minimum is the run least disturbed by other processes on shared cores.

@@ -128,7 +128,7 @@ def cache(tmp_path_factory):
 def _compiled_timing(compiled_s: dict[str, float], library_s: float = 0.1):
     """A stand-in for inference.time_predict: seconds by path (compiled: by estimator name)."""
 
-    def fake(predict, x, repeats=3):
+    def fake(predict, x, repeats=5):
         owner = getattr(predict, "__self__", None)
         if isinstance(owner, inference.CompiledEstimator):
             return compiled_s[owner.name]
