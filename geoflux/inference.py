@@ -12,6 +12,16 @@ by a hash of the converted model, so a model is compiled once.
 
 Predictions agree with the library's to floating-point rounding: tl2cgen sums the trees in the same
 order but in its own precision (see ``tests/test_mapping_inference.py`` for the measured difference).
+
+Compiled is not always faster: a forest of deep trees compiles to megabytes of branches that thrash the
+instruction cache: on the demo's 200-tree forest (202k nodes) it was 2.9x slower than scikit-learn, while
+the two 100-iteration quantile models ran 3.5-5x faster (``bench/bench_production.py``). So ``auto``
+never assumes: per estimator (point model, each quantile model) it times the library's and the compiled
+predict on a sample of the model's own training pixels, as a map task runs them (one thread), and keeps
+the compiled one only if it agrees with the library within :data:`AGREEMENT_ATOL` and is at least
+:data:`MIN_SPEEDUP` times faster. It compiles only when the estimated compile time (from the node count)
+fits the budget or the library is already cached, and records the timings and the choice in
+``<cache_dir>/auto.json``.
 """
 
 from __future__ import annotations
@@ -19,21 +29,40 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from geoflux.atomic import atomic_path
 from geoflux.errors import ModelError
 from geoflux.model import TrainedModel
 
 log = logging.getLogger("geoflux")
 
 MODES = ("library", "compiled", "auto")
+
+# A compiled predict is used by ``auto`` only if no prediction of the sample differs from the library's by
+# more than this (gC m-2 d-1): far below what a map can resolve, far above float summation-order noise.
+AGREEMENT_ATOL = 1e-4
+# ... and only if it is at least this much faster: within timing noise the library (the reference) wins.
+MIN_SPEEDUP = 1.1
+# ``auto`` skips compiling a model whose estimated compile time exceeds this (seconds); a cached library
+# costs nothing and is always tried.
+COMPILE_BUDGET_S = 60.0
+# Compile cost via tl2cgen + gcc, CPU-seconds per tree node, measured on this project's 2-core machine:
+# 1.15e-3 for a 10-tree fully grown forest (50k nodes), 0.36e-3 for a 100-iteration boosting model; the
+# demo's 200-tree forest (202k nodes) plus its two quantile models took 385 s wall at load 5-8. Wall time =
+# this x nodes / compiler jobs: the demo forest is estimated at ~100 s on 2 cores, over the budget.
+COMPILE_CPU_S_PER_NODE = 1e-3
+SAMPLE_ROWS = 16_384  # one 128 x 128 map chunk
 
 _LOADED: dict[str, Any] = {}  # library hash → tl2cgen.Predictor, once per process
 _LOAD_LOCK = threading.Lock()
@@ -124,6 +153,47 @@ class CompiledEstimator:
         self.__init__(state["lib"], state["n_features"], state["name"])
 
 
+def _cache(cache_dir: str | Path | None) -> Path:
+    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / f"geoflux-compiled-{os.getuid()}"
+    cache.mkdir(parents=True, exist_ok=True)
+    return cache
+
+
+def _converted(est: Any, cache: Path) -> tuple[Any, Path] | None:
+    """The treelite model and the path of its compiled library in ``cache`` (keyed by the model's hash)."""
+    tl_model = _to_treelite(est)
+    if tl_model is None:
+        return None
+    key = hashlib.sha256(tl_model.serialize_bytes()).hexdigest()[:24]
+    return tl_model, cache / f"{type(est).__name__}-{key}.so"
+
+
+def node_count(est: Any) -> int | None:
+    """Number of tree nodes (splits and leaves) of a fitted ensemble, or None for an unknown type."""
+    if hasattr(est, "estimators_") and hasattr(est, "decision_path"):  # scikit-learn forests
+        return int(sum(t.tree_.node_count for t in est.estimators_))
+    if hasattr(est, "_predictors"):  # scikit-learn HistGradientBoosting
+        return int(sum(len(p.nodes) for it in est._predictors for p in it))
+    if type(est).__module__.startswith("lightgbm."):
+        booster = est.booster_ if hasattr(est, "booster_") else est
+        return int(sum(2 * t["num_leaves"] - 1 for t in booster.dump_model()["tree_info"]))
+    if type(est).__module__.startswith("xgboost."):
+        booster = est.get_booster() if hasattr(est, "get_booster") else est
+        return len(booster.trees_to_dataframe())
+    return None
+
+
+def estimate_compile_seconds(est: Any, nthread: int | None = None) -> float | None:
+    """Estimated wall time (s) to compile ``est`` with tl2cgen on ``nthread`` compiler jobs (None: unknown).
+
+    C code size, hence gcc's time, grows with the number of tree nodes; see :data:`COMPILE_CPU_S_PER_NODE`.
+    """
+    nodes = node_count(est)
+    if nodes is None:
+        return None
+    return nodes * COMPILE_CPU_S_PER_NODE / (nthread or os.cpu_count() or 1)
+
+
 def compile_estimator(est: Any, cache_dir: str | Path | None = None, nthread: int | None = None) -> Any:
     """A :class:`CompiledEstimator` for ``est``, or None when treelite cannot convert it.
 
@@ -133,15 +203,13 @@ def compile_estimator(est: Any, cache_dir: str | Path | None = None, nthread: in
     cache_dir : where compiled libraries are kept by model hash (default: a folder in the temp dir).
     nthread : compiler jobs (default: all CPUs).
     """
-    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / f"geoflux-compiled-{os.getuid()}"
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = _cache(cache_dir)
     import tl2cgen
 
-    tl_model = _to_treelite(est)
-    if tl_model is None:
+    conv = _converted(est, cache)
+    if conv is None:
         return None
-    key = hashlib.sha256(tl_model.serialize_bytes()).hexdigest()[:24]
-    lib = cache / f"{type(est).__name__}-{key}.so"
+    tl_model, lib = conv
     if not lib.exists():
         n = nthread or os.cpu_count() or 1
         log.warning(
@@ -159,18 +227,161 @@ def compile_estimator(est: Any, cache_dir: str | Path | None = None, nthread: in
     return CompiledEstimator(lib.read_bytes(), tl_model.num_feature, type(est).__name__)
 
 
+def sample_pixels(model: TrainedModel, n: int = SAMPLE_ROWS, seed: int = 0) -> np.ndarray:
+    """(n, n_features) float32 feature rows like the ones the model will map, for timing its paths.
+
+    The model's own training pixels when it has an area of applicability (they are stored, standardized,
+    for the DI: undone here), else uniform draws inside its training domain. Tree traversal cost depends on
+    where the rows fall, so rows from the training distribution time what a map costs.
+    """
+    rng = np.random.default_rng(seed)
+    aoa = model.aoa
+    nf = len(model.features)
+    if aoa is not None and len(aoa.points):
+        w = np.asarray(aoa.weights, dtype=np.float64)
+        safe = np.where(w != 0, w, 1.0)
+        pts = aoa.points[rng.integers(0, len(aoa.points), n)]
+        x = pts / safe * aoa.scale + aoa.center
+        if (w == 0).any():  # a zero-weight feature cannot be recovered: draw it inside the domain
+            for j in np.flatnonzero(w == 0):
+                lo, hi = model.domain.get(model.features[j], [aoa.center[j], aoa.center[j]])
+                x[:, j] = rng.uniform(lo, hi, n)
+        return np.ascontiguousarray(x, dtype=np.float32)
+    lo = np.array([model.domain.get(f, [0.0, 1.0])[0] for f in model.features])
+    hi = np.array([model.domain.get(f, [0.0, 1.0])[1] for f in model.features])
+    return rng.uniform(lo, hi, (n, nf)).astype(np.float32)
+
+
+def time_predict(predict: Callable[[np.ndarray], Any], x: np.ndarray, repeats: int = 5) -> float:
+    """Best-of-``repeats`` seconds of ``predict(x)`` on one thread (as a map task runs it).
+
+    The minimum is the run least disturbed by other processes on shared cores.
+    """
+    from threadpoolctl import threadpool_limits
+
+    best = np.inf
+    with threadpool_limits(1, user_api="openmp"):
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            predict(x)
+            best = min(best, time.perf_counter() - t0)
+    return float(best)
+
+
+def _estimators(model: TrainedModel) -> dict[str, Any]:
+    """The model's tree estimators by the band they produce (the point model and each quantile model)."""
+    out = {"NEE": model.estimator}
+    quantiles = getattr(model, "quantile_models", None)
+    if quantiles is not None:
+        names = [b for b in model.bands if b.startswith("NEE_q")] or ["NEE_lo", "NEE_hi"]
+        out.update({names[0]: quantiles[0], names[-1]: quantiles[1]})
+    return out
+
+
+def _choose_one(
+    est: Any, one_thread: Any, x: np.ndarray, cache: Path, budget_s: float
+) -> tuple[Any, dict[str, Any]]:
+    """The faster of the library and compiled predict for one estimator that agrees with the library."""
+    rec: dict[str, Any] = {"estimator": type(est).__name__, "rows": len(x)}
+    ref = np.asarray(one_thread.predict(x), dtype=np.float64)
+    t_lib = time_predict(one_thread.predict, x)
+    rec["library_kpix_s"] = round(len(x) / t_lib / 1e3, 1)
+    conv = _converted(est, cache)
+    if conv is None:
+        rec["choice"], rec["why"] = "library", "not supported by treelite"
+        return est, rec
+    est_s = estimate_compile_seconds(est)
+    rec["compile_estimate_s"] = None if est_s is None else round(est_s, 1)
+    if not conv[1].exists() and (est_s is None or est_s > budget_s):
+        rec["choice"] = "library"
+        guess = "unknown" if est_s is None else f"{est_s:.0f} s"
+        rec["why"] = f"compile estimate {guess} over budget {budget_s:g} s"
+        return est, rec
+    t0 = time.perf_counter()
+    comp = compile_estimator(est, cache)
+    rec["compile_s"] = round(time.perf_counter() - t0, 1)
+    diff = float(np.max(np.abs(np.asarray(comp.predict(x), dtype=np.float64) - ref))) if len(x) else 0.0
+    t_comp = time_predict(comp.predict, x)
+    rec["compiled_kpix_s"] = round(len(x) / t_comp / 1e3, 1)
+    rec["max_abs_diff"] = diff
+    if not diff <= AGREEMENT_ATOL:
+        rec["choice"] = "library"
+        rec["why"] = f"compiled differs by {diff:.3g} > {AGREEMENT_ATOL:g} gC m-2 d-1"
+        return est, rec
+    if t_comp * MIN_SPEEDUP > t_lib:
+        rec["choice"], rec["why"] = "library", f"compiled not {MIN_SPEEDUP:g}x faster"
+        return est, rec
+    rec["choice"], rec["why"] = "compiled", f"{t_lib / t_comp:.1f}x faster"
+    return comp, rec
+
+
+def choose(
+    model: TrainedModel,
+    cache_dir: str | Path | None = None,
+    sample: np.ndarray | None = None,
+    budget_s: float = COMPILE_BUDGET_S,
+) -> tuple[TrainedModel, str]:
+    """``auto`` inference: per estimator, the library or compiled predict, whichever is faster and agrees.
+
+    Parameters
+    ----------
+    model : the fitted model.
+    cache_dir : compiled-library cache; the decision is recorded there as ``auto.json``.
+    sample : (n, n_features) feature rows to time on (default :func:`sample_pixels`, the model's own
+        training pixels).
+    budget_s : skip compiling an estimator whose estimated compile time (s) is larger, unless cached.
+
+    Returns
+    -------
+    The model to map with and a one-line description of the choice with the measured speeds (kpix/s,
+    one thread), for the run's log.
+    """
+    from geoflux.mapping import single_threaded
+
+    cache = _cache(cache_dir)
+    x = sample_pixels(model) if sample is None else np.ascontiguousarray(sample, dtype=np.float32)
+    one = _estimators(single_threaded(model))
+    chosen: dict[str, Any] = {}
+    record: dict[str, dict[str, Any]] = {}
+    for band, est in _estimators(model).items():
+        chosen[band], record[band] = _choose_one(est, one[band], x, cache, budget_s)
+    m = copy.copy(model)
+    ests = list(chosen.values())
+    m.estimator = ests[0]
+    if getattr(model, "quantile_models", None) is not None:
+        m.quantile_models = (ests[1], ests[2])
+    parts = []
+    for band, r in record.items():
+        speeds = f"library {r['library_kpix_s']:g}"
+        if "compiled_kpix_s" in r:
+            speeds += f", compiled {r['compiled_kpix_s']:g}"
+        parts.append(f"{band} {r['choice']} ({speeds} kpix/s; {r['why']})")
+    how = "auto: " + "; ".join(parts)
+    with atomic_path(cache / "auto.json") as tmp:
+        tmp.write_text(json.dumps({"atol_gC_m-2_d-1": AGREEMENT_ATOL, "bands": record}, indent=2))
+    log.info("inference %s", how)
+    if all(r["choice"] == "library" for r in record.values()):
+        return model, how
+    return m, how
+
+
 def prepare(
-    model: TrainedModel, mode: str = "library", cache_dir: str | Path | None = None
+    model: TrainedModel,
+    mode: str = "library",
+    cache_dir: str | Path | None = None,
+    sample: np.ndarray | None = None,
+    budget_s: float = COMPILE_BUDGET_S,
 ) -> tuple[TrainedModel, str]:
     """The model to map with: the library's predict, or compiled estimators where possible.
 
     Parameters
     ----------
     model : the fitted model.
-    mode : ``library`` (the estimator's own predict), ``compiled`` (compile; error if impossible) or
-        ``auto`` (compile when treelite/tl2cgen are installed and the estimator is supported, else fall
-        back to the library).
+    mode : ``library`` (the estimator's own predict), ``compiled`` (compile every estimator; error if
+        impossible) or ``auto`` (see :func:`choose`: per estimator the compiled predict only where it was
+        measured faster and agrees with the library; the library when treelite/tl2cgen are missing).
     cache_dir : compiled-library cache (e.g. ``<out>/model/compiled``).
+    sample, budget_s : for ``auto``, see :func:`choose`.
 
     Returns
     -------
@@ -190,14 +401,14 @@ def prepare(
         if mode == "compiled":
             raise ModelError("inference: compiled needs treelite and tl2cgen (pip install geoflux[compiled])")
         return model, "library predict (treelite/tl2cgen not installed)"
+    if mode == "auto":
+        return choose(model, cache_dir, sample, budget_s)
     try:
         compiled = compile_estimator(model.estimator, cache_dir)
     except ImportError:
         compiled = None
     if compiled is None:
-        if mode == "compiled":
-            raise ModelError(f"inference: treelite cannot compile {type(model.estimator).__name__}")
-        return model, f"library predict ({type(model.estimator).__name__} not supported by treelite)"
+        raise ModelError(f"inference: treelite cannot compile {type(model.estimator).__name__}")
     m = copy.copy(model)
     m.estimator = compiled
     what = [f"compiled {compiled.name}"]

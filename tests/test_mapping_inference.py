@@ -1,11 +1,16 @@
-"""Compiled inference (treelite/tl2cgen, lleaves) agrees with the library's predict; fallback without it."""
+"""Compiled inference (treelite/tl2cgen) agrees with the library; auto picks the faster agreeing path."""
 
 from __future__ import annotations
+
+import copy
+import json
+import os
 
 import numpy as np
 import pytest
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
 from test_mapping_helpers import VARIABLES, cube, grid, training
+from threadpoolctl import threadpool_limits
 
 from geoflux import inference
 from geoflux.errors import ModelError
@@ -91,3 +96,129 @@ def test_fallback_without_compilers(monkeypatch, tmp_path):
     with pytest.raises(ModelError, match="unknown mode"):
         inference.prepare(model, "fast", tmp_path)
     assert inference.prepare(model, "library")[0] is model
+
+
+# --- auto: measure, then choose per estimator ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def band_model() -> TrainedModel:
+    """A point forest plus two quantile boosting models, as the default model has (tiny)."""
+    x, y = training()
+    names = feature_names(VARIABLES)
+    # one OpenMP thread: boosting's spin-waiting threads crawl when other processes hold the cores
+    with threadpool_limits(1, user_api="openmp"):
+        rf = RandomForestRegressor(n_estimators=8, max_depth=8, random_state=0).fit(x, y)
+        domain = {f: [float(lo), float(hi)] for f, lo, hi in zip(names, x.min(0), x.max(0), strict=True)}
+        m = TrainedModel(rf, names, {}, domain=domain)
+        m.bands = ("NEE", "NEE_q05", "NEE_q95")
+        m.quantile_models = tuple(
+            HistGradientBoostingRegressor(loss="quantile", quantile=q, max_iter=10, random_state=0).fit(x, y)
+            for q in (0.05, 0.95)
+        )
+    return m
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One compiled-library cache for the auto tests: each model is compiled once."""
+    return tmp_path_factory.mktemp("compiled")
+
+
+def _compiled_timing(compiled_s: dict[str, float], library_s: float = 0.1):
+    """A stand-in for inference.time_predict: seconds by path (compiled: by estimator name)."""
+
+    def fake(predict, x, repeats=5):
+        owner = getattr(predict, "__self__", None)
+        if isinstance(owner, inference.CompiledEstimator):
+            return compiled_s[owner.name]
+        return library_s
+
+    return fake
+
+
+def test_auto_keeps_library_when_compiled_loses(monkeypatch, band_model, cache):
+    pytest.importorskip("tl2cgen")
+    model = band_model
+    slow = {"RandomForestRegressor": 0.34, "HistGradientBoostingRegressor": 0.2}  # 3.4x, 2x slower
+    monkeypatch.setattr(inference, "time_predict", _compiled_timing(slow))
+    chosen, how = inference.prepare(model, "auto", cache)
+    assert chosen is model
+    assert how.startswith("auto: NEE library") and "NEE_q95 library" in how and "not 1.1x faster" in how
+    record = json.loads((cache / "auto.json").read_text())["bands"]
+    assert sorted(record) == ["NEE", "NEE_q05", "NEE_q95"]
+    for r in record.values():  # each was really compiled and checked, then refused on speed
+        assert r["choice"] == "library" and r["max_abs_diff"] <= inference.AGREEMENT_ATOL
+        assert r["compiled_kpix_s"] < r["library_kpix_s"]
+
+
+def test_auto_uses_compiled_only_where_it_wins(monkeypatch, band_model, cache):
+    pytest.importorskip("tl2cgen")
+    model = band_model
+    mixed = {"RandomForestRegressor": 0.5, "HistGradientBoostingRegressor": 0.02}
+    monkeypatch.setattr(inference, "time_predict", _compiled_timing(mixed))
+    chosen, how = inference.prepare(model, "auto", cache)
+    assert "NEE library" in how and "NEE_q05 compiled" in how and "NEE_q95 compiled" in how
+    assert chosen.estimator is model.estimator
+    assert all(isinstance(q, inference.CompiledEstimator) for q in chosen.quantile_models)
+    x = _features(5_000)
+    diff = np.abs(chosen.predict_bands(x).astype(np.float64) - model.predict_bands(x)).max()
+    assert diff <= MAX_ABS_DIFF, diff
+
+
+def test_auto_refuses_a_compiled_path_that_disagrees(monkeypatch, band_model, cache):
+    pytest.importorskip("tl2cgen")
+    model = band_model
+    monkeypatch.setattr(
+        inference,
+        "time_predict",
+        _compiled_timing(dict.fromkeys(("RandomForestRegressor", "HistGradientBoostingRegressor"), 0.001)),
+    )
+    real = inference.CompiledEstimator.predict
+    monkeypatch.setattr(inference.CompiledEstimator, "predict", lambda self, x: real(self, x) + 0.01)
+    chosen, how = inference.prepare(model, "auto", cache)
+    assert chosen is model and how.count("compiled differs by 0.01") == 3
+
+
+def test_auto_does_not_compile_over_budget(band_model, tmp_path):
+    pytest.importorskip("tl2cgen")
+    model = band_model
+    est = inference.estimate_compile_seconds(model.estimator)
+    assert est == pytest.approx(
+        sum(t.tree_.node_count for t in model.estimator.estimators_)
+        * inference.COMPILE_CPU_S_PER_NODE
+        / (os.cpu_count() or 1)
+    )
+    chosen, how = inference.prepare(model, "auto", tmp_path, budget_s=0.0)
+    assert chosen is model and how.count("over budget 0 s") == 3
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_auto_choice_is_consistent_with_its_measurements(band_model, cache):
+    """Real timings (no assumption which path wins): whatever auto picks, its own record must justify it."""
+    pytest.importorskip("tl2cgen")
+    model = band_model
+    chosen, _ = inference.prepare(model, "auto", cache)
+    record = json.loads((cache / "auto.json").read_text())["bands"]
+    picked = [chosen.estimator, *chosen.quantile_models]
+    for r, est in zip(record.values(), picked, strict=True):
+        compiled = isinstance(est, inference.CompiledEstimator)
+        assert compiled == (r["choice"] == "compiled")
+        if compiled:
+            assert r["compiled_kpix_s"] >= r["library_kpix_s"] * inference.MIN_SPEEDUP * 0.999
+            assert r["max_abs_diff"] <= inference.AGREEMENT_ATOL
+
+
+def test_sample_pixels_are_the_training_pixels(band_model):
+    from geoflux.model import AOA
+
+    model = copy.copy(band_model)
+    x, _ = training()
+    center, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+    weights = np.linspace(0.5, 2.0, x.shape[1])
+    model.aoa = AOA(center, scale, weights, (x - center) / scale * weights, dbar=1.0, threshold=1.0)
+    s = inference.sample_pixels(model, n=200)
+    assert s.shape == (200, x.shape[1]) and s.dtype == np.float32
+    # every sampled row is one of the training rows (standardization undone), to float32 rounding
+    nearest = np.abs(s[:, None, :] - x[None, :, :].astype(np.float32)).max(axis=2).min(axis=1)
+    assert nearest.max() < 1e-3
