@@ -76,7 +76,7 @@ def main() -> None:
         f"mean NEE over the {int(ok.sum())} half-covered days: observed {obs_mean:.3f}, "
         f"predicted {pred_mean:.3f} gC m-2 d-1"
     )
-    assert np.isfinite(daily["r2"])
+    assert np.isfinite(daily["nse"])
 
 
 if __name__ == "__main__":

@@ -529,13 +529,13 @@ def extract(config: Path, overwrite: bool) -> None:
 
 
 def _cv_summary(cv: dict, units: str = "gC m-2 d-1") -> str:
-    """Two lines of cross-validation skill (metric names as in metrics.json: cv ``r2`` is the pooled NSE)."""
+    """Two lines of cross-validation skill: pooled NSE, r² (Pearson), RMSE, bias and the median site NSE."""
     head = (
         f"{cv.get('scheme', 'cross-validation')} over {cv.get('n_sites', '?')} sites (n={cv.get('n', '?')}):"
     )
     return (
-        f"{head}\n  nse {cv['r2']:.3f}  rmse {cv['rmse']:.3f} {units}  bias {cv['bias']:+.3f} {units}"
-        f"  median site nse {cv.get('nse_site_median', float('nan')):.3f}"
+        f"{head}\n  NSE {cv['nse']:.3f}  r² (Pearson) {cv['r2_pearson']:.3f}  rmse {cv['rmse']:.3f} {units}"
+        f"  bias {cv['bias']:+.3f} {units}  median site NSE {cv.get('nse_site_median', float('nan')):.3f}"
     )
 
 

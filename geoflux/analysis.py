@@ -68,7 +68,7 @@ def _scale_scores(df: pd.DataFrame, per_site: bool = True) -> dict[str, float]:
     out: dict[str, float] = scores(d["obs"].to_numpy(), d["pred"].to_numpy())
     if per_site:
         rows = [scores(g["obs"].to_numpy(), g["pred"].to_numpy()) for _, g in d.groupby("site")]
-        nse = np.array([r["r2"] for r in rows], dtype=float)
+        nse = np.array([r["nse"] for r in rows], dtype=float)
         rmse = np.array([r["rmse"] for r in rows], dtype=float)
         ok_nse, ok_rmse = nse[np.isfinite(nse)], rmse[np.isfinite(rmse)]
         out["nse_site_median"] = float(np.median(ok_nse)) if ok_nse.size else float("nan")
@@ -139,8 +139,9 @@ def multiscale_scores(pairs: pd.DataFrame, min_fraction: float = 0.0) -> dict[st
 
     Returns
     -------
-    ``{"native_step": "8 days", "scales": {scale: {r2, rmse, bias, n, nse_site_median, nse_site_p10,
-    rmse_site_median, rmse_site_p90, n_sites}}, "skipped": {scale: reason}}``. The across-site level has
+    ``{"native_step": "8 days", "scales": {scale: {nse, r2_pearson, rmse, bias, n, nse_site_median,
+    nse_site_p10, rmse_site_median, rmse_site_p90, n_sites}}, "skipped": {scale: reason}}`` (RMSE and bias in
+    gC m-2 d-1). The across-site level has
     one value per site, so it has pooled scores only.
     """
     frames = multiscale_frames(pairs, min_fraction)
@@ -167,7 +168,7 @@ def _step_name(step: pd.Timedelta) -> str:
 def multiscale_table(ms: Mapping[str, Any]) -> str:
     """A readable fixed-width table of :func:`multiscale_scores` (one line per scale)."""
     head = (
-        f"{'scale':<15}{'n':>7}{'R2':>8}{'RMSE':>8}{'bias':>8}{'sites':>7}"
+        f"{'scale':<15}{'n':>7}{'NSE':>8}{'r² (Pearson)':>14}{'RMSE':>8}{'bias':>8}{'sites':>7}"
         f"{'NSE med':>9}{'NSE p10':>9}{'RMSE med':>10}{'RMSE p90':>10}"
     )
     lines = [f"held-out skill by time scale (native step {ms['native_step']}; {ms['units']})", head]
@@ -180,7 +181,8 @@ def multiscale_table(ms: Mapping[str, Any]) -> str:
 
         sites = s.get("n_sites", "-")
         lines.append(
-            f"{label:<15}{s['n']:>7}{f('r2', 8)}{f('rmse', 8)}{f('bias', 8)}{sites!s:>7}"
+            f"{label:<15}{s['n']:>7}{f('nse', 8)}{f('r2_pearson', 14)}{f('rmse', 8)}"
+            f"{f('bias', 8)}{sites!s:>7}"
             f"{f('nse_site_median', 9)}{f('nse_site_p10', 9)}{f('rmse_site_median', 10)}"
             f"{f('rmse_site_p90', 10)}"
         )
@@ -711,10 +713,10 @@ def _block_stats(*blocks: np.ndarray, model: TrainedModel, variables: Sequence[V
 def _stats_to_scores(s: np.ndarray) -> dict[str, float]:
     n, so, soo, sp, see, cov = s
     if n < 2:
-        return {"r2": float("nan"), "rmse": float("nan"), "bias": float("nan"), "n": int(n)}
+        return {"nse": float("nan"), "rmse": float("nan"), "bias": float("nan"), "n": int(n)}
     sst = soo - so * so / n
     return {
-        "r2": float(1 - see / sst) if sst > 0 else float("nan"),
+        "nse": float(1 - see / sst) if sst > 0 else float("nan"),
         "rmse": float(np.sqrt(see / n)),
         "bias": float((sp - so) / n),
         "n": int(n),
@@ -723,7 +725,9 @@ def _stats_to_scores(s: np.ndarray) -> dict[str, float]:
 
 
 def aoa_truth_scores(cfg: RunConfig, model: TrainedModel | None = None) -> dict[str, Any]:
-    """Map-vs-truth R², RMSE and bias inside and outside the area of applicability (generated worlds).
+    """Map-vs-truth NSE (1 − SSE/SST), RMSE and bias inside and outside the area of applicability.
+
+    Generated worlds only.
 
     Predicts from the model and the driver cube chunk by chunk (one task per chunk, the model entering the
     graph once) and compares with the truth rasters of ``cfg.truth``; only sums leave each task, so memory
@@ -732,7 +736,7 @@ def aoa_truth_scores(cfg: RunConfig, model: TrainedModel | None = None) -> dict[
     Returns
     -------
     ``{"inside": {...}, "outside": {...}, "all": {...}, "aoa_fraction": f, "threshold": t}``, each score
-    dict with ``r2``, ``rmse``, ``bias`` (gC m-2 d-1), ``n`` (pixel-steps) and ``band_covers_truth`` (the
+    dict with ``nse``, ``rmse``, ``bias`` (gC m-2 d-1), ``n`` (pixel-steps) and ``band_covers_truth`` (the
     fraction of true values inside the uncertainty band).
     """
     import glob

@@ -7,21 +7,34 @@ import pandas as pd
 
 
 def scores(obs: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """R² (coefficient of determination, 1 − SSE/SST, = NSE), RMSE, bias (pred − obs) and n.
+    """Pooled skill of predictions against observations (NaN pairs ignored).
 
-    NaN pairs are ignored. Units of RMSE and bias are those of the inputs.
+    Parameters
+    ----------
+    obs, pred : array-like, same units (e.g. NEE in gC m-2 d-1).
+
+    Returns
+    -------
+    dict with ``nse`` (Nash–Sutcliffe efficiency 1 − SSE/SST, the coefficient of determination against the
+    observations' mean; ≤ 1, penalizes bias and scale), ``r2_pearson`` (squared Pearson correlation, 0..1,
+    blind to bias and scale), ``rmse`` and ``bias`` = mean(pred − obs) (units of the inputs) and ``n``
+    pairs. NaN where fewer than 2 pairs or no variance.
     """
     obs = np.asarray(obs, dtype=float)
     pred = np.asarray(pred, dtype=float)
     ok = ~(np.isnan(obs) | np.isnan(pred))
     o, p = obs[ok], pred[ok]
     n = int(ok.sum())
+    nan = float("nan")
     if n < 2:
-        return {"r2": float("nan"), "rmse": float("nan"), "bias": float("nan"), "n": n}
+        return {"nse": nan, "r2_pearson": nan, "rmse": nan, "bias": nan, "n": n}
     sse = float(((p - o) ** 2).sum())
     sst = float(((o - o.mean()) ** 2).sum())
+    # a constant prediction has no correlation (np.corrcoef would warn and return NaN)
+    r = float(np.corrcoef(o, p)[0, 1]) if sst > 0 and float(p.std()) > 0 else nan
     return {
-        "r2": 1.0 - sse / sst if sst > 0 else float("nan"),
+        "nse": 1.0 - sse / sst if sst > 0 else nan,
+        "r2_pearson": r * r,
         "rmse": float(np.sqrt(sse / n)),
         "bias": float((p - o).mean()),
         "n": n,
@@ -29,16 +42,17 @@ def scores(obs: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 
 def per_site_scores(df: pd.DataFrame, obs: str = "obs", pred: str = "pred") -> pd.DataFrame:
-    """Scores per site (NSE is R² against the site's own mean)."""
+    """:func:`scores` per site (``site``, ``nse`` against the site's own mean, ``rmse``, ``bias``, ``n``)."""
     rows = []
     for site, g in df.groupby("site", sort=True):
         s = scores(g[obs].to_numpy(), g[pred].to_numpy())
-        rows.append({"site": site, "nse": s["r2"], "rmse": s["rmse"], "bias": s["bias"], "n": s["n"]})
+        rows.append({"site": site, "nse": s["nse"], "rmse": s["rmse"], "bias": s["bias"], "n": s["n"]})
     return pd.DataFrame(rows)
 
 
 def summary(df: pd.DataFrame, obs: str = "obs", pred: str = "pred") -> dict[str, float]:
-    """Pooled R²/RMSE/bias plus the median and 10th-percentile per-site NSE and per-site median RMSE."""
+    """Pooled :func:`scores` (``nse``, ``r2_pearson``, ``rmse``, ``bias``, ``n``) plus the median and
+    10th-percentile per-site NSE, the per-site median RMSE (gC m-2 d-1 for NEE) and ``n_sites``."""
     pooled = scores(df[obs].to_numpy(), df[pred].to_numpy())
     sites = per_site_scores(df, obs, pred)
     return {
@@ -61,8 +75,8 @@ def skill(obs: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     -------
     dict with
         ``n`` pairs; ``bias`` mean(pred − obs) and ``rmse`` (units of the inputs); ``mae`` (units of the
-        inputs); ``r2`` the squared Pearson correlation (0..1, insensitive to bias and scale); ``nse`` the
-        Nash–Sutcliffe efficiency 1 − SSE/SST (≤ 1, penalizes bias and scale); ``rma_slope`` the
+        inputs); ``r2_pearson`` the squared Pearson correlation (0..1, insensitive to bias and scale);
+        ``nse`` the Nash–Sutcliffe efficiency 1 − SSE/SST (≤ 1, penalizes bias and scale); ``rma_slope`` the
         reduced-major-axis slope sign(r)·sd(pred)/sd(obs) (1 for an unbiased scale; < 1 when predictions
         are damped); ``rma_intercept`` (units of the inputs). NaN where fewer than 2 pairs or no variance.
     """
@@ -72,7 +86,7 @@ def skill(obs: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     o, p = o[ok], p[ok]
     n = int(o.size)
     nan = float("nan")
-    out = dict.fromkeys(("bias", "rmse", "mae", "r2", "nse", "rma_slope", "rma_intercept"), nan)
+    out = dict.fromkeys(("bias", "rmse", "mae", "r2_pearson", "nse", "rma_slope", "rma_intercept"), nan)
     out = {"n": n, **out}
     if n == 0:
         return out
@@ -88,7 +102,7 @@ def skill(obs: np.ndarray, pred: np.ndarray) -> dict[str, float]:
         out["nse"] = 1.0 - float((d * d).sum()) / sst
     if so > 0 and sp > 0:
         r = float(np.corrcoef(o, p)[0, 1])
-        out["r2"] = r * r
+        out["r2_pearson"] = r * r
         # RMA (geometric mean) regression: symmetric in obs and pred, so noise in the tower data does
         # not flatten the slope the way an ordinary least-squares fit of pred on obs would
         out["rma_slope"] = float(np.sign(r) * sp / so) if r != 0 else nan
@@ -123,24 +137,33 @@ def grouped_skill(
 
 
 def summarize_metrics(metrics: dict) -> str:
-    """A short human summary of metrics.json."""
+    """A short human summary of metrics.json (NSE = 1 − SSE/SST; r² (Pearson) = squared correlation).
+
+    RMSE and bias are in the metrics' ``units`` (gC m-2 d-1).
+    """
+
+    def num(d: dict, key: str, fmt: str = ".3f") -> str:
+        v = d.get(key)
+        return format(v, fmt) if isinstance(v, (int, float)) and v == v else "–"
+
     lines = [f"NEE maps validated (units {metrics.get('units', '?')}):"]
     if "truth" in metrics:
         t = metrics["truth"]
         lines.append(
-            f"  map vs true field : R2 {t['r2']:.3f}  RMSE {t['rmse']:.3f}  bias {t['bias']:+.3f}"
-            f"  (n={t['n']} pixel-steps)"
+            f"  map vs true field : NSE {num(t, 'nse')}  RMSE {num(t, 'rmse')}  bias {num(t, 'bias', '+.3f')}"
+            f"  (n={t.get('n')} pixel-steps)"
         )
     if "cv" in metrics:
         c = metrics["cv"]
         lines.append(
-            f"  {c['scheme']} CV: R2 {c['r2']:.3f}  RMSE {c['rmse']:.3f}  "
-            f"median site NSE {c['nse_site_median']:.3f}  ({c['n_sites']} sites)"
+            f"  {c.get('scheme', 'grouped')} CV: NSE {num(c, 'nse')}  r² (Pearson) {num(c, 'r2_pearson')}  "
+            f"RMSE {num(c, 'rmse')}  median site NSE {num(c, 'nse_site_median')}  ({c.get('n_sites')} sites)"
         )
-    if "towers" in metrics and "r2" in metrics["towers"]:
+    if "towers" in metrics and "nse" in metrics["towers"]:
         w = metrics["towers"]
         lines.append(
-            f"  map vs towers (footprint-weighted): R2 {w['r2']:.3f}  RMSE {w['rmse']:.3f}  "
-            f"bias {w['bias']:+.3f}"
+            f"  map vs towers (footprint-weighted): NSE {num(w, 'nse')}  "
+            f"r² (Pearson) {num(w, 'r2_pearson')}  RMSE {num(w, 'rmse')}  bias {num(w, 'bias', '+.3f')}"
+            f"  (n={w.get('n')} site-steps)"
         )
     return "\n".join(lines)

@@ -401,9 +401,10 @@ def cross_validate(
     -------
     Held-out predictions (``site``, ``time``, ``obs``, ``pred``, ``fold``; with uncertainty also ``lo_raw``
     and ``hi_raw`` (the uncalibrated quantile predictions) and ``lo``/``hi``, the calibrated band where each
-    fold's margin comes only from the *other* folds' scores) and a summary: pooled ``r2``, ``rmse``,
-    ``bias`` (gC m-2 d-1), per-site ``nse_site_median``/``nse_site_p10``, the per-site table, per-fold
-    scores and, with uncertainty, ``uncertainty`` = {nominal, coverage, coverage_uncalibrated, margin,
+    fold's margin comes only from the *other* folds' scores) and a summary: pooled ``nse`` (1 − SSE/SST),
+    ``r2_pearson`` (squared Pearson correlation), ``rmse``, ``bias`` (gC m-2 d-1), per-site
+    ``nse_site_median``/``nse_site_p10``, the per-site table, per-fold scores (same keys) and, with
+    uncertainty, ``uncertainty`` = {nominal, coverage, coverage_uncalibrated, margin,
     mean_width, coverage_site_median, coverage_site_p10}.
     """
     _check_table(table, features, spec)
@@ -504,6 +505,7 @@ def interval_summary(df: pd.DataFrame, interval: float) -> dict[str, float]:
 def _importance_weights(est: RegressorMixin, x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
     # Meyer & Pebesma weight each standardized predictor by its importance so that dissimilarity in
     # drivers the model ignores does not push pixels out of the area of applicability.
+    # scoring is scikit-learn's scorer name (its "r2" is 1 − SSE/SST, i.e. NSE), not a metrics key
     r = permutation_importance(
         est, x, y, n_repeats=3, random_state=seed, max_samples=min(len(y), 2000), scoring="r2"
     )

@@ -709,15 +709,17 @@ def _training_sites(cfg: RunConfig) -> list[str] | None:
 def stage_validate(cfg: RunConfig) -> dict:
     """Score maps against the truth (if configured), the CV results and the towers; writes metrics.json.
 
-    Besides ``truth``, ``cv`` and ``towers`` (pooled footprint-weighted scores), metrics.json gets
-    ``footprint_validation``: skill tables (bias, RMSE, R², NSE, RMA slope) overall, per IGBP class, per
-    representativeness class, per site and inside/outside the AOA, with training sites, held-out sites and
-    the CV's held-out predictions always in separate rows; and ``multiscale`` (held-out skill per time
-    scale) when the analysis module is installed. The paired table goes to ``validation/pairs.parquet`` and
-    each skill table to ``validation/skill_<stratum>.csv``.
+    Besides ``truth`` (``nse``, ``rmse``, ``bias``, ``n``), ``cv`` and ``towers`` (pooled footprint-weighted
+    ``nse``, ``r2_pearson``, ``rmse``, ``bias`` in gC m-2 d-1, from the same paired table as the skill tables,
+    map rows of every role; :func:`geoflux.validate.tower_summary`), metrics.json gets
+    ``footprint_validation``: skill tables (bias, RMSE, NSE, r² (Pearson), RMA slope) overall, per IGBP
+    class, per representativeness class, per site and inside/outside the AOA, with training sites, held-out
+    sites and the CV's held-out predictions always in separate rows; and ``multiscale`` (held-out skill per
+    time scale) when the analysis module is installed. The paired table goes to
+    ``validation/pairs.parquet`` and each skill table to ``validation/skill_<stratum>.csv``.
     """
     from geoflux.cube import target_grid
-    from geoflux.validate import open_geotiff_series, tower_scores, truth_scores, validate_maps
+    from geoflux.validate import open_geotiff_series, tower_summary, truth_scores, validate_maps
 
     paths = map_paths(cfg)
     missing = [p for p in paths.values() if not p.exists()]
@@ -738,7 +740,6 @@ def stage_validate(cfg: RunConfig) -> dict:
     obs = pd.read_parquet(_read_stage(cfg, OBSERVATIONS, "towers"))
     sites = load_sites(cfg).loc[lambda s: s.index.isin(obs["site"].unique())]
     fps = footprints_for(cfg, sites)
-    _, metrics["towers"] = tower_scores(paths, fps, obs)
     cv_pred_path = cfg.out_dir / CV_PREDICTIONS
     cv_pred = pd.read_parquet(cv_pred_path) if cv_pred_path.exists() else None
     val = validate_maps(
@@ -751,6 +752,8 @@ def stage_validate(cfg: RunConfig) -> dict:
         training_sites=_training_sites(cfg),
         cv_predictions=cv_pred,
     )
+    # one pairing pass: the headline towers scores are the skill tables' own pairs, pooled over roles
+    metrics["towers"] = tower_summary(val, fps)
     metrics["footprint_validation"] = val.to_dict()
     if cv_pred is not None:
         try:

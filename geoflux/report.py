@@ -227,7 +227,8 @@ def _scatter_panel(ax: plt.Axes, df: pd.DataFrame, title: str, color_by_role: bo
     ax.text(
         0.03,
         0.97,
-        f"n {s['n']}\nR² {s['r2']:.2f}   NSE {s['nse']:.2f}\nRMSE {s['rmse']:.2f}   bias {s['bias']:+.2f}\n"
+        f"n {s['n']}\nNSE {s['nse']:.2f}   r² (Pearson) {s['r2_pearson']:.2f}\n"
+        f"RMSE {s['rmse']:.2f}   bias {s['bias']:+.2f}\n"
         f"RMA slope {s['rma_slope']:.2f}",
         transform=ax.transAxes,
         va="top",
@@ -575,48 +576,47 @@ def _provenance(run: _Run) -> str:
     return "\n".join(parts)
 
 
+HEADLINE_COLUMNS = ("comparison", "n", "NSE (1-SSE/SST)", "r² (Pearson)", "RMSE", "bias")
+HEADLINE_KEYS = ("n", "nse", "r2_pearson", "rmse", "bias")  # metrics.json keys behind HEADLINE_COLUMNS[1:]
+
+
+def headline(metrics: dict) -> pd.DataFrame:
+    """The report's summary table: one row per comparison in metrics.json, its values copied unchanged.
+
+    Rows: ``truth`` (map vs true field), ``cv`` (held-out), ``towers`` (map vs towers through footprints);
+    columns :data:`HEADLINE_COLUMNS` (RMSE and bias in gC m-2 d-1; None where metrics.json has no value).
+    """
+    rows = []
+    for key, label in (
+        ("truth", "map vs true field (every pixel and step)"),
+        ("cv", f"{metrics.get('cv', {}).get('scheme', 'grouped')} CV (held-out)"),
+        ("towers", "map vs towers through footprints"),
+    ):
+        d = metrics.get(key)
+        if d and "nse" in d:
+            rows.append((label, *(d.get(k) for k in HEADLINE_KEYS)))
+    return pd.DataFrame(rows, columns=list(HEADLINE_COLUMNS))
+
+
 def _skill_tables(run: _Run) -> str:
     parts = []
     m = run.metrics
-    summary = []
-    if "truth" in m:
-        t = m["truth"]
-        summary.append(
-            (
-                "map vs true field (every pixel and step)",
-                t.get("n"),
-                t.get("r2"),
-                t.get("rmse"),
-                t.get("bias"),
-            )
-        )
-    if "cv" in m:
-        c = m["cv"]
-        summary.append(
-            (
-                f"{c.get('scheme', 'grouped')} CV (held-out)",
-                c.get("n"),
-                c.get("r2"),
-                c.get("rmse"),
-                c.get("bias"),
-            )
-        )
-    if "towers" in m and "r2" in m["towers"]:
-        w = m["towers"]
-        summary.append(
-            ("map vs towers through footprints", w.get("n"), w.get("r2"), w.get("rmse"), w.get("bias"))
-        )
-    if summary:
+    summary = headline(m)
+    if len(summary):
         parts.append("<h3>Summary</h3>")
-        parts.append(
-            _table(pd.DataFrame(summary, columns=["comparison", "n", "NSE (1-SSE/SST)", "RMSE", "bias"]))
-        )
+        parts.append(_table(summary))
+    for key in ("truth", "cv", "towers"):
+        if isinstance(m.get(key), dict) and m[key].get("n", 0) > 1 and "nse" not in m[key]:
+            # a metrics.json written before the nse / r2_pearson names: say so rather than show nothing
+            why = f"metrics.json '{key}' has no 'nse' (older geoflux?): rerun 'geoflux validate'"
+            parts.append(_note(why))
     fv = m.get("footprint_validation")
     if fv:
         parts.append(
             "<h3>Footprint validation</h3><p>Map value Σw·M/Σw over each tower's footprint (valid pixels) "
-            "against the tower's QC-filtered NEE per time step, gC m-2 d-1. <b>R²</b> is the squared "
-            "correlation, <b>NSE</b> 1 − SSE/SST, <b>RMA slope</b> the reduced-major-axis slope. Rows never "
+            "against the tower's QC-filtered NEE per time step, gC m-2 d-1. <b>nse</b> is 1 − SSE/SST "
+            "(Nash–Sutcliffe), <b>r2_pearson</b> the squared Pearson correlation, <b>RMA slope</b> the "
+            "reduced-major-axis slope. Rows never "
             "pool training sites (in-sample for the map) with held-out sites or the cross-validation's "
             "held-out predictions.</p>"
         )
@@ -627,8 +627,8 @@ def _skill_tables(run: _Run) -> str:
             "n",
             "bias",
             "rmse",
-            "r2",
             "nse",
+            "r2_pearson",
             "rma_slope",
             "interval_coverage",
         ]
@@ -655,7 +655,10 @@ def _skill_tables(run: _Run) -> str:
         df = pd.DataFrame(ms["scales"]).T.rename_axis("scale").reset_index()
         keep = [
             c
-            for c in ["scale", "n", "r2", "rmse", "bias", "n_sites", "nse_site_median", "nse_site_p10"]
+            for c in [
+                *("scale", "n", "nse", "r2_pearson", "rmse", "bias"),
+                *("n_sites", "nse_site_median", "nse_site_p10"),
+            ]
             if c in df.columns
         ]
         parts.append(_table(df[keep]))

@@ -8,7 +8,7 @@ the footprint windows, not the map size.
 
 For each site and time step the footprint-weighted map value is Σw·M / Σw over the footprint's valid
 (non-nodata) pixels, and Σw (the footprint fraction the value stands for) is reported as ``fp_valid``. Pairs
-with the QC-filtered, aggregated tower observation are scored (bias, RMSE, R², NSE, reduced-major-axis slope;
+with the QC-filtered, aggregated tower observation are scored (bias, RMSE, NSE, r² (Pearson), RMA slope;
 :func:`geoflux.metrics.skill`) overall, per land-cover class, per representativeness class and inside/outside
 the area of applicability, always separating sites the model was trained on from held-out sites.
 """
@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -78,7 +79,8 @@ def _read_masked(ds: rasterio.io.DatasetReader, window=None, band: int = 1) -> n
 
 
 def truth_scores(maps: Sequence[Path], truths: Sequence[Path]) -> dict[str, float]:
-    """Pixel-wise R², RMSE and bias of maps against true fields, pooled over all time steps.
+    """Pixel-wise ``nse`` (1 − SSE/SST), ``rmse`` and ``bias`` (pred − obs, map units: gC m-2 d-1) and ``n``
+    (pixel-steps) of maps against true fields, pooled over all time steps.
 
     Streams block windows and accumulates sums (float64), so memory does not grow with the map size.
     """
@@ -100,9 +102,9 @@ def truth_scores(maps: Sequence[Path], truths: Sequence[Path]) -> dict[str, floa
                 sp += p.sum()
                 see += ((p - o) ** 2).sum()
     if n < 2:
-        return {"r2": float("nan"), "rmse": float("nan"), "bias": float("nan"), "n": int(n)}
+        return {"nse": float("nan"), "rmse": float("nan"), "bias": float("nan"), "n": int(n)}
     sst = soo - so * so / n
-    return {"r2": 1 - see / sst, "rmse": float(np.sqrt(see / n)), "bias": (sp - so) / n, "n": int(n)}
+    return {"nse": 1 - see / sst, "rmse": float(np.sqrt(see / n)), "bias": (sp - so) / n, "n": int(n)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -729,32 +731,6 @@ def footprint_map_values(
     return footprint_values(open_geotiff_series(dict(maps)), footprints)
 
 
-def tower_scores(
-    maps: Mapping[pd.Timestamp, Path],
-    footprints: Mapping[str, FootprintWeights],
-    observations: pd.DataFrame,
-) -> tuple[pd.DataFrame, dict]:
-    """Compare maps with tower observations through each tower's footprint.
-
-    Parameters
-    ----------
-    maps : map path per period start.
-    footprints : footprint weights per site on the maps' grid.
-    observations : aggregated tower NEE (``site``, ``time``, ``NEE``) in the maps' units.
-
-    Returns
-    -------
-    The paired table (``site``, ``time``, ``obs``, ``pred``, ``fp_valid``) and its summary scores.
-    """
-    vals = footprint_map_values(maps, footprints)
-    obs = observations[["site", "time", "NEE"]].rename(columns={"NEE": "obs"})
-    pairs = vals.merge(obs, on=["site", "time"], how="inner").rename(columns={"map": "pred"})
-    pairs = pairs.dropna(subset=["obs", "pred"])
-    result = summary(pairs) if len(pairs) > 1 else {"n": len(pairs)}
-    result["footprint_method"] = {s: fw.method for s, fw in footprints.items()}
-    return pairs, result
-
-
 # --------------------------------------------------------------------------------------------------
 # Stratified validation
 
@@ -790,7 +766,7 @@ class Validation:
 
     def summary_text(self) -> str:
         """The overall table as aligned text."""
-        cols = ["source", "role", "n_sites", "n", "bias", "rmse", "r2", "nse", "rma_slope"]
+        cols = ["source", "role", "n_sites", "n", "bias", "rmse", "nse", "r2_pearson", "rma_slope"]
         t = self.tables["overall"]
         return t[[c for c in cols if c in t.columns]].to_string(
             index=False, float_format=lambda v: f"{v:.3f}"
@@ -923,12 +899,39 @@ def validate_maps(
         "metrics": {
             "bias": "mean(pred - obs), gC m-2 d-1",
             "rmse": "gC m-2 d-1",
-            "r2": "squared Pearson correlation",
             "nse": "Nash-Sutcliffe efficiency 1 - SSE/SST",
+            "r2_pearson": "squared Pearson correlation",
             "rma_slope": "reduced-major-axis slope of pred on obs",
         },
     }
     return Validation(allp, tables, info)
+
+
+def tower_summary(
+    val: Validation, footprints: Mapping[str, FootprintWeights] | None = None
+) -> dict[str, Any]:
+    """Pooled map-vs-tower scores from the paired table of :func:`validate_maps` (metrics.json ``towers``).
+
+    The same pairs as the ``footprint_validation`` tables (source 'map', footprint-valid fraction at least
+    ``min_footprint_valid``), pooled over every role, so the headline and the tables never disagree.
+
+    Parameters
+    ----------
+    val : the validation of the maps.
+    footprints : the footprints used (adds ``footprint_method`` per site).
+
+    Returns
+    -------
+    :func:`geoflux.metrics.summary` of the map pairs (``nse``, ``r2_pearson``, ``rmse``, ``bias`` in
+    gC m-2 d-1, ``n`` site-steps, per-site NSE median/p10, ``n_sites``; only ``n`` with fewer than two
+    pairs) plus ``min_footprint_valid`` and ``footprint_method``.
+    """
+    pairs = val.pairs.loc[val.pairs["source"] == "map"]
+    result: dict[str, Any] = summary(pairs) if len(pairs) > 1 else {"n": len(pairs)}
+    result["min_footprint_valid"] = val.info.get("min_footprint_valid")
+    if footprints is not None:
+        result["footprint_method"] = {s: fw.method for s, fw in footprints.items()}
+    return result
 
 
 def period_starts(times: pd.DatetimeIndex, step: str | None) -> tuple[pd.DatetimeIndex, pd.Timestamp]:

@@ -33,13 +33,13 @@ def test_multiscale_perfect_and_offset_predictions():
 
     p = _pairs()
     ms = multiscale_scores(p.assign(pred=p["obs"]))
-    assert all(s["r2"] == pytest.approx(1.0) for s in ms["scales"].values())
+    assert all(s["nse"] == pytest.approx(1.0) for s in ms["scales"].values())
     assert set(ms["skipped"]) == {"daily", "weekly", "iav"}
     # a constant error per site: wrong at the native scale and across sites, right for anomalies
     offset = p["site"].str[1:].astype(int) * 0.5
     ms = multiscale_scores(p.assign(pred=p["obs"] + offset))
-    assert ms["scales"]["native"]["r2"] < 0.99
-    assert ms["scales"]["anomaly"]["r2"] == pytest.approx(1.0)
+    assert ms["scales"]["native"]["nse"] < 0.99
+    assert ms["scales"]["anomaly"]["nse"] == pytest.approx(1.0)
     assert ms["scales"]["across_site"]["bias"] == pytest.approx(offset.groupby(p["site"]).first().mean())
     assert ms["scales"]["native"]["rmse_site_p90"] >= ms["scales"]["native"]["rmse_site_median"]
     text = multiscale_table(ms)
@@ -175,7 +175,7 @@ def test_demo_band_coverage_on_held_out_sites(demo_trained):
     u = cv["uncertainty"]
     assert 0.8 <= u["coverage"] <= 0.95, u
     assert cv["aoa"]["fraction_inside"] > 0.8
-    assert cv["r2"] > 0.9  # site-grouped skill on the generated world
+    assert cv["nse"] > 0.9  # site-grouped skill on the generated world
     assert model.bands == tuple(cv["bands"])
 
 
@@ -198,7 +198,7 @@ def test_demo_importance_ranks_true_drivers_on_top(demo_analysis):
 def test_demo_map_skill_inside_aoa(demo_analysis):
     _, res = demo_analysis
     t = res["truth_aoa"]
-    assert t["inside"]["r2"] >= 0.9, t
+    assert t["inside"]["nse"] >= 0.9, t
     assert t["aoa_fraction"] > 0.8
     if t["outside"]["n"] > 200:  # outside the AOA the model extrapolates: it should do worse
         assert t["outside"]["rmse"] > t["inside"]["rmse"]

@@ -15,7 +15,7 @@ from geoflux.cog import is_valid_cog
 def test_pipeline_recovers_true_nee(tiny_run):
     out, metrics = tiny_run
     # map vs the generator's true field, which the pipeline never saw
-    assert metrics["truth"]["r2"] >= 0.8, metrics["truth"]
+    assert metrics["truth"]["nse"] >= 0.8, metrics["truth"]
     assert metrics["truth"]["n"] > 0.95 * 48 * 48 * 16
     assert metrics["cv"]["scheme"] == "leave-one-site-out"
     assert metrics["cv"]["n_sites"] >= 25
@@ -23,7 +23,7 @@ def test_pipeline_recovers_true_nee(tiny_run):
     assert metrics["towers"]["n"] > 100
     assert set(metrics["towers"]["footprint_method"].values()) == {"ffp"}
     on_disk = json.loads((out / "validation" / "metrics.json").read_text())
-    assert on_disk["truth"]["r2"] == metrics["truth"]["r2"]
+    assert on_disk["truth"]["nse"] == metrics["truth"]["nse"]
 
 
 def test_maps_are_valid_cogs_with_units_and_stac(tiny_run):
@@ -68,5 +68,5 @@ def test_map_is_better_inside_its_area_of_applicability(tiny_run):
     aoa = metrics["truth_aoa"]
     assert 0.5 < aoa["aoa_fraction"] <= 1.0
     assert aoa["inside"]["n"] + aoa["outside"]["n"] == aoa["all"]["n"]
-    assert aoa["inside"]["r2"] >= 0.9
+    assert aoa["inside"]["nse"] >= 0.9
     assert 0.6 < aoa["inside"]["band_covers_truth"] <= 1.0

@@ -130,9 +130,9 @@ def test_footprint_consistent_training_beats_averaged_rows_on_single_pixels(fitt
 def test_cv_goes_through_the_map_path(fitted):
     _, _, cv = fitted["averaged"]
     assert cv["prediction_path"].startswith("map")
-    assert np.isfinite(cv["averaged_rows"]["r2"])  # what a CV on averaged rows would have said
+    assert np.isfinite(cv["averaged_rows"]["nse"])  # what a CV on averaged rows would have said
     # held-out towers predicted through their pixels: the footprint-consistent model does better there
-    assert fitted["iterative"][2]["r2"] > cv["r2"] + 0.05
+    assert fitted["iterative"][2]["nse"] > cv["nse"] + 0.05
     for method in ("pixel", "iterative"):
         _, pred, res = fitted[method]
         assert res["training"] == method

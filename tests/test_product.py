@@ -288,4 +288,4 @@ def test_quiet_map_prints_nothing_on_stderr_and_train_summary_is_short(run):
 
     cv = json.loads((run / "model" / "cv_metrics.json").read_text())
     text = _cv_summary(cv)
-    assert len(text.splitlines()) == 2 and f"nse {cv['r2']:.3f}" in text and "gC m-2 d-1" in text
+    assert len(text.splitlines()) == 2 and f"NSE {cv['nse']:.3f}" in text and "gC m-2 d-1" in text

@@ -243,7 +243,7 @@ def test_truth_scores_match_numpy(tmp_path):
     p, o = np.concatenate(allp).astype(float), np.concatenate(allo).astype(float)
     s = truth_scores(maps, truths)
     assert s["n"] == p.size
-    assert s["r2"] == pytest.approx(1 - ((p - o) ** 2).sum() / ((o - o.mean()) ** 2).sum(), rel=1e-6)
+    assert s["nse"] == pytest.approx(1 - ((p - o) ** 2).sum() / ((o - o.mean()) ** 2).sum(), rel=1e-6)
     assert s["bias"] == pytest.approx((p - o).mean(), rel=1e-6)
 
 

@@ -72,14 +72,14 @@ def test_skill_matches_definitions():
     oo, pp = o[ok], p[ok]
     r = np.corrcoef(oo, pp)[0, 1]
     assert s["n"] == 199
-    assert s["r2"] == pytest.approx(r**2)
+    assert s["r2_pearson"] == pytest.approx(r**2)
     assert s["nse"] == pytest.approx(1 - ((pp - oo) ** 2).sum() / ((oo - oo.mean()) ** 2).sum())
     assert s["rma_slope"] == pytest.approx(pp.std() / oo.std())
     assert s["bias"] == pytest.approx((pp - oo).mean())
     # RMA is symmetric: swapping obs and pred inverts the slope (OLS would not)
     assert skill(p, o)["rma_slope"] == pytest.approx(1 / s["rma_slope"])
     const = skill(o, np.full_like(o, 1.0))
-    assert np.isnan(const["r2"]) and np.isnan(const["rma_slope"]) and np.isfinite(const["nse"])
+    assert np.isnan(const["r2_pearson"]) and np.isnan(const["rma_slope"]) and np.isfinite(const["nse"])
     assert skill([1.0], [2.0])["n"] == 1 and np.isnan(skill([1.0], [2.0])["nse"])
     df = pd.DataFrame(
         {"site": ["a", "a", "b", "b"], "g": [1, 1, 2, 2], "obs": [1, 2, 3, 4], "pred": [1, 2, 3, 5]}
@@ -121,7 +121,7 @@ def test_truth_maps_score_at_the_generator_noise(truth_series, generator_truth, 
     assert overall["rmse"] == pytest.approx(np.sqrt((noise**2).mean()), abs=1e-4)
     # the generator's noise averages out over ~8 days of half-hours: period means within ~0.1 gC m-2 d-1
     assert abs(overall["bias"]) < 0.05 and overall["rmse"] < 0.25
-    assert overall["r2"] > 0.98 and 0.95 < overall["rma_slope"] < 1.05
+    assert overall["r2_pearson"] > 0.98 and 0.95 < overall["rma_slope"] < 1.05
 
 
 def test_pipeline_footprints_reproduce_generator_truth(tiny_run, generator_truth):

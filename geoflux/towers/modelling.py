@@ -201,7 +201,7 @@ def scores(obs: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """Pooled ``nse`` (1 − SSE/SST), ``r2_pearson`` (squared correlation), ``rmse``, ``bias`` (pred − obs,
     units of the inputs) and ``n``."""
     s = skill(obs, pred)
-    return {"nse": s["nse"], "r2_pearson": s["r2"], "rmse": s["rmse"], "bias": s["bias"], "n": s["n"]}
+    return {"nse": s["nse"], "r2_pearson": s["r2_pearson"], "rmse": s["rmse"], "bias": s["bias"], "n": s["n"]}
 
 
 def _per_site_nse(df: pd.DataFrame, obs: str = "obs", pred: str = "pred") -> pd.Series:

@@ -153,7 +153,7 @@ def light_response_monthly(df: pd.DataFrame, day_sw: float = 10.0, min_records: 
     DataFrame
         ``year``, ``month``, ``n``, ``alpha`` (quantum efficiency, umol CO2 J-1), ``gpp_sat`` (GPP at light
         saturation β, umol m-2 s-1), ``resp_day`` (day-time respiration γ, umol m-2 s-1), ``gpp_2000`` (GPP
-        at SW_IN = 1000 W m-2, umol m-2 s-1), ``r2``.
+        at SW_IN = 1000 W m-2, umol m-2 s-1), ``nse`` (1 − SSE/SST of the fit).
     """
     meas = (df["NEE_fqc"] == 0) & (df["SW_IN"] > day_sw) & df["SW_IN"].notna()
     rows = []
@@ -165,7 +165,7 @@ def light_response_monthly(df: pd.DataFrame, day_sw: float = 10.0, min_records: 
         a, b, c, r2 = _fit_hyperbola(sw, nee)
         rows.append((y, m, len(g), a, b, c, a * b * 1000.0 / (a * 1000.0 + b), r2))
     return pd.DataFrame(rows, columns=["year", "month", "n", "alpha", "gpp_sat", "resp_day", "gpp_1000",
-                                       "r2"])
+                                       "nse"])
 
 
 def temperature_response(df: pd.DataFrame, e0: float, e0_se: float, rref_mean: float,
