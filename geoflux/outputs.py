@@ -32,19 +32,13 @@ from odc.geo.geobox import GeoBox
 
 from geoflux.atomic import atomic_path
 from geoflux.errors import GridError
+from geoflux.tiles import VRT_TYPES
 
 CUBE = "nee.zarr"
 SOURCES_ATTR = "geoflux_sources_sha256"
 # Run-wide tags copied from the NEE files into the cube's global attributes.
 GLOBAL_TAGS = ("model_sha256", "model_kind", "config_sha256", "catalog", "variables", "software", "period")
 
-_VRT_TYPES = {
-    "float32": "Float32",
-    "float64": "Float64",
-    "uint8": "Byte",
-    "int16": "Int16",
-    "uint16": "UInt16",
-}
 
 
 def sources_fingerprint(files: Mapping[str, Mapping[pd.Timestamp, Path]]) -> str:
@@ -260,7 +254,7 @@ def write_band_vrt(
     for i, (p, src) in enumerate(sorted(per_period.items()), start=1):
         rel = Path(src).resolve().relative_to(path.parent.resolve()).as_posix()
         lines += [
-            f'  <VRTRasterBand dataType="{_VRT_TYPES[dtype]}" band="{i}">',
+            f'  <VRTRasterBand dataType="{VRT_TYPES[dtype]}" band="{i}">',
             f"    <Description>{p:%Y-%m-%d}</Description>",
             f"    <NoDataValue>{nodata!r}</NoDataValue>" if nodata is not None else None,
             f"    <UnitType>{escape(units)}</UnitType>" if units else None,

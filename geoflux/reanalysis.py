@@ -41,6 +41,7 @@ from odc.geo.geobox import GeoBox
 
 from geoflux.decode import DERIVE, check_physical, data_assets
 from geoflux.errors import CubeError
+from geoflux.solar import spencer_declination
 from geoflux.variables import VariableSpec, convert
 
 ZARR_TYPES = ("application/vnd+zarr", "application/vnd.zarr", "application/x-zarr")
@@ -96,15 +97,7 @@ def cos_zenith(times: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> np.ndarra
     doy = t.dayofyear.to_numpy(dtype=float)
     hour = (t.hour + t.minute / 60.0 + t.second / 3600.0).to_numpy(dtype=float)
     g = 2.0 * np.pi * (doy - 1.0 + (hour - 12.0) / 24.0) / 365.0
-    decl = (
-        0.006918
-        - 0.399912 * np.cos(g)
-        + 0.070257 * np.sin(g)
-        - 0.006758 * np.cos(2 * g)
-        + 0.000907 * np.sin(2 * g)
-        - 0.002697 * np.cos(3 * g)
-        + 0.00148 * np.sin(3 * g)
-    )
+    decl = spencer_declination(g)
     eot_min = 229.18 * (
         0.000075
         + 0.001868 * np.cos(g)

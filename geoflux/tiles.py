@@ -125,7 +125,7 @@ class TileScheme:
         return [self.tile(x, y) for y in ys for x in xs]
 
 
-_VRT_TYPES = {
+VRT_TYPES = {
     "float32": "Float32",
     "float64": "Float64",
     "uint8": "Byte",
@@ -163,7 +163,7 @@ def write_vrt(
         f'<VRTDataset rasterXSize="{nx}" rasterYSize="{ny}">',
         f"  <SRS>{escape(geobox.crs.to_wkt())}</SRS>",
         f"  <GeoTransform>{gt}</GeoTransform>",
-        f'  <VRTRasterBand dataType="{_VRT_TYPES[dtype]}" band="1">',
+        f'  <VRTRasterBand dataType="{VRT_TYPES[dtype]}" band="1">',
         nd.rstrip("\n") if nd else None,
         f"    <Description>{escape(description)}</Description>" if description else None,
         f"    <UnitType>{escape(units)}</UnitType>" if units else None,

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from geoflux.errors import TowerFormatError
+from geoflux.solar import spencer_declination
 
 GSC = 1367.0  # W m-2, solar constant (WMO 1981)
 # Net radiation as a fraction of incoming shortwave: a typical monthly value over vegetation; the files
@@ -92,15 +93,7 @@ def daily_potential(lat_deg: float | np.ndarray, doy: np.ndarray) -> tuple[np.nd
     # Spencer (1971) Fourier series for declination and Earth-Sun distance: the FAO-56 one-term
     # approximations put monthly means up to 14 W m-2 off FLUXNET's SW_IN_POT at high latitude in autumn.
     g = 2 * np.pi * (np.asarray(doy, dtype=float) - 1.0) / 365.0
-    delta = (
-        0.006918
-        - 0.399912 * np.cos(g)
-        + 0.070257 * np.sin(g)
-        - 0.006758 * np.cos(2 * g)
-        + 0.000907 * np.sin(2 * g)
-        - 0.002697 * np.cos(3 * g)
-        + 0.00148 * np.sin(3 * g)
-    )  # solar declination, rad
+    delta = spencer_declination(g)  # solar declination, rad
     dr = (
         1.000110
         + 0.034221 * np.cos(g)
