@@ -1,16 +1,16 @@
-"""The notebooks run top to bottom on a tiny world (nbclient, kernel 'python3'), within the CI time budget."""
+"""The notebooks run top to bottom on a tiny world (nbclient, kernel 'python3').
+
+Their run time is printed, not asserted: wall-clock budgets belong in bench/, not in tests.
+"""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-# both notebooks together; CI runners have 2 cores. Overridable for slower machines.
-BUDGET_S = float(os.environ.get("GEOFLUX_NOTEBOOK_BUDGET_S", "120"))
 
 
 def _execute(name: str, workdir: Path) -> tuple[object, float]:
@@ -48,4 +48,3 @@ def test_notebooks_run_on_a_tiny_world(tmp_path, monkeypatch):
     nb2, t2 = _execute("02_science.ipynb", tmp_path)
     assert "dNEE_mean" in _outputs(nb2)
     print(f"notebooks: walkthrough {t1:.0f} s, science {t2:.0f} s")
-    assert t1 + t2 < BUDGET_S, f"notebooks took {t1 + t2:.0f} s together (budget {BUDGET_S:.0f} s)"
