@@ -89,8 +89,9 @@ def main() -> None:
     records = read_tower_file(args.tower)
     warnings.simplefilter("ignore", UserWarning)
     cases = {
-        "mds+nt": lambda: process_site(records, despike=False, ustar=None, daytime=False,
-                                       ustar_uncertainty=False),
+        "mds+nt": lambda: process_site(
+            records, despike=False, ustar=None, daytime=False, ustar_uncertainty=False
+        ),
         "full": lambda: process_site(records),
     }
     figures: dict[str, dict] = {"records": {"n": len(records)}}
@@ -102,10 +103,15 @@ def main() -> None:
             results[name] = fn()
             times.append(time.perf_counter() - t0)
         _, peak, _ = _measure(fn)
-        figures[name] = {"seconds_best": min(times), "seconds_median": float(np.median(times)),
-                         "peak_traced_MiB": peak}
-        print(f"geoflux {name:8s}: best {min(times):6.2f} s  median {np.median(times):6.2f} s  "
-              f"peak {peak:7.1f} MiB (traced)")
+        figures[name] = {
+            "seconds_best": min(times),
+            "seconds_median": float(np.median(times)),
+            "peak_traced_MiB": peak,
+        }
+        print(
+            f"geoflux {name:8s}: best {min(times):6.2f} s  median {np.median(times):6.2f} s  "
+            f"peak {peak:7.1f} MiB (traced)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         # Not traced: tracemalloc slows matplotlib's many small allocations several-fold.
         t0 = time.perf_counter()
@@ -121,8 +127,11 @@ def main() -> None:
             script, out = Path(tmp) / "hf_run.py", Path(tmp) / "hf_out.json"
             script.write_text(HESSEFLUX_SCRIPT)
             t0 = time.perf_counter()
-            proc = subprocess.run([str(args.hesseflux_python), str(script), str(args.tower), str(out)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [str(args.hesseflux_python), str(script), str(args.tower), str(out)],
+                capture_output=True,
+                text=True,
+            )
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
                 sys.exit(f"error: hesseflux run failed:\n{proc.stderr[-2000:]}")
@@ -137,24 +146,37 @@ def main() -> None:
             # hesseflux marks records it could not compute with -9999; leave them out of its sum.
             v = np.asarray(values, float)
             ok = v != -9999
-            return {"hesseflux": float(v[ok].sum() * gc), "hesseflux_undef": int((~ok).sum()),
-                    "geoflux": float(ours[col].sum() * gc)}
+            return {
+                "hesseflux": float(v[ok].sum() * gc),
+                "hesseflux_undef": int((~ok).sum()),
+                "geoflux": float(ours[col].sum() * gc),
+            }
 
         figures["hesseflux"] = {
-            "gapfill_s": hf["gapfill_s"], "nee2gpp_s": hf["nee2gpp_s"], "process_wall_s": wall,
-            "gap_R2": r2, "gap_max_abs_diff": float(np.max(np.abs(a - b))),
-            "annual_NEE": annual(hf["NEE_f"], "NEE_f"), "annual_GPP": annual(hf["GPP"], "GPP_NT"),
+            "gapfill_s": hf["gapfill_s"],
+            "nee2gpp_s": hf["nee2gpp_s"],
+            "process_wall_s": wall,
+            "gap_R2": r2,
+            "gap_max_abs_diff": float(np.max(np.abs(a - b))),
+            "annual_NEE": annual(hf["NEE_f"], "NEE_f"),
+            "annual_GPP": annual(hf["GPP"], "GPP_NT"),
             "annual_RECO": annual(hf["RECO"], "RECO_NT"),
         }
         h = figures["hesseflux"]
-        print(f"hesseflux 5.0   : gapfill {h['gapfill_s']:.2f} s + nee2gpp {h['nee2gpp_s']:.2f} s "
-              f"= {h['gapfill_s'] + h['nee2gpp_s']:.2f} s (subprocess wall {wall:.1f} s)")
+        print(
+            f"hesseflux 5.0   : gapfill {h['gapfill_s']:.2f} s + nee2gpp {h['nee2gpp_s']:.2f} s "
+            f"= {h['gapfill_s'] + h['nee2gpp_s']:.2f} s (subprocess wall {wall:.1f} s)"
+        )
         speedup = (h["gapfill_s"] + h["nee2gpp_s"]) / figures["mds+nt"]["seconds_best"]
-        print(f"speed-up mds+nt : {speedup:.1f}x; gap records R2 {r2:.6f}, "
-              f"max |diff| {h['gap_max_abs_diff']:.2e} umol m-2 s-1")
+        print(
+            f"speed-up mds+nt : {speedup:.1f}x; gap records R2 {r2:.6f}, "
+            f"max |diff| {h['gap_max_abs_diff']:.2e} umol m-2 s-1"
+        )
         for k in ("annual_NEE", "annual_GPP", "annual_RECO"):
-            print(f"{k:12s}: hesseflux {h[k]['hesseflux']:8.1f}  geoflux {h[k]['geoflux']:8.1f} gC m-2 "
-                  f"({h[k]['hesseflux_undef']} hesseflux records undefined)")
+            print(
+                f"{k:12s}: hesseflux {h[k]['hesseflux']:8.1f}  geoflux {h[k]['geoflux']:8.1f} gC m-2 "
+                f"({h[k]['hesseflux_undef']} hesseflux records undefined)"
+            )
     print(json.dumps(figures))
 
 

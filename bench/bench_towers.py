@@ -83,9 +83,11 @@ def main() -> None:
         results["detha_reddyproc"] = _time(REAL, site="DE-Tha")
     for name, r in results.items():
         agg_ms = r["qc_and_daily_aggregate_s"] * 1000
-        print(f"{name:18s} read {r['read_median_s'] * 1000:7.1f} ms (median of {REPEAT}, min "
-              f"{r['read_min_s'] * 1000:.1f} ms), qc+daily aggregate {agg_ms:.1f} ms, "
-              f"{r['bytes'] / 1e6:.1f} MB")
+        print(
+            f"{name:18s} read {r['read_median_s'] * 1000:7.1f} ms (median of {REPEAT}, min "
+            f"{r['read_min_s'] * 1000:.1f} ms), qc+daily aggregate {agg_ms:.1f} ms, "
+            f"{r['bytes'] / 1e6:.1f} MB"
+        )
     ok = all(r["read_median_s"] < 1.0 for r in results.values())
     print(json.dumps({"bench": "towers_read_site_year", "rows": N, "target_s": 1.0, "ok": ok, **results}))
 

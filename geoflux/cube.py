@@ -64,6 +64,8 @@ from geoflux.reanalysis import gridded_driver, load_gridded
 from geoflux.variables import convert
 
 ZARR_TYPES = ("application/vnd+zarr", "application/vnd.zarr", "application/x-zarr")
+
+
 def target_grid(grid: GridSpec) -> GeoBox:
     """The target grid of a run as an odc-geo :class:`GeoBox` (CRS + affine + shape in one value)."""
     try:

@@ -40,7 +40,6 @@ SOURCES_ATTR = "geoflux_sources_sha256"
 GLOBAL_TAGS = ("model_sha256", "model_kind", "config_sha256", "catalog", "variables", "software", "period")
 
 
-
 def sources_fingerprint(files: Mapping[str, Mapping[pd.Timestamp, Path]]) -> str:
     """sha256 of every source file's band, period, name, size and modification time.
 

@@ -51,6 +51,7 @@ from geoflux.validate import check_truth_alignment
 
 log = logging.getLogger("geoflux")
 
+
 def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)

@@ -89,8 +89,21 @@ def test_towers_summary_and_analyze_on_real_detha(realdata, tmp_path):
     assert res.exit_code == 0, res.output
     assert "1998" in res.output
     out = tmp_path / "detha"
-    res = CliRunner().invoke(cli, ["towers", "analyze", str(detha), "--out", str(out), "--site", "DE-Tha",
-                                   "--no-daytime", "--csv", "--json"])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "towers",
+            "analyze",
+            str(detha),
+            "--out",
+            str(out),
+            "--site",
+            "DE-Tha",
+            "--no-daytime",
+            "--csv",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     printed = json.loads(res.stdout)
     nee = printed["budgets"][0]["NEE"]

@@ -14,8 +14,9 @@ from geoflux.errors import TowerFormatError
 from geoflux.towers.processing import analyze_site, detect_spikes, mds_gapfill, process_site, ustar_threshold
 
 
-def synthetic(days: int = 120, step: str = "30min", seed: int = 1, site: str = "XX-Syn",
-              truth: bool = False) -> pd.DataFrame:
+def synthetic(
+    days: int = 120, step: str = "30min", seed: int = 1, site: str = "XX-Syn", truth: bool = False
+) -> pd.DataFrame:
     """A plausible forest: diurnal radiation and temperature, Lloyd–Taylor respiration, light-limited
     uptake, u*-dependent night-time underestimation, 25 % random gaps."""
     rng = np.random.default_rng(seed)
@@ -23,8 +24,12 @@ def synthetic(days: int = 120, step: str = "30min", seed: int = 1, site: str = "
     hour = t.hour + t.minute / 60.0
     doy = t.day_of_year.to_numpy()
     sw = np.clip(800 * np.sin(np.pi * (hour - 6) / 12), 0, None) * rng.uniform(0.4, 1.0, t.size)
-    ta = (12 + 6 * np.sin(2 * np.pi * (doy - 100) / 365) + 5 * np.sin(np.pi * (hour - 9) / 12)
-          + rng.normal(0, 1, t.size))
+    ta = (
+        12
+        + 6 * np.sin(2 * np.pi * (doy - 100) / 365)
+        + 5 * np.sin(np.pi * (hour - 9) / 12)
+        + rng.normal(0, 1, t.size)
+    )
     vpd = np.clip(0.6 * (ta - 5) + rng.normal(0, 1, t.size), 0, None)
     ust = rng.gamma(3.0, 0.15, t.size)
     reco = 2.5 * np.exp(150 * (1 / 56.02 - 1 / (ta + 273.15 - 227.13)))
@@ -32,8 +37,7 @@ def synthetic(days: int = 120, step: str = "30min", seed: int = 1, site: str = "
     nee = reco - gpp + rng.normal(0, 1.0, t.size)
     nee = np.where((sw < 10) & (ust < 0.25), nee * ust / 0.25, nee)
     nee[rng.random(t.size) < 0.25] = np.nan
-    out = pd.DataFrame({"site": site, "time": t, "NEE": nee, "TA": ta, "SW_IN": sw, "VPD": vpd,
-                        "USTAR": ust})
+    out = pd.DataFrame({"site": site, "time": t, "NEE": nee, "TA": ta, "SW_IN": sw, "VPD": vpd, "USTAR": ust})
     if truth:
         out["GPP_true"], out["RECO_true"] = gpp, reco
     return out
@@ -102,8 +106,9 @@ def test_unknown_option_is_rejected():
 
 def test_ustar_threshold_finds_the_synthetic_plateau():
     df = synthetic(200, seed=3)
-    r = ustar_threshold(df["time"], df["NEE"].to_numpy(), df["TA"].to_numpy(), df["USTAR"].to_numpy(),
-                        df["SW_IN"].to_numpy())
+    r = ustar_threshold(
+        df["time"], df["NEE"].to_numpy(), df["TA"].to_numpy(), df["USTAR"].to_numpy(), df["SW_IN"].to_numpy()
+    )
     # NEE is damped below u* = 0.25 m s-1 in the synthetic data.
     assert 0.15 <= r.threshold <= 0.35
     assert r.percentiles[5] <= r.percentiles[50] <= r.percentiles[95]
@@ -122,8 +127,14 @@ def test_spikes_are_found():
 def test_mds_fills_every_gap_and_keeps_measurements():
     df = synthetic(60, seed=5)
     t = df["time"]
-    res = mds_gapfill(df["NEE"].to_numpy(), df["SW_IN"].to_numpy(), df["TA"].to_numpy(), df["VPD"].to_numpy(),
-                      (t.dt.hour + t.dt.minute / 60).to_numpy(), 48)
+    res = mds_gapfill(
+        df["NEE"].to_numpy(),
+        df["SW_IN"].to_numpy(),
+        df["TA"].to_numpy(),
+        df["VPD"].to_numpy(),
+        (t.dt.hour + t.dt.minute / 60).to_numpy(),
+        48,
+    )
     meas = df["NEE"].notna().to_numpy()
     np.testing.assert_array_equal(res.filled[meas], df["NEE"].to_numpy()[meas])
     assert (res.qc[meas] == 0).all() and (res.qc[~meas] >= 1).all()
@@ -132,15 +143,28 @@ def test_mds_fills_every_gap_and_keeps_measurements():
 
 def test_mds_leaves_long_gaps_unfilled():
     df = synthetic(120, seed=6)
-    df.loc[df.index[2000:2000 + 48 * 20], "NEE"] = np.nan
+    df.loc[df.index[2000 : 2000 + 48 * 20], "NEE"] = np.nan
     t = df["time"]
-    res = mds_gapfill(df["NEE"].to_numpy(), df["SW_IN"].to_numpy(), df["TA"].to_numpy(), df["VPD"].to_numpy(),
-                      (t.dt.hour + t.dt.minute / 60).to_numpy(), 48, options=None)
+    res = mds_gapfill(
+        df["NEE"].to_numpy(),
+        df["SW_IN"].to_numpy(),
+        df["TA"].to_numpy(),
+        df["VPD"].to_numpy(),
+        (t.dt.hour + t.dt.minute / 60).to_numpy(),
+        48,
+        options=None,
+    )
     from geoflux.towers.processing import MDSOptions
 
-    short = mds_gapfill(df["NEE"].to_numpy(), df["SW_IN"].to_numpy(), df["TA"].to_numpy(),
-                        df["VPD"].to_numpy(), (t.dt.hour + t.dt.minute / 60).to_numpy(), 48,
-                        options=MDSOptions(longgap=10))
+    short = mds_gapfill(
+        df["NEE"].to_numpy(),
+        df["SW_IN"].to_numpy(),
+        df["TA"].to_numpy(),
+        df["VPD"].to_numpy(),
+        (t.dt.hour + t.dt.minute / 60).to_numpy(),
+        48,
+        options=MDSOptions(longgap=10),
+    )
     assert (res.qc[2000:2960] > 0).all()
     assert (short.qc[2000:2960] == -1).all() and np.isnan(short.filled[2000:2960]).all()
 
@@ -156,12 +180,25 @@ def test_analyze_site_writes_tables_plots_and_summary(tmp_path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         s = analyze_site(df, tmp_path, table_format="csv", ustar_boot=20)
-    for name in ("records.csv", "driver_classes.csv", "fingerprint.csv", "budgets.csv",
-                 "diurnal_by_month.csv", "light_response.csv", "temperature_response.csv",
-                 "vpd_limitation.csv", "summary.json",
-                 "fingerprint.png", "diurnal_by_month.png", "cumulative_nee.png", "budgets.png",
-                 "seasonal_cycle.png", "light_response.png", "temperature_response.png",
-                 "vpd_limitation.png"):
+    for name in (
+        "records.csv",
+        "driver_classes.csv",
+        "fingerprint.csv",
+        "budgets.csv",
+        "diurnal_by_month.csv",
+        "light_response.csv",
+        "temperature_response.csv",
+        "vpd_limitation.csv",
+        "summary.json",
+        "fingerprint.png",
+        "diurnal_by_month.png",
+        "cumulative_nee.png",
+        "budgets.png",
+        "seasonal_cycle.png",
+        "light_response.png",
+        "temperature_response.png",
+        "vpd_limitation.png",
+    ):
         assert (tmp_path / name).exists(), name
     png = (tmp_path / "fingerprint.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -180,11 +217,16 @@ def test_analyze_site_writes_tables_plots_and_summary(tmp_path: Path):
 
 def test_partitioning_recovers_synthetic_gpp_and_reco():
     df = synthetic(200, seed=9, truth=True)
-    r = process_site(df.drop(columns=["GPP_true", "RECO_true"]), ustar=0.25, despike=False,
-                     ustar_uncertainty=False)
+    r = process_site(
+        df.drop(columns=["GPP_true", "RECO_true"]), ustar=0.25, despike=False, ustar_uncertainty=False
+    )
     out = r.records
-    for col, true in (("GPP_NT", "GPP_true"), ("GPP_DT", "GPP_true"), ("RECO_NT", "RECO_true"),
-                      ("RECO_DT", "RECO_true")):
+    for col, true in (
+        ("GPP_NT", "GPP_true"),
+        ("GPP_DT", "GPP_true"),
+        ("RECO_NT", "RECO_true"),
+        ("RECO_DT", "RECO_true"),
+    ):
         assert out[col].sum() == pytest.approx(df[true].sum(), rel=0.1), col
     assert 100 <= r.night.e0 <= 220  # truth 150 K
 
@@ -193,16 +235,33 @@ def test_site_comparison_table_and_plot(tmp_path: Path):
     from geoflux.towers.processing import write_site_comparison
 
     summaries = [
-        {"site": "AA-One", "budgets": [{"NEE": -300.0, "NEE_unc": 20.0, "GPP_NT": 1500.0, "RECO_NT": 1200.0}],
-         "e0": 120.0, "q10": 1.6, "alpha_max": 0.05, "gpp_sat_max": 30.0, "seasonal_amplitude": 5.0,
-         "ustar_threshold": 0.3},
-        {"site": "BB-Two", "budgets": [{"NEE": 50.0, "NEE_unc": 30.0, "GPP_NT": 800.0, "RECO_NT": 850.0},
-                                       {"NEE": -10.0, "NEE_unc": 30.0, "GPP_NT": 900.0, "RECO_NT": 890.0}],
-         "e0": 200.0, "q10": 2.1, "alpha_max": 0.03, "gpp_sat_max": 15.0, "seasonal_amplitude": 2.0,
-         "ustar_threshold": 0.15},
+        {
+            "site": "AA-One",
+            "budgets": [{"NEE": -300.0, "NEE_unc": 20.0, "GPP_NT": 1500.0, "RECO_NT": 1200.0}],
+            "e0": 120.0,
+            "q10": 1.6,
+            "alpha_max": 0.05,
+            "gpp_sat_max": 30.0,
+            "seasonal_amplitude": 5.0,
+            "ustar_threshold": 0.3,
+        },
+        {
+            "site": "BB-Two",
+            "budgets": [
+                {"NEE": 50.0, "NEE_unc": 30.0, "GPP_NT": 800.0, "RECO_NT": 850.0},
+                {"NEE": -10.0, "NEE_unc": 30.0, "GPP_NT": 900.0, "RECO_NT": 890.0},
+            ],
+            "e0": 200.0,
+            "q10": 2.1,
+            "alpha_max": 0.03,
+            "gpp_sat_max": 15.0,
+            "seasonal_amplitude": 2.0,
+            "ustar_threshold": 0.15,
+        },
     ]
-    sites = pd.DataFrame({"SITE_ID": ["AA-One", "BB-Two"], "IGBP": ["ENF", "GRA"], "MAT": [8.0, 15.0],
-                          "MAP": [800.0, 500.0]})
+    sites = pd.DataFrame(
+        {"SITE_ID": ["AA-One", "BB-Two"], "IGBP": ["ENF", "GRA"], "MAT": [8.0, 15.0], "MAP": [800.0, 500.0]}
+    )
     csv, png = write_site_comparison(summaries, tmp_path, sites)
     table = pd.read_csv(csv)
     assert list(table["site"]) == ["AA-One", "BB-Two"]

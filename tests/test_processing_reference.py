@@ -22,8 +22,9 @@ TOWER = REALDATA / "towers" / "Example_DETha98.txt"
 REFERENCE = REALDATA / "reference" / "DETha98_hesseflux5.csv"
 GC = 12.011e-6 * 1800.0  # umol m-2 s-1 over a half-hour → gC m-2
 
-pytestmark = pytest.mark.skipif(not (TOWER.exists() and REFERENCE.exists()),
-                                reason=f"shared real data not found under {REALDATA}")
+pytestmark = pytest.mark.skipif(
+    not (TOWER.exists() and REFERENCE.exists()), reason=f"shared real data not found under {REALDATA}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,11 @@ def reference(records: pd.DataFrame) -> pd.DataFrame:
     assert len(ref) == len(records)
     # Same row order as the input; check it through the timestamps: the reference's Hour is the END of the
     # half-hour (as in the input file), geoflux's time is the start.
-    end = pd.Timestamp("1998-01-01") + pd.to_timedelta(ref["DoY"] - 1, unit="D") + pd.to_timedelta(
-        ref["Hour"], unit="h")
+    end = (
+        pd.Timestamp("1998-01-01")
+        + pd.to_timedelta(ref["DoY"] - 1, unit="D")
+        + pd.to_timedelta(ref["Hour"], unit="h")
+    )
     # Hour 0 of a day is the record ending at midnight, written with the following day's DoY... or the same
     # day's: accept either by comparing times of day and the day of the record's centre.
     centre = records["time"] + pd.Timedelta("15min")
@@ -50,8 +54,14 @@ def reference(records: pd.DataFrame) -> pd.DataFrame:
 def mds(records: pd.DataFrame):
     t = records["time"]
     hour = (t.dt.hour + t.dt.minute / 60.0).to_numpy()
-    return mds_gapfill(records["NEE"].to_numpy(), records["SW_IN"].to_numpy(), records["TA"].to_numpy(),
-                       records["VPD"].to_numpy(), hour, per_day=48)
+    return mds_gapfill(
+        records["NEE"].to_numpy(),
+        records["SW_IN"].to_numpy(),
+        records["TA"].to_numpy(),
+        records["VPD"].to_numpy(),
+        hour,
+        per_day=48,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +158,9 @@ def test_reco_follows_fitted_temperature_response(processed):
     out = processed.records
     night = processed.night
     # The model itself: RECO is R_ref(t)·f(TA; E0) on every record.
-    np.testing.assert_allclose(out["RECO_NT"], lloyd_taylor(out["TA_f"].to_numpy(), out["RREF_NT"].to_numpy(),
-                                                            night.e0), rtol=1e-12)
+    np.testing.assert_allclose(
+        out["RECO_NT"], lloyd_taylor(out["TA_f"].to_numpy(), out["RREF_NT"].to_numpy(), night.e0), rtol=1e-12
+    )
     # And the data: measured night-time NEE binned by temperature follows modelled RECO.
     sel = (out["NEE_fqc"] == 0) & (out["SW_IN_f"] <= 10)
     bins = np.floor(out.loc[sel, "TA_f"] / 2.0)

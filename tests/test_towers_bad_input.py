@@ -22,8 +22,12 @@ def _rows(n: int = 48, start: str = "2001-01-01", nee: float = -2.0, vpd: float 
     return [f"{a:%Y%m%d%H%M},{b:%Y%m%d%H%M},{nee},0,5.0,{vpd}" for a, b in zip(t, ends, strict=True)]
 
 
-def _file(tmp_path: Path, lines: list[str], name: str = "FLX_DE-Bad_FLUXNET2015_FULLSET_HH_2001-2001_1-4.csv",
-          header: str = HEADER) -> Path:
+def _file(
+    tmp_path: Path,
+    lines: list[str],
+    name: str = "FLX_DE-Bad_FLUXNET2015_FULLSET_HH_2001-2001_1-4.csv",
+    header: str = HEADER,
+) -> Path:
     p = tmp_path / name
     p.write_text("\n".join([header, *lines]) + "\n")
     return p
@@ -66,8 +70,11 @@ def test_missing_nee_column(tmp_path: Path) -> None:
 
 
 def test_missing_timestamp_end(tmp_path: Path) -> None:
-    p = _file(tmp_path, [r.split(",", 1)[0] + ",1.0,0" for r in _rows()],
-              header="TIMESTAMP_START,NEE_VUT_REF,NEE_VUT_REF_QC")
+    p = _file(
+        tmp_path,
+        [r.split(",", 1)[0] + ",1.0,0" for r in _rows()],
+        header="TIMESTAMP_START,NEE_VUT_REF,NEE_VUT_REF_QC",
+    )
     with pytest.raises(TowerFormatError, match="TIMESTAMP_START without TIMESTAMP_END"):
         read_tower_file(p)
 

@@ -17,11 +17,19 @@ from geoflux.towers import read_records, read_sites, select_sites, summarize, to
 def _records() -> pd.DataFrame:
     t = pd.date_range("2001-01-01", periods=48 * 10, freq="30min")
     nee = np.full(len(t), -1.0)
-    nee[48 * 2: 48 * 5] = np.nan  # a 3-day gap on days 3-5
+    nee[48 * 2 : 48 * 5] = np.nan  # a 3-day gap on days 3-5
     nee[20] = np.nan  # a half-hour gap on day 1
     qc = np.where(np.arange(len(t)) % 2 == 0, 0.0, 1.0)
-    df = pd.DataFrame({"site": "XX-Out", "time": t, "time_end": t + pd.Timedelta("30min"), "NEE": nee,
-                       "NEE_QC": qc, "TA": 3.0})
+    df = pd.DataFrame(
+        {
+            "site": "XX-Out",
+            "time": t,
+            "time_end": t + pd.Timedelta("30min"),
+            "NEE": nee,
+            "NEE_QC": qc,
+            "TA": 3.0,
+        }
+    )
     df.attrs = {"resolution": "HH", "units": {"NEE": "umol CO2 m-2 s-1"}, "time_reference": "local"}
     return df
 
@@ -79,7 +87,9 @@ def test_summary_counts_gaps_and_coverage() -> None:
 
 def test_select_sites_bbox_antimeridian_and_years(tmp_path: Path) -> None:
     p = tmp_path / "sites.csv"
-    p.write_text("SITE_ID,LAT,LON,IGBP,YEARS\nA,10,179,ENF,1999-2003\nB,10,-179,gra,2010\nC,10,0,ENF,2000-2001\n")
+    p.write_text(
+        "SITE_ID,LAT,LON,IGBP,YEARS\nA,10,179,ENF,1999-2003\nB,10,-179,gra,2010\nC,10,0,ENF,2000-2001\n"
+    )
     sites = read_sites(p)
     assert list(select_sites(sites, bbox=(170, 0, -170, 20)).index) == ["A", "B"]
     assert list(select_sites(sites, igbp=["GRA"]).index) == ["B"]

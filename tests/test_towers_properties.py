@@ -125,8 +125,9 @@ def test_modis_8day_periods(y0: int, n: int) -> None:
     assert all((t.day_of_year - 1) % 8 == 0 for t in p)
 
 
-stamp_digits = st.tuples(st.integers(1900, 2200), st.integers(0, 13), st.integers(0, 32), st.integers(0, 25),
-                         st.integers(0, 61))
+stamp_digits = st.tuples(
+    st.integers(1900, 2200), st.integers(0, 13), st.integers(0, 32), st.integers(0, 25), st.integers(0, 61)
+)
 
 
 @settings(max_examples=200, deadline=None)

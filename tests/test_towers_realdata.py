@@ -106,8 +106,12 @@ def test_detha_daily_means_match_independent_recomputation(detha: pd.DataFrame) 
             counts[day] += 1
     periods = pd.date_range("1998-01-01", "1998-12-31", freq="D")
     daily = aggregate(qc_filter(detha), periods, min_coverage=0.0)
-    got = {int(t.day_of_year): (nee, n, cov) for t, nee, n, cov in
-           zip(daily["time"], daily["NEE"], daily["n_records"], daily["NEE_coverage"], strict=True)}
+    got = {
+        int(t.day_of_year): (nee, n, cov)
+        for t, nee, n, cov in zip(
+            daily["time"], daily["NEE"], daily["n_records"], daily["NEE_coverage"], strict=True
+        )
+    }
     assert set(got) == set(counts)
     for day, n in counts.items():
         nee, got_n, cov = got[day]
@@ -217,8 +221,11 @@ def test_ameriflux_base_us_crt_against_raw() -> None:
     assert recs["VPD"].iloc[0] == pytest.approx(es * (1 - float(r0["RH"]) / 100), rel=1e-12)
     assert "derived" in recs.attrs["columns"]["VPD"]
     # Daily aggregate of 1 January by hand from the csv rows.
-    vals = [float(r["NEE_PI"]) for r in rows if r["TIMESTAMP_START"].startswith("20110101")
-            and r["NEE_PI"] != "-9999"]
+    vals = [
+        float(r["NEE_PI"])
+        for r in rows
+        if r["TIMESTAMP_START"].startswith("20110101") and r["NEE_PI"] != "-9999"
+    ]
     day = aggregate(qc_filter(recs), pd.date_range("2011-01-01", periods=2, freq="D"), min_coverage=0.0)
     first = day.loc[day["time"] == pd.Timestamp("2011-01-01")].iloc[0]
     assert first["n_records"] == len(vals)
@@ -284,8 +291,13 @@ def test_fluxnet_site_list() -> None:
     # Names with commas are quoted in the file and must not shift columns.
     assert sites["IGBP"].notna().all()
     europe_enf = select_sites(sites, bbox=(-10, 35, 40, 72), igbp=["enf"])
-    expect = {k for k, r in raw.items() if r["IGBP"] == "ENF" and -10 <= float(r["LOCATION_LONG"]) <= 40
-              and 35 <= float(r["LOCATION_LAT"]) <= 72}
+    expect = {
+        k
+        for k, r in raw.items()
+        if r["IGBP"] == "ENF"
+        and -10 <= float(r["LOCATION_LONG"]) <= 40
+        and 35 <= float(r["LOCATION_LAT"]) <= 72
+    }
     assert set(europe_enf.index) == expect
     assert {"CH-Dav", "FI-Hyy"} <= expect and "DE-Hai" not in expect
 

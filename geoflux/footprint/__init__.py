@@ -15,4 +15,3 @@ __all__ = [
     "tower_footprint",
     "tower_xy",
 ]
-

@@ -150,27 +150,56 @@ def _fill_drivers(df: pd.DataFrame, per_day: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _gapfill_and_partition(df: pd.DataFrame, nee: np.ndarray, drv: dict[str, np.ndarray], per_day: int,
-                           o: ProcessingOptions, with_error: bool, daytime: bool) -> dict[str, Any]:
+def _gapfill_and_partition(
+    df: pd.DataFrame,
+    nee: np.ndarray,
+    drv: dict[str, np.ndarray],
+    per_day: int,
+    o: ProcessingOptions,
+    with_error: bool,
+    daytime: bool,
+) -> dict[str, Any]:
     mo = MDSOptions(sw_dev=o.sw_dev, ta_dev=o.ta_dev, vpd_dev=o.vpd_dev, longgap=o.longgap)
     hour = _hour(df["time"])
-    res = mds_gapfill(nee, df["SW_IN"].to_numpy(float), df["TA"].to_numpy(float), df["VPD"].to_numpy(float),
-                      hour, per_day, mo, error_for_measured=with_error)
+    res = mds_gapfill(
+        nee,
+        df["SW_IN"].to_numpy(float),
+        df["TA"].to_numpy(float),
+        df["VPD"].to_numpy(float),
+        hour,
+        per_day,
+        mo,
+        error_for_measured=with_error,
+    )
     if o.train_on == "measured":
         fit = np.where(res.qc == 0, res.filled, np.nan)
     else:
         fit = np.where((res.qc >= 0) & (res.qc <= o.fit_max_qc), res.filled, np.nan)
     try:
-        night = partition_nighttime(df["time"], res.filled, drv["TA_f"], drv["SW_IN_f"], nee_fit=fit,
-                                    options=NightOptions(day_sw=o.day_sw, loss=o.rref_loss))
+        night = partition_nighttime(
+            df["time"],
+            res.filled,
+            drv["TA_f"],
+            drv["SW_IN_f"],
+            nee_fit=fit,
+            options=NightOptions(day_sw=o.day_sw, loss=o.rref_loss),
+        )
     except ValueError as exc:
-        raise TowerFormatError(f"site {site_name(df)}: column NEE: night-time partitioning failed: {exc}") \
-            from None
+        raise TowerFormatError(
+            f"site {site_name(df)}: column NEE: night-time partitioning failed: {exc}"
+        ) from None
     day = None
     if daytime:
         try:
-            day = partition_daytime(df["time"], fit, drv["TA_f"], drv["SW_IN_f"], drv["VPD_f"], night.e0,
-                                    DayOptions(day_sw=o.day_sw))
+            day = partition_daytime(
+                df["time"],
+                fit,
+                drv["TA_f"],
+                drv["SW_IN_f"],
+                drv["VPD_f"],
+                night.e0,
+                DayOptions(day_sw=o.day_sw),
+            )
         except ValueError as exc:
             day = exc
     return {"mds": res, "night": night, "day": day}
@@ -221,17 +250,28 @@ def process_site(records: pd.DataFrame, **options: Any) -> SiteResult:
         if ustar_col is None or not np.isfinite(ustar_col).any():
             warn(msgs, f"site {site}: column USTAR: missing; no u* filtering applied")
         elif o.ustar == "auto":
-            u = ustar_threshold(df["time"], nee, df["TA"].to_numpy(float), ustar_col, sw,
-                                UstarOptions(night_sw=o.day_sw, n_boot=o.ustar_boot))
+            u = ustar_threshold(
+                df["time"],
+                nee,
+                df["TA"].to_numpy(float),
+                ustar_col,
+                sw,
+                UstarOptions(night_sw=o.day_sw, n_boot=o.ustar_boot),
+            )
             for m in u.warnings:
                 warn(msgs, f"site {site}: column USTAR: {m}")
             thr = u.threshold
-            ust.update(method="moving-point test", seasonal=u.seasonal.to_dict("records"),
-                       percentiles={str(k): v for k, v in u.percentiles.items()})
+            ust.update(
+                method="moving-point test",
+                seasonal=u.seasonal.to_dict("records"),
+                percentiles={str(k): v for k, v in u.percentiles.items()},
+            )
             if not np.isfinite(thr):
                 if o.ustar_default is None:
-                    raise TowerFormatError(f"site {site}: column USTAR: too few night-time records in every "
-                                           "season for a u* threshold (give ustar=<m s-1> or ustar_default)")
+                    raise TowerFormatError(
+                        f"site {site}: column USTAR: too few night-time records in every "
+                        "season for a u* threshold (give ustar=<m s-1> or ustar_default)"
+                    )
                 thr = float(o.ustar_default)
                 ust["method"] = "default"
                 warn(msgs, f"site {site}: column USTAR: no u* threshold found; used the default {thr} m s-1")
@@ -278,8 +318,11 @@ def process_site(records: pd.DataFrame, **options: Any) -> SiteResult:
         for m in day.warnings:
             warn(msgs, f"site {site}: column NEE: {m}")
     if (res.qc < 0).any():
-        warn(msgs, f"site {site}: column NEE: {(res.qc < 0).sum()} records left unfilled (gaps longer than "
-                   f"{o.longgap} days); annual sums of those years are incomplete")
+        warn(
+            msgs,
+            f"site {site}: column NEE: {(res.qc < 0).sum()} records left unfilled (gaps longer than "
+            f"{o.longgap} days); annual sums of those years are incomplete",
+        )
 
     # Budget spread over the u* threshold percentiles: rerun gap-filling and night-time partitioning.
     k = dyn.gc_per_record(per_day)
@@ -289,18 +332,38 @@ def process_site(records: pd.DataFrame, **options: Any) -> SiteResult:
         if name == "median":
             r_ = {"mds": res, "night": night}
         else:
-            r_ = _gapfill_and_partition(df, np.where(apply_ustar(thr), np.nan, nee), drv, per_day, o,
-                                        with_error=False, daytime=False)
-        sums = pd.DataFrame({"year": year, "NEE": r_["mds"].filled * k, "GPP": r_["night"].gpp * k,
-                             "RECO": r_["night"].reco * k}).groupby("year").sum(min_count=1).reset_index()
+            r_ = _gapfill_and_partition(
+                df, np.where(apply_ustar(thr), np.nan, nee), drv, per_day, o, with_error=False, daytime=False
+            )
+        sums = (
+            pd.DataFrame(
+                {
+                    "year": year,
+                    "NEE": r_["mds"].filled * k,
+                    "GPP": r_["night"].gpp * k,
+                    "RECO": r_["night"].reco * k,
+                }
+            )
+            .groupby("year")
+            .sum(min_count=1)
+            .reset_index()
+        )
         sums.insert(0, "ustar_threshold", thr)
         sums.insert(0, "scenario", name)
         rows.append(sums)
     ustar_sums = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     if len(thresholds) < 3:
         ustar_sums = ustar_sums.iloc[0:0]
-    return SiteResult(records=out, per_day=per_day, site=site, ustar=ust, night=night, day=day,
-                      ustar_sums=ustar_sums, warnings=msgs)
+    return SiteResult(
+        records=out,
+        per_day=per_day,
+        site=site,
+        ustar=ust,
+        night=night,
+        day=day,
+        ustar_sums=ustar_sums,
+        warnings=msgs,
+    )
 
 
 def _write_table(df: pd.DataFrame, path: Path, fmt: str) -> Path:
@@ -330,8 +393,14 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def analyze_site(records: pd.DataFrame, out_dir: str | Path, *, table_format: str = "parquet",
-                 plots: bool = True, **options: Any) -> dict:
+def analyze_site(
+    records: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    table_format: str = "parquet",
+    plots: bool = True,
+    **options: Any,
+) -> dict:
     """Process one site and write its dynamics tables and plots.
 
     Parameters
@@ -391,11 +460,24 @@ def analyze_site(records: pd.DataFrame, out_dir: str | Path, *, table_format: st
     fp_long = fp.stack(future_stack=True).rename("NEE_f").reset_index() if hasattr(fp, "stack") else fp
 
     files: list[str] = []
-    files.append(str(_write_table(df.assign(NEE_status=df["NEE_status"].astype(str)), out_dir / "records",
-                                  table_format)))
-    files.append(str(_write_table(dyn.driver_classes(df).astype(
-        {c: str for c in ("light", "temperature", "dryness", "moisture")}), out_dir / "driver_classes",
-        table_format)))
+    files.append(
+        str(
+            _write_table(
+                df.assign(NEE_status=df["NEE_status"].astype(str)), out_dir / "records", table_format
+            )
+        )
+    )
+    files.append(
+        str(
+            _write_table(
+                dyn.driver_classes(df).astype(
+                    {c: str for c in ("light", "temperature", "dryness", "moisture")}
+                ),
+                out_dir / "driver_classes",
+                table_format,
+            )
+        )
+    )
     files.append(str(_write_table(fp_long, out_dir / "fingerprint", table_format)))
     for name, t in tables.items():
         files.append(str(_write_table(t, out_dir / name, "csv")))
@@ -424,10 +506,16 @@ def analyze_site(records: pd.DataFrame, out_dir: str | Path, *, table_format: st
         "seasonal_amplitude": float(monthly_nee.max() - monthly_nee.min()),
         "warnings": r.warnings,
         "options": asdict(o) | {"table_format": table_format},
-        "units": {"budgets": "gC m-2 yr-1", "ustar_threshold": "m s-1", "e0": "K",
-                  "rref_mean": "umol CO2 m-2 s-1 at 10 degC", "alpha": "umol CO2 J-1",
-                  "gpp_sat": "umol CO2 m-2 s-1", "seasonal_amplitude": "gC m-2 d-1",
-                  "fluxes in records": "umol CO2 m-2 s-1"},
+        "units": {
+            "budgets": "gC m-2 yr-1",
+            "ustar_threshold": "m s-1",
+            "e0": "K",
+            "rref_mean": "umol CO2 m-2 s-1 at 10 degC",
+            "alpha": "umol CO2 J-1",
+            "gpp_sat": "umol CO2 m-2 s-1",
+            "seasonal_amplitude": "gC m-2 d-1",
+            "fluxes in records": "umol CO2 m-2 s-1",
+        },
     }
     if plots:
         from geoflux.towers.processing import plots as pl

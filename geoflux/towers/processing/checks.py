@@ -24,8 +24,10 @@ def site_name(records: pd.DataFrame) -> str:
     if "site" in records.columns and len(records):
         sites = pd.unique(records["site"].astype(str))
         if len(sites) > 1:
-            raise TowerFormatError(f"records: column site: {len(sites)} sites ({', '.join(sites[:3])}, …) "
-                                   "(expected one site per call; loop over sites)")
+            raise TowerFormatError(
+                f"records: column site: {len(sites)} sites ({', '.join(sites[:3])}, …) "
+                "(expected one site per call; loop over sites)"
+            )
         return str(sites[0])
     return str(records.attrs.get("site", "?"))
 
@@ -36,8 +38,9 @@ def warn(msgs: list[str], text: str) -> None:
     warnings.warn(text, UserWarning, stacklevel=3)
 
 
-def check_records(records: pd.DataFrame, max_missing: float = 0.5,
-                  msgs: list[str] | None = None) -> tuple[pd.DataFrame, int]:
+def check_records(
+    records: pd.DataFrame, max_missing: float = 0.5, msgs: list[str] | None = None
+) -> tuple[pd.DataFrame, int]:
     """Validate and regularise one site's half-hourly/hourly records.
 
     Parameters
@@ -76,21 +79,26 @@ def check_records(records: pd.DataFrame, max_missing: float = 0.5,
     df = df.sort_values("time", kind="stable").reset_index(drop=True)
     dup = df["time"].duplicated()
     if dup.any():
-        raise TowerFormatError(f"site {site}: column time: duplicated timestamp {df['time'][dup].iloc[0]} "
-                               "(expected one record per time step)")
+        raise TowerFormatError(
+            f"site {site}: column time: duplicated timestamp {df['time'][dup].iloc[0]} "
+            "(expected one record per time step)"
+        )
     steps = df["time"].diff().dropna()
     # The most common step is the resolution; anything else is missing rows, irregular times or a second
     # resolution, told apart below.
     step = steps.mode().iloc[0]
     if step not in (pd.Timedelta("30min"), pd.Timedelta("60min")):
-        raise TowerFormatError(f"site {site}: column time: time step {step} "
-                               "(expected 30 min or 60 min records)")
+        raise TowerFormatError(
+            f"site {site}: column time: time step {step} (expected 30 min or 60 min records)"
+        )
     ratio = (steps / step).to_numpy()
     off = np.flatnonzero((np.abs(ratio - np.round(ratio)) > 1e-6) | (ratio < 0.5))
     if off.size:
         at = df["time"].iloc[off[0] + 1]
-        raise TowerFormatError(f"site {site}: column time: non-equidistant time axis at {at} "
-                               f"(step {steps.iloc[off[0]]}, expected multiples of {step})")
+        raise TowerFormatError(
+            f"site {site}: column time: non-equidistant time axis at {at} "
+            f"(step {steps.iloc[off[0]]}, expected multiples of {step})"
+        )
     # Mixed steps: a run of several consecutive larger steps is another resolution, not a few missing rows.
     larger = (ratio > 1.5).astype(np.int8)
     if larger.any():
@@ -98,8 +106,10 @@ def check_records(records: pd.DataFrame, max_missing: float = 0.5,
         lengths = np.flatnonzero(run == -1) - np.flatnonzero(run == 1)
         if lengths.max() >= 3 and np.unique(np.round(ratio[ratio > 1.5])).size == 1:
             first = np.flatnonzero(larger)[0]
-            raise TowerFormatError(f"site {site}: column time: mixed time steps ({step} and "
-                                   f"{steps.iloc[first]} from {df['time'].iloc[first]}; expected one step)")
+            raise TowerFormatError(
+                f"site {site}: column time: mixed time steps ({step} and "
+                f"{steps.iloc[first]} from {df['time'].iloc[first]}; expected one step)"
+            )
         full = pd.date_range(df["time"].iloc[0], df["time"].iloc[-1], freq=step)
         n_add = len(full) - len(df)
         df = df.set_index("time").reindex(full).rename_axis("time").reset_index()
@@ -112,8 +122,10 @@ def check_records(records: pd.DataFrame, max_missing: float = 0.5,
     bad = miss[miss > max_missing]
     if len(bad):
         y = bad.index[0]
-        raise TowerFormatError(f"site {site}: column NEE: {bad.iloc[0]:.0%} missing in {y} "
-                               f"(expected at most {max_missing:.0%} for gap-filling)")
+        raise TowerFormatError(
+            f"site {site}: column NEE: {bad.iloc[0]:.0%} missing in {y} "
+            f"(expected at most {max_missing:.0%} for gap-filling)"
+        )
     for col in ("TA", "SW_IN", "VPD"):
         if df[col].isna().all():
             raise TowerFormatError(f"site {site}: column {col}: all values missing (needed for {_WHY[col]})")

@@ -10,8 +10,9 @@ import pandas as pd
 from geoflux.towers.processing.dynamics import compare_sites
 
 
-def write_site_comparison(summaries: list[dict], out_dir: str | Path,
-                          sites: pd.DataFrame | None = None) -> list[Path]:
+def write_site_comparison(
+    summaries: list[dict], out_dir: str | Path, sites: pd.DataFrame | None = None
+) -> list[Path]:
     """Write ``site_comparison.csv`` and ``site_comparison.png`` for many site summaries.
 
     Parameters

@@ -138,8 +138,9 @@ def _fit_hyperbola(sw: np.ndarray, nee: np.ndarray) -> tuple[float, float, float
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = least_squares(resid, [0.02, b0, 2.0], bounds=([1e-6, 0.1, -20.0], [0.5, 200.0, 30.0]),
-                          x_scale=[0.01, 10.0, 1.0])
+        r = least_squares(
+            resid, [0.02, b0, 2.0], bounds=([1e-6, 0.1, -20.0], [0.5, 200.0, 30.0]), x_scale=[0.01, 10.0, 1.0]
+        )
     ss = float(((nee - nee.mean()) ** 2).sum())
     r2 = 1.0 - float((r.fun**2).sum()) / ss if ss > 0 else np.nan
     return float(r.x[0]), float(r.x[1]), float(r.x[2]), r2
@@ -164,12 +165,14 @@ def light_response_monthly(df: pd.DataFrame, day_sw: float = 10.0, min_records: 
         sw, nee = g["SW_IN"].to_numpy(), g["NEE"].to_numpy()
         a, b, c, r2 = _fit_hyperbola(sw, nee)
         rows.append((y, m, len(g), a, b, c, a * b * 1000.0 / (a * 1000.0 + b), r2))
-    return pd.DataFrame(rows, columns=["year", "month", "n", "alpha", "gpp_sat", "resp_day", "gpp_1000",
-                                       "nse"])
+    return pd.DataFrame(
+        rows, columns=["year", "month", "n", "alpha", "gpp_sat", "resp_day", "gpp_1000", "nse"]
+    )
 
 
-def temperature_response(df: pd.DataFrame, e0: float, e0_se: float, rref_mean: float,
-                         day_sw: float = 10.0, bin_width: float = 2.0) -> tuple[pd.DataFrame, pd.DataFrame]:
+def temperature_response(
+    df: pd.DataFrame, e0: float, e0_se: float, rref_mean: float, day_sw: float = 10.0, bin_width: float = 2.0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Temperature sensitivity of night-time NEE.
 
     Returns
@@ -183,8 +186,17 @@ def temperature_response(df: pd.DataFrame, e0: float, e0_se: float, rref_mean: f
     """
     from geoflux.towers.processing.partition import lloyd_taylor, q10_from_e0
 
-    params = pd.DataFrame([{"e0": e0, "e0_se": e0_se, "rref_mean": rref_mean, "q10": q10_from_e0(e0, 10.0),
-                            "q10_20": q10_from_e0(e0, 20.0)}])
+    params = pd.DataFrame(
+        [
+            {
+                "e0": e0,
+                "e0_se": e0_se,
+                "rref_mean": rref_mean,
+                "q10": q10_from_e0(e0, 10.0),
+                "q10_20": q10_from_e0(e0, 20.0),
+            }
+        ]
+    )
     night = (df["NEE_fqc"] == 0) & (df["SW_IN_f"] <= day_sw)
     ta = df.loc[night, "TA_f"]
     b = (np.floor(ta / bin_width) * bin_width + bin_width / 2).rename("ta")
@@ -216,10 +228,17 @@ def vpd_limitation(df: pd.DataFrame, sw_min: float = 500.0, ta_min: float = 5.0)
     d = df[sel]
     cut = pd.cut(d["VPD_f"], VPD_BINS, right=False)
     g = d.groupby(cut, observed=False)
-    out = pd.DataFrame({"vpd_mean": g["VPD_f"].mean(), "ta_mean": g["TA_f"].mean(),
-                        "sw_mean": g["SW_IN"].mean(), "nee_mean": g["NEE"].mean(), "nee_sd": g["NEE"].std(),
-                        "gpp_mean": g["GPP_NT"].mean(),
-                        "n": g.size()})
+    out = pd.DataFrame(
+        {
+            "vpd_mean": g["VPD_f"].mean(),
+            "ta_mean": g["TA_f"].mean(),
+            "sw_mean": g["SW_IN"].mean(),
+            "nee_mean": g["NEE"].mean(),
+            "nee_sd": g["NEE"].std(),
+            "gpp_mean": g["GPP_NT"].mean(),
+            "n": g.size(),
+        }
+    )
     out = out.rename_axis("vpd_bin").reset_index()
     out["vpd_bin"] = out["vpd_bin"].astype(str)
     best = (-out["nee_mean"]).max()
@@ -227,8 +246,12 @@ def vpd_limitation(df: pd.DataFrame, sw_min: float = 500.0, ta_min: float = 5.0)
     return out
 
 
-LIGHT_CLASSES = ((-np.inf, 10.0, "night"), (10.0, 200.0, "low"), (200.0, 500.0, "moderate"),
-                 (500.0, np.inf, "high"))
+LIGHT_CLASSES = (
+    (-np.inf, 10.0, "night"),
+    (10.0, 200.0, "low"),
+    (200.0, 500.0, "moderate"),
+    (500.0, np.inf, "high"),
+)
 TEMP_CLASSES = ((-np.inf, 0.0, "freezing"), (0.0, 10.0, "cool"), (10.0, 20.0, "mild"), (20.0, np.inf, "warm"))
 VPD_CLASSES = ((-np.inf, 5.0, "humid"), (5.0, 15.0, "moderate"), (15.0, np.inf, "dry"))
 
@@ -265,8 +288,9 @@ def driver_classes(df: pd.DataFrame) -> pd.DataFrame:
         last = pd.Series(np.where(rain, daily_p.index, pd.NaT), index=daily_p.index).ffill()
         since = (daily_p.index - pd.to_datetime(last)).days
         s = pd.Series(since, index=daily_p.index).reindex(df["time"].dt.floor("D")).to_numpy()
-        out["moisture"] = pd.cut(pd.Series(s), [-1, 2, 10, np.inf],
-                                 labels=["wet", "drying", "dry"]).to_numpy()
+        out["moisture"] = pd.cut(
+            pd.Series(s), [-1, 2, 10, np.inf], labels=["wet", "drying", "dry"]
+        ).to_numpy()
     else:
         out["moisture"] = "unknown"
     # Most limiting day-time factor: low light, cold, or dry air, by the first that applies.
@@ -304,20 +328,22 @@ def compare_sites(summaries: list[dict], sites: pd.DataFrame | None = None) -> p
     rows = []
     for s in summaries:
         b = pd.DataFrame(s.get("budgets", []))
-        rows.append({
-            "site": s.get("site"),
-            "years": len(b),
-            "NEE": b["NEE"].mean() if len(b) else np.nan,
-            "NEE_unc": b["NEE_unc"].mean() if len(b) else np.nan,
-            "GPP": b["GPP_NT"].mean() if len(b) else np.nan,
-            "RECO": b["RECO_NT"].mean() if len(b) else np.nan,
-            "e0": s.get("e0"),
-            "q10": s.get("q10"),
-            "alpha_max": s.get("alpha_max"),
-            "gpp_sat_max": s.get("gpp_sat_max"),
-            "seasonal_amplitude": s.get("seasonal_amplitude"),
-            "ustar_threshold": s.get("ustar_threshold"),
-        })
+        rows.append(
+            {
+                "site": s.get("site"),
+                "years": len(b),
+                "NEE": b["NEE"].mean() if len(b) else np.nan,
+                "NEE_unc": b["NEE_unc"].mean() if len(b) else np.nan,
+                "GPP": b["GPP_NT"].mean() if len(b) else np.nan,
+                "RECO": b["RECO_NT"].mean() if len(b) else np.nan,
+                "e0": s.get("e0"),
+                "q10": s.get("q10"),
+                "alpha_max": s.get("alpha_max"),
+                "gpp_sat_max": s.get("gpp_sat_max"),
+                "seasonal_amplitude": s.get("seasonal_amplitude"),
+                "ustar_threshold": s.get("ustar_threshold"),
+            }
+        )
     out = pd.DataFrame(rows)
     if sites is not None and len(out):
         st = sites.rename(columns={"SITE_ID": "site"})

@@ -109,15 +109,22 @@ def _long_gap_mask(valid: np.ndarray, max_len: int) -> np.ndarray:
     if idx[0] > max_len:
         big[: idx[0] - max_len] = True
     if idx[-1] < n - max_len:
-        big[idx[-1] + max_len:] = True
+        big[idx[-1] + max_len :] = True
     return big
 
 
 class _Filler:
     """Windowed look-ups of similar records for many target records at once."""
 
-    def __init__(self, y: np.ndarray, sw: np.ndarray, ta: np.ndarray, vpd: np.ndarray,
-                 hour: np.ndarray, opts: MDSOptions) -> None:
+    def __init__(
+        self,
+        y: np.ndarray,
+        sw: np.ndarray,
+        ta: np.ndarray,
+        vpd: np.ndarray,
+        hour: np.ndarray,
+        opts: MDSOptions,
+    ) -> None:
         self.opts = opts
         self.n = y.size
         valid = np.isfinite(y)
@@ -169,7 +176,7 @@ class _Filler:
         rows = max(1, _MAX_CELLS // width)
         o = self.opts
         for c0 in range(0, nt, rows):
-            t = targets[c0:c0 + rows]
+            t = targets[c0 : c0 + rows]
             if kind == "hour":
                 ok = np.abs(self._windows("hour", half, t) - self.hour[t][:, None]) < 1.1
             else:
@@ -187,9 +194,9 @@ class _Filler:
                 # Two-pass variance: subtract the mean before squaring to avoid cancellation.
                 dev = np.where(ok, yw - m[:, None], 0.0)
                 v = np.einsum("ij,ij->i", dev, dev) / (k - 1)
-            mean[c0:c0 + rows] = m
-            sd[c0:c0 + rows] = np.sqrt(v)
-            cnt[c0:c0 + rows] = k
+            mean[c0 : c0 + rows] = m
+            sd[c0 : c0 + rows] = np.sqrt(v)
+            cnt[c0 : c0 + rows] = k
         return mean, sd, cnt
 
 
@@ -224,9 +231,16 @@ def _quality(method: int, half: int, per_day: int) -> int:
     return 3
 
 
-def mds_gapfill(y: np.ndarray, sw_in: np.ndarray, ta: np.ndarray, vpd: np.ndarray, hour: np.ndarray,
-                per_day: int, options: MDSOptions | None = None,
-                error_for_measured: bool = True) -> MDSResult:
+def mds_gapfill(
+    y: np.ndarray,
+    sw_in: np.ndarray,
+    ta: np.ndarray,
+    vpd: np.ndarray,
+    hour: np.ndarray,
+    per_day: int,
+    options: MDSOptions | None = None,
+    error_for_measured: bool = True,
+) -> MDSResult:
     """Fill the gaps of one flux series by marginal distribution sampling.
 
     Parameters
@@ -256,8 +270,14 @@ def mds_gapfill(y: np.ndarray, sw_in: np.ndarray, ta: np.ndarray, vpd: np.ndarra
     opts = options or MDSOptions()
     y = np.asarray(y, dtype=float)
     n = y.size
-    f = _Filler(y, np.asarray(sw_in, float), np.asarray(ta, float), np.asarray(vpd, float),
-                np.asarray(hour, float), opts)
+    f = _Filler(
+        y,
+        np.asarray(sw_in, float),
+        np.asarray(ta, float),
+        np.asarray(vpd, float),
+        np.asarray(hour, float),
+        opts,
+    )
     valid = f.valid
     filled = y.copy()
     qc = np.where(valid, 0, -1).astype(np.int8)

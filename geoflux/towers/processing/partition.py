@@ -229,9 +229,14 @@ def _night_days(time: pd.Series | np.ndarray) -> np.ndarray:
     return ((t - t0) / pd.Timedelta(days=1)).to_numpy(dtype=float) - 0.5
 
 
-def partition_nighttime(time: pd.Series | np.ndarray, nee: np.ndarray, ta: np.ndarray, sw_in: np.ndarray,
-                        nee_fit: np.ndarray | None = None,
-                        options: NightOptions | None = None) -> NightPartition:
+def partition_nighttime(
+    time: pd.Series | np.ndarray,
+    nee: np.ndarray,
+    ta: np.ndarray,
+    sw_in: np.ndarray,
+    nee_fit: np.ndarray | None = None,
+    options: NightOptions | None = None,
+) -> NightPartition:
     """Night-time flux partitioning after Reichstein et al. (2005).
 
     Parameters
@@ -324,8 +329,16 @@ def partition_nighttime(time: pd.Series | np.ndarray, nee: np.ndarray, ta: np.nd
     rref = np.interp(days, rwin.day.to_numpy(), rwin.rref.to_numpy())
     reco = lloyd_taylor(ta, rref, e0)
     gpp = reco - nee
-    return NightPartition(gpp=gpp, reco=reco, rref=rref, e0=e0, e0_se=e0_se, e0_windows=win,
-                          rref_windows=rwin.drop(columns="day"), warnings=msgs)
+    return NightPartition(
+        gpp=gpp,
+        reco=reco,
+        rref=rref,
+        e0=e0,
+        e0_se=e0_se,
+        e0_windows=win,
+        rref_windows=rwin.drop(columns="day"),
+        warnings=msgs,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -361,8 +374,14 @@ class DayOptions:
     alpha_max: float = 0.22
 
 
-def light_response(sw_in: np.ndarray, vpd: np.ndarray, alpha: np.ndarray | float, beta0: np.ndarray | float,
-                   k: np.ndarray | float, vpd0: float = 10.0) -> np.ndarray:
+def light_response(
+    sw_in: np.ndarray,
+    vpd: np.ndarray,
+    alpha: np.ndarray | float,
+    beta0: np.ndarray | float,
+    k: np.ndarray | float,
+    vpd0: float = 10.0,
+) -> np.ndarray:
     """Gross uptake of the rectangular hyperbola with VPD-limited saturation (Lasslop et al. 2010).
 
     Parameters
@@ -407,8 +426,15 @@ class DayPartition:
     warnings: list[str] = field(default_factory=list)
 
 
-def partition_daytime(time: pd.Series | np.ndarray, nee_fit: np.ndarray, ta: np.ndarray, sw_in: np.ndarray,
-                      vpd: np.ndarray, e0_default: float, options: DayOptions | None = None) -> DayPartition:
+def partition_daytime(
+    time: pd.Series | np.ndarray,
+    nee_fit: np.ndarray,
+    ta: np.ndarray,
+    sw_in: np.ndarray,
+    vpd: np.ndarray,
+    e0_default: float,
+    options: DayOptions | None = None,
+) -> DayPartition:
     """Day-time flux partitioning after Lasslop et al. (2010).
 
     Parameters
@@ -474,11 +500,15 @@ def partition_daytime(time: pd.Series | np.ndarray, nee_fit: np.ndarray, ta: np.
     if params.empty:
         raise ValueError("no day-time window with enough records for a light-response fit")
     if n_carried:
-        msgs.append(f"day-time partitioning: {n_carried} windows without a valid fit reused the previous "
-                    "window's parameters")
+        msgs.append(
+            f"day-time partitioning: {n_carried} windows without a valid fit reused the previous "
+            "window's parameters"
+        )
     # Parameters belong to the window centre; records between centres get linearly interpolated values.
-    par = {c: np.interp(days, params.day.to_numpy(), params[c].to_numpy())
-           for c in ("alpha", "beta0", "k", "rref", "e0")}
+    par = {
+        c: np.interp(days, params.day.to_numpy(), params[c].to_numpy())
+        for c in ("alpha", "beta0", "k", "rref", "e0")
+    }
     gpp = light_response(sw_in, vpd, par["alpha"], par["beta0"], par["k"], o.vpd0)
     gpp = np.where(is_day, gpp, 0.0)
     tk = ta + 273.15
@@ -488,11 +518,15 @@ def partition_daytime(time: pd.Series | np.ndarray, nee_fit: np.ndarray, ta: np.
     return DayPartition(gpp=gpp, reco=reco, params=params.drop(columns="day"), warnings=msgs)
 
 
-def _fit_lrc(sw: np.ndarray, vpd: np.ndarray, et: np.ndarray, nee: np.ndarray, rnight: float,
-             o: DayOptions) -> tuple[float, float, float, float] | None:
+def _fit_lrc(
+    sw: np.ndarray, vpd: np.ndarray, et: np.ndarray, nee: np.ndarray, rnight: float, o: DayOptions
+) -> tuple[float, float, float, float] | None:
     """Least-squares light-response fit of one window; None when implausible (Lasslop et al. 2010 rules)."""
-    r0 = rnight if np.isfinite(rnight) and rnight > 0 else max(float(np.mean(nee[sw < 100])) if
-                                                              (sw < 100).any() else 1.0, 0.1)
+    r0 = (
+        rnight
+        if np.isfinite(rnight) and rnight > 0
+        else max(float(np.mean(nee[sw < 100])) if (sw < 100).any() else 1.0, 0.1)
+    )
     b0 = max(float(np.percentile(nee, 97) - np.percentile(nee, 3)), 1.0)
     x0 = np.array([0.01, b0, 0.05, r0])
 
@@ -514,9 +548,15 @@ def _fit_lrc(sw: np.ndarray, vpd: np.ndarray, et: np.ndarray, nee: np.ndarray, r
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            r = least_squares(resid, x0, jac=jac,
-                              bounds=([0.0, 0.0, 0.0, 0.0], [o.alpha_max, 250.0, 1.0, np.inf]),
-                              method="trf", x_scale=[0.01, 10.0, 0.05, 1.0], max_nfev=200)
+            r = least_squares(
+                resid,
+                x0,
+                jac=jac,
+                bounds=([0.0, 0.0, 0.0, 0.0], [o.alpha_max, 250.0, 1.0, np.inf]),
+                method="trf",
+                x_scale=[0.01, 10.0, 0.05, 1.0],
+                max_nfev=200,
+            )
     except ValueError:
         return None
     alpha, beta0, k, rref = r.x

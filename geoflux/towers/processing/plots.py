@@ -15,8 +15,13 @@ import pandas as pd
 
 FLUX_UNIT = r"µmol CO$_2$ m$^{-2}$ s$^{-1}$"
 DAY_UNIT = r"gC m$^{-2}$ d$^{-1}$"
-COLORS = {"NEE_f": "k", "GPP_NT": "tab:green", "RECO_NT": "tab:red", "GPP_DT": "yellowgreen",
-          "RECO_DT": "salmon"}
+COLORS = {
+    "NEE_f": "k",
+    "GPP_NT": "tab:green",
+    "RECO_NT": "tab:red",
+    "GPP_DT": "yellowgreen",
+    "RECO_DT": "salmon",
+}
 MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 
 
@@ -55,8 +60,13 @@ def plot_seasonal(daily: pd.DataFrame, site: str, path: Path) -> Path:
     for c in ("GPP_NT", "RECO_NT", "NEE_f", "GPP_DT"):
         if c in daily:
             ax.plot(daily["date"], daily[c], color=COLORS[c], alpha=0.25, lw=0.8)
-            ax.plot(daily["date"], daily[c].rolling(15, center=True, min_periods=5).mean(), color=COLORS[c],
-                    lw=2, label=c.replace("_f", "") + " (15-day mean)")
+            ax.plot(
+                daily["date"],
+                daily[c].rolling(15, center=True, min_periods=5).mean(),
+                color=COLORS[c],
+                lw=2,
+                label=c.replace("_f", "") + " (15-day mean)",
+            )
     ax.axhline(0, color="0.6", lw=0.8)
     ax.set_ylabel(f"daily sum ({DAY_UNIT})")
     ax.set_xlabel("date")
@@ -75,9 +85,16 @@ def plot_fingerprint(fp: pd.DataFrame, site: str, path: Path) -> Path:
         sub = fp.xs(y, level="year")
         hours = sub.columns.to_numpy(float)
         step = hours[1] - hours[0] if hours.size > 1 else 0.5
-        im = ax.imshow(sub.to_numpy().T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim,
-                       extent=[sub.index.min() - 0.5, sub.index.max() + 0.5, hours[0], hours[-1] + step],
-                       interpolation="nearest")
+        im = ax.imshow(
+            sub.to_numpy().T,
+            aspect="auto",
+            origin="lower",
+            cmap="RdBu_r",
+            vmin=-lim,
+            vmax=lim,
+            extent=[sub.index.min() - 0.5, sub.index.max() + 0.5, hours[0], hours[-1] + step],
+            interpolation="nearest",
+        )
         ax.set_ylabel("hour of day")
         ax.set_yticks([0, 6, 12, 18, 24])
         ax.set_title(f"{site} {y}: gap-filled NEE fingerprint")
@@ -127,8 +144,11 @@ def plot_light_response(lr: pd.DataFrame, site: str, path: Path) -> Path:
     """Monthly light-response parameters: α, GPP at saturation and day-time respiration."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     x = pd.to_datetime(dict(year=lr["year"], month=lr["month"], day=15))
-    labels = (r"quantum efficiency α (µmol CO$_2$ J$^{-1}$)", f"GPP at saturation β ({FLUX_UNIT})",
-              f"day-time respiration γ ({FLUX_UNIT})")
+    labels = (
+        r"quantum efficiency α (µmol CO$_2$ J$^{-1}$)",
+        f"GPP at saturation β ({FLUX_UNIT})",
+        f"day-time respiration γ ({FLUX_UNIT})",
+    )
     for ax, c, lab in zip(axes, ("alpha", "gpp_sat", "resp_day"), labels, strict=True):
         ax.plot(x, lr[c], "o-")
         ax.set_ylabel(lab, fontsize=8)
@@ -137,8 +157,9 @@ def plot_light_response(lr: pd.DataFrame, site: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_temperature_response(bins: pd.DataFrame, params: pd.DataFrame, df: pd.DataFrame, site: str,
-                              path: Path, day_sw: float = 10.0) -> Path:
+def plot_temperature_response(
+    bins: pd.DataFrame, params: pd.DataFrame, df: pd.DataFrame, site: str, path: Path, day_sw: float = 10.0
+) -> Path:
     """Measured night-time NEE against air temperature with the fitted Lloyd–Taylor curve."""
     from geoflux.towers.processing.partition import lloyd_taylor
 
@@ -146,12 +167,23 @@ def plot_temperature_response(bins: pd.DataFrame, params: pd.DataFrame, df: pd.D
     night = (df["NEE_fqc"] == 0) & (df["SW_IN_f"] <= day_sw)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(df.loc[night, "TA_f"], df.loc[night, "NEE"], ".", color="0.75", ms=2, label="night NEE, measured")
-    ax.errorbar(bins["ta"], bins["nee_mean"], yerr=bins["nee_sd"] / np.sqrt(bins["n"].clip(lower=1)), fmt="o",
-                color="k", ms=4, label="bin mean ± s.e.")
+    ax.errorbar(
+        bins["ta"],
+        bins["nee_mean"],
+        yerr=bins["nee_sd"] / np.sqrt(bins["n"].clip(lower=1)),
+        fmt="o",
+        color="k",
+        ms=4,
+        label="bin mean ± s.e.",
+    )
     t = np.linspace(df["TA_f"].min(), df["TA_f"].max(), 100)
-    ax.plot(t, lloyd_taylor(t, p["rref_mean"], p["e0"]), color="tab:red",
-            label=f"Lloyd–Taylor: E0 = {p['e0']:.0f} ± {p['e0_se']:.0f} K, "
-                  f"R$_{{ref}}$ = {p['rref_mean']:.2f}, Q$_{{10}}$ = {p['q10']:.2f}")
+    ax.plot(
+        t,
+        lloyd_taylor(t, p["rref_mean"], p["e0"]),
+        color="tab:red",
+        label=f"Lloyd–Taylor: E0 = {p['e0']:.0f} ± {p['e0_se']:.0f} K, "
+        f"R$_{{ref}}$ = {p['rref_mean']:.2f}, Q$_{{10}}$ = {p['q10']:.2f}",
+    )
     lo, hi = np.nanpercentile(df.loc[night, "NEE"], [1, 99])
     ax.set_ylim(min(lo, 0) - 1, hi + 1)
     ax.set_xlabel("air temperature (°C)")
@@ -165,11 +197,21 @@ def plot_vpd(vpd: pd.DataFrame, site: str, path: Path) -> Path:
     """Mean high-light uptake (−NEE) by VPD class."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ok = vpd["n"] > 0
-    ax.errorbar(vpd.loc[ok, "vpd_mean"], -vpd.loc[ok, "nee_mean"],
-                yerr=vpd.loc[ok, "nee_sd"] / np.sqrt(vpd.loc[ok, "n"]), fmt="o-", color="tab:green")
+    ax.errorbar(
+        vpd.loc[ok, "vpd_mean"],
+        -vpd.loc[ok, "nee_mean"],
+        yerr=vpd.loc[ok, "nee_sd"] / np.sqrt(vpd.loc[ok, "n"]),
+        fmt="o-",
+        color="tab:green",
+    )
     for _, r in vpd[ok].iterrows():
-        ax.annotate(f"n={r['n']}, {r['ta_mean']:.0f}°C", (r["vpd_mean"], -r["nee_mean"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 4))
+        ax.annotate(
+            f"n={r['n']}, {r['ta_mean']:.0f}°C",
+            (r["vpd_mean"], -r["nee_mean"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(4, 4),
+        )
     ax.set_xlabel("vapour-pressure deficit (hPa)")
     ax.set_ylabel(f"uptake −NEE at SW_IN ≥ 500 W m$^{{-2}}$ ({FLUX_UNIT})")
     ax.set_title(f"{site}: VPD limitation of day-time uptake (measured, TA ≥ 5 °C)")
@@ -186,8 +228,13 @@ def site_plots(result: Any, tables: dict[str, pd.DataFrame], fp: pd.DataFrame, o
         plot_cumulative(tables["cumulative"], tables["budgets"], site, out_dir / "cumulative_nee.png"),
         plot_budgets(tables["budgets"], site, out_dir / "budgets.png"),
         plot_light_response(tables["light_response"], site, out_dir / "light_response.png"),
-        plot_temperature_response(tables["temperature_bins"], tables["temperature_response"], result.records,
-                                  site, out_dir / "temperature_response.png"),
+        plot_temperature_response(
+            tables["temperature_bins"],
+            tables["temperature_response"],
+            result.records,
+            site,
+            out_dir / "temperature_response.png",
+        ),
         plot_vpd(tables["vpd_limitation"], site, out_dir / "vpd_limitation.png"),
     ]
     return out

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 
-def detect_spikes(y: np.ndarray, is_day: np.ndarray, per_day: int, z: float = 7.0,
-                  block_days: float = 13.0) -> np.ndarray:
+def detect_spikes(
+    y: np.ndarray, is_day: np.ndarray, per_day: int, z: float = 7.0, block_days: float = 13.0
+) -> np.ndarray:
     """Flag spikes by the median-absolute-deviation test on double differences.
 
     Parameters

@@ -127,8 +127,14 @@ def _mpt(nee: np.ndarray, ta: np.ndarray, ust: np.ndarray, o: UstarOptions) -> n
             return np.nanmedian(thr, axis=1)
 
 
-def ustar_threshold(time: pd.Series | np.ndarray, nee: np.ndarray, ta: np.ndarray, ustar: np.ndarray,
-                    sw_in: np.ndarray, options: UstarOptions | None = None) -> UstarResult:
+def ustar_threshold(
+    time: pd.Series | np.ndarray,
+    nee: np.ndarray,
+    ta: np.ndarray,
+    ustar: np.ndarray,
+    sw_in: np.ndarray,
+    options: UstarOptions | None = None,
+) -> UstarResult:
     """u* threshold of one site-year by the moving-point test with bootstrap.
 
     Parameters
@@ -150,8 +156,7 @@ def ustar_threshold(time: pd.Series | np.ndarray, nee: np.ndarray, ta: np.ndarra
     """
     o = options or UstarOptions()
     month = pd.DatetimeIndex(pd.to_datetime(np.asarray(time))).month.to_numpy()
-    ok = (np.isfinite(nee) & np.isfinite(ta) & np.isfinite(ustar) & np.isfinite(sw_in)
-          & (sw_in < o.night_sw))
+    ok = np.isfinite(nee) & np.isfinite(ta) & np.isfinite(ustar) & np.isfinite(sw_in) & (sw_in < o.night_sw)
     rng = np.random.default_rng(o.seed)
     rows = []
     boot_all = []
@@ -161,8 +166,10 @@ def ustar_threshold(time: pd.Series | np.ndarray, nee: np.ndarray, ta: np.ndarra
         if sel.size < o.n_temp * o.min_per_temp:
             rows.append((name, sel.size, np.nan))
             if sel.size:
-                msgs.append(f"u* season {name}: {sel.size} night-time records, fewer than "
-                            f"{o.n_temp * o.min_per_temp} needed; season skipped")
+                msgs.append(
+                    f"u* season {name}: {sel.size} night-time records, fewer than "
+                    f"{o.n_temp * o.min_per_temp} needed; season skipped"
+                )
             boot_all.append(np.full(o.n_boot, np.nan))
             continue
         thr = _mpt(nee[sel][None], ta[sel][None], ustar[sel][None], o)[0]
