@@ -53,6 +53,47 @@ def hourly_fields(times: pd.DatetimeIndex, lat: np.ndarray, lon: np.ndarray, see
     return {AN[0]: t2m, AN[1]: d2m, FC[0]: ssrd, FC[1]: tp}
 
 
+def _spatial_dims(lat: np.ndarray, lon: np.ndarray) -> dict:
+    """datacube-extension lat/lon dimensions of a 0.25 degree grid."""
+    return {
+        "lat": {
+            "type": "spatial",
+            "axis": "y",
+            "extent": [float(lat.min()), float(lat.max())],
+            "step": -0.25,
+            "reference_system": "epsg:4326",
+        },
+        "lon": {
+            "type": "spatial",
+            "axis": "x",
+            "extent": [float(lon.min()), float(lon.max())],
+            "step": 0.25,
+            "reference_system": "epsg:4326",
+        },
+    }
+
+
+def _era5_item(
+    month: pd.Timestamp, kind: str, first: pd.Timestamp, last: pd.Timestamp, dims: dict | None = None
+) -> pystac.Item:
+    """A global era5-pds item (no assets) for one month and kind, hourly from ``first`` to ``last``."""
+    iso = "%Y-%m-%dT%H:%M:%SZ"
+    time_dim = {"type": "temporal", "extent": [f"{first:{iso}}", f"{last:{iso}}"], "step": "P0DT1H0M0S"}
+    return pystac.Item(
+        f"era5-pds-{month:%Y-%m}-{kind}",
+        {"type": "Polygon", "coordinates": [[[-180, -90], [180, -90], [180, 90], [-180, 90], [-180, -90]]]},
+        [-180.0, -90.0, 180.0, 90.0],
+        None,
+        {
+            "start_datetime": f"{first:{iso}}",
+            "end_datetime": f"{last:{iso}}",
+            "era5:kind": kind,
+            "cube:dimensions": {"time": time_dim, **(dims or {})},
+        },
+        collection="era5-pds",
+    )
+
+
 def write_era5_like(
     root: Path,
     start: str,
@@ -79,42 +120,7 @@ def write_era5_like(
         sel = (allt >= t0) & (allt < t0 + pd.DateOffset(months=1))
         times = allt[sel]
         for kind, names in (("an", AN), ("fc", FC)):
-            item = pystac.Item(
-                f"era5-pds-{t0:%Y-%m}-{kind}",
-                {
-                    "type": "Polygon",
-                    "coordinates": [[[-180, -90], [180, -90], [180, 90], [-180, 90], [-180, -90]]],
-                },
-                [-180.0, -90.0, 180.0, 90.0],
-                None,
-                {
-                    "start_datetime": f"{times[0]:%Y-%m-%dT%H:%M:%SZ}",
-                    "end_datetime": f"{times[-1]:%Y-%m-%dT%H:%M:%SZ}",
-                    "era5:kind": kind,
-                    "cube:dimensions": {
-                        "time": {
-                            "type": "temporal",
-                            "extent": [f"{times[0]:%Y-%m-%dT%H:%M:%SZ}", f"{times[-1]:%Y-%m-%dT%H:%M:%SZ}"],
-                            "step": "P0DT1H0M0S",
-                        },
-                        "lat": {
-                            "type": "spatial",
-                            "axis": "y",
-                            "extent": [float(lat.min()), float(lat.max())],
-                            "step": -0.25,
-                            "reference_system": "epsg:4326",
-                        },
-                        "lon": {
-                            "type": "spatial",
-                            "axis": "x",
-                            "extent": [float(lon.min()), float(lon.max())],
-                            "step": 0.25,
-                            "reference_system": "epsg:4326",
-                        },
-                    },
-                },
-                collection="era5-pds",
-            )
+            item = _era5_item(t0, kind, times[0], times[-1], _spatial_dims(lat, lon))
             for name in names:
                 path = root / "ERA5" / f"{t0:%Y}" / f"{t0:%m}" / f"{name}.zarr"
                 ds = xr.Dataset(
@@ -461,28 +467,7 @@ def _era5_metadata_items(months: pd.DatetimeIndex) -> list[pystac.Item]:
     for t0 in months:
         t1 = t0 + pd.DateOffset(months=1) - pd.Timedelta("1h")
         for kind, names in (("an", AN), ("fc", FC)):
-            item = pystac.Item(
-                f"era5-pds-{t0:%Y-%m}-{kind}",
-                {
-                    "type": "Polygon",
-                    "coordinates": [[[-180, -90], [180, -90], [180, 90], [-180, 90], [-180, -90]]],
-                },
-                [-180.0, -90.0, 180.0, 90.0],
-                None,
-                {
-                    "start_datetime": f"{t0:%Y-%m-%dT%H:%M:%SZ}",
-                    "end_datetime": f"{t1:%Y-%m-%dT%H:%M:%SZ}",
-                    "era5:kind": kind,
-                    "cube:dimensions": {
-                        "time": {
-                            "type": "temporal",
-                            "extent": [f"{t0:%Y-%m-%dT%H:%M:%SZ}", f"{t1:%Y-%m-%dT%H:%M:%SZ}"],
-                            "step": "P0DT1H0M0S",
-                        }
-                    },
-                },
-                collection="era5-pds",
-            )
+            item = _era5_item(t0, kind, t0, t1)
             for name in names:
                 item.add_asset(
                     name,
