@@ -27,7 +27,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from geoflux import pipeline
-    from geoflux.budgets import CORRELATIONS, compute_budgets
+    from geoflux.analysis.budgets import CORRELATIONS, compute_budgets
     from geoflux.config import load_config
     from geoflux.demo import TRUTH_BUDGETS, write_world
 

@@ -297,7 +297,7 @@ def child_geoflux(args) -> dict:
     paths = [Path(args.stack) / f"band{b:02d}.tif" for b in range(N_BANDS)]
     gb = geobox_for(n)
     periods = pd.DatetimeIndex(["2021-06-01"])
-    from geoflux.scheduler import open_scheduler
+    from geoflux.mapping.scheduler import open_scheduler
 
     t0 = time.perf_counter()
     with open_scheduler(args.scheduler, workers=args.workers) as sched:

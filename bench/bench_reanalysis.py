@@ -51,7 +51,7 @@ def run_case(root: Path, side_px: int, out: Path) -> dict:
     import pandas as pd
     import pystac
 
-    from geoflux.catalog_defs import find_definition, variable_specs
+    from geoflux.catalog.definitions import find_definition, variable_specs
     from geoflux.config import GridSpec
     from geoflux.cube import load_cube, target_grid
 

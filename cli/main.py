@@ -850,7 +850,7 @@ def budgets(config: Path, correlation: str, windows: tuple[tuple[str, str], ...]
     run has one. Writes budgets/budgets.json, budgets.csv and budget and anomaly COGs."""
     import pandas as pd
 
-    from geoflux.budgets import Window, compute_budgets
+    from geoflux.analysis.budgets import Window, compute_budgets
     from geoflux.errors import ConfigError
 
     cfg = _load(config)

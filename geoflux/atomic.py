@@ -33,18 +33,19 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise OutputExistsError(f"{path}: exists (pass --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = part_path(path)
-    _remove(tmp)
+    remove_tree(tmp)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_tree(tmp)
         raise
 
 
-def _remove(p: Path) -> None:
+def remove_tree(p: Path) -> None:
+    """Remove a file, symlink or folder if it exists (folders recursively)."""
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
     elif p.exists() or p.is_symlink():

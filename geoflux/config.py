@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from geoflux.catalog.variables import Strict, VariableSpec, format_validation_error, read_yaml
 from geoflux.errors import ConfigError
-from geoflux.variables import Strict, VariableSpec, format_validation_error, read_yaml
 
 __all__ = ["RunConfig", "VariableSpec", "format_validation_error", "load_config", "read_yaml"]
 
@@ -397,7 +397,7 @@ def config_from_dict(data: dict, source: str = "<config>", base_dir: str | Path 
         isinstance(v, dict) and "definition" in v for v in data["variables"]
     ):
         # entries naming a shipped catalog definition (catalogs/*.yaml) expand to full variable specs
-        from geoflux.catalog_defs import expand_variables
+        from geoflux.catalog.definitions import expand_variables
         from geoflux.errors import CatalogError
 
         try:

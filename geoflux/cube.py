@@ -49,6 +49,7 @@ from odc.loader._rio import RioDriver, RioReader, rio_read
 from urllib3.util.retry import Retry
 
 from geoflux.catalog import item_crs
+from geoflux.catalog.variables import convert
 from geoflux.config import GridSpec, RunConfig, VariableSpec, period_edges
 from geoflux.decode import (  # noqa: F401 (ndvi, nirv, vpd_from_dewpoint: the cube's public kernels)
     DERIVE,
@@ -61,7 +62,6 @@ from geoflux.decode import data_assets as _data_assets
 from geoflux.decode import implausible as _implausible
 from geoflux.errors import CubeError, GridError
 from geoflux.reanalysis import gridded_driver, load_gridded
-from geoflux.variables import convert
 
 ZARR_TYPES = ("application/vnd+zarr", "application/vnd.zarr", "application/x-zarr")
 

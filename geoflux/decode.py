@@ -1,7 +1,7 @@
 """Chunk kernels shared by every driver path (COG via odc-stac, Zarr/NetCDF via :mod:`geoflux.reanalysis`).
 
 Derived drivers (NDVI, NIRv, VPD), the assets a driver reads, and the per-chunk plausibility check. Pure
-functions of arrays and a :class:`~geoflux.variables.VariableSpec`; no I/O.
+functions of arrays and a :class:`~geoflux.catalog.variables.VariableSpec`; no I/O.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import xarray as xr
 
+from geoflux.catalog.variables import VariableSpec
 from geoflux.errors import CubeError
-from geoflux.variables import VariableSpec
 
 # Magnus formula constants over water (Alduchov & Eskridge 1996): es(T) = A exp(B T / (T + C)), hPa, degC
 MAGNUS_A, MAGNUS_B, MAGNUS_C = 6.1094, 17.625, 243.04

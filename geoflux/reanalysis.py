@@ -39,37 +39,15 @@ import pystac
 import xarray as xr
 from odc.geo.geobox import GeoBox
 
+from geoflux.catalog.search import ZARR_TYPES, asset_media_type, href_suffix, is_gridded
+from geoflux.catalog.variables import VariableSpec, convert
 from geoflux.decode import DERIVE, check_physical, data_assets
 from geoflux.errors import CubeError
 from geoflux.solar import spencer_declination
-from geoflux.variables import VariableSpec, convert
 
-ZARR_TYPES = ("application/vnd+zarr", "application/vnd.zarr", "application/x-zarr")
-NETCDF_TYPES = ("application/netcdf", "application/x-netcdf", "application/x-hdf5", "application/x-hdf")
-GRIDDED_SUFFIXES = (".zarr", ".nc", ".nc4", ".netcdf", ".h5", ".hdf5")
 LAT_NAMES = ("lat", "latitude", "y")
 LON_NAMES = ("lon", "longitude", "x")
 PAD_PIXELS = 2  # source pixels around a chunk's footprint: bilinear needs 1, GDAL's kernel edges 1 more
-
-
-def _media(asset: pystac.Asset) -> str:
-    return (asset.media_type or "").split(";")[0].strip().lower()
-
-
-def _suffix(href: str) -> str:
-    path = urllib.parse.urlparse(href).path if "://" in href else href
-    return Path(path.rstrip("/")).suffix.lower()
-
-
-def is_gridded(item: pystac.Item, key: str) -> bool:
-    """True when the item's asset is a Zarr store or a NetCDF/HDF5 file (media type, else file suffix)."""
-    asset = item.assets.get(key)
-    if asset is None:
-        return False
-    media = _media(asset)
-    if media:
-        return media in ZARR_TYPES or media in NETCDF_TYPES
-    return _suffix(asset.href) in GRIDDED_SUFFIXES
 
 
 def gridded_driver(items: Sequence[pystac.Item], var: VariableSpec) -> bool:
@@ -219,8 +197,8 @@ def _engine(item: pystac.Item, key: str) -> str:
     kw = asset.extra_fields.get("xarray:open_kwargs") or {}
     if kw.get("engine"):
         return str(kw["engine"])
-    media = _media(asset)
-    return "zarr" if media in ZARR_TYPES or _suffix(asset.href) == ".zarr" else "h5netcdf"
+    media = asset_media_type(asset)
+    return "zarr" if media in ZARR_TYPES or href_suffix(asset.href) == ".zarr" else "h5netcdf"
 
 
 def gridded_assets(item: pystac.Item, key: str, var: VariableSpec, where: str = "") -> GriddedAsset:

@@ -262,7 +262,8 @@ def fig_scatter(run: _Run, folder: Path) -> str:
 def _footprint_truth(run: _Run) -> pd.DataFrame | None:
     """Footprint-weighted true NEE at the towers (generated worlds), via the validation module."""
     from geoflux.cube import target_grid
-    from geoflux.validate import footprint_values, footprints_on_grid, open_geotiff_series
+    from geoflux.footprint.regrid import footprints_on_grid
+    from geoflux.validate import footprint_values, open_geotiff_series
 
     truths = {p: run.truth_path(p) for p in run.maps}
     if not truths or any(v is None for v in truths.values()) or run.sites is None:

@@ -195,16 +195,6 @@ def test_demo_importance_ranks_true_drivers_on_top(demo_analysis):
     assert "elevation" not in ranked[:3] and "lst" not in ranked[:3], ranked
 
 
-def test_demo_map_skill_inside_aoa(demo_analysis):
-    _, res = demo_analysis
-    t = res["truth_aoa"]
-    assert t["inside"]["nse"] >= 0.9, t
-    assert t["aoa_fraction"] > 0.8
-    if t["outside"]["n"] > 200:  # outside the AOA the model extrapolates: it should do worse
-        assert t["outside"]["rmse"] > t["inside"]["rmse"]
-    assert 0.8 <= t["inside"]["band_covers_truth"] <= 1.0
-
-
 def test_demo_analyze_writes_tables_and_plots(demo_analysis):
     out, res = demo_analysis
     for name in ("analysis.json", "multiscale.txt", "importance.csv", "importance.png", "iav.csv", "iav.png"):

@@ -95,7 +95,7 @@ def _daily_year_sums(stack: np.ndarray, periods: pd.DatetimeIndex, days: np.ndar
 
 
 def test_budgets_against_independent_sums(run):
-    from geoflux.budgets import compute_budgets
+    from geoflux.analysis.budgets import compute_budgets
 
     _, cfg, truth, maps, lc = run
     out = compute_budgets(cfg)
@@ -143,7 +143,7 @@ def test_budgets_against_independent_sums(run):
 
 
 def test_budget_cogs_hold_the_pixel_budgets(run):
-    from geoflux.budgets import compute_budgets
+    from geoflux.analysis.budgets import compute_budgets
 
     root, cfg, _, maps, _ = run
     out = compute_budgets(cfg, correlation="period")
@@ -169,7 +169,7 @@ def test_budget_cogs_hold_the_pixel_budgets(run):
 
 
 def test_window_weights_partial_periods(run):
-    from geoflux.budgets import Window, compute_budgets
+    from geoflux.analysis.budgets import Window, compute_budgets
 
     _, cfg, _, maps, _ = run
     # 2020-12-29..2021-01-03: 3 days of 2020's 6-day last period, 2 days of 2021's first

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from stac_server import read_cassette
 
-from geoflux.catalog_defs import (
+from geoflux.catalog.definitions import (
     CATALOGS_DIR,
     QADef,
     check_items,

@@ -153,7 +153,7 @@ def test_modis_sinusoidal_items_from_api_into_cube(pgstac, modis_items):
     """Recorded MODIS items (CRS only as WKT2, datetime null) found through the API load onto a UTM grid
     and onto their own sinusoidal grid, decoded, QA-masked and in the right period."""
     from geoflux.catalog import search_items
-    from geoflux.catalog_defs import find_definition, variable_specs
+    from geoflux.catalog.definitions import find_definition, variable_specs
     from geoflux.cube import composite, load_variable, target_grid
 
     defn = find_definition("pc-modis-13A1-061")

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from stac_server import free_port, read_cassette
 
-from geoflux.catalog_defs import find_definition, variable_specs
+from geoflux.catalog.definitions import find_definition, variable_specs
 from geoflux.config import config_from_dict, load_config
 from geoflux.cube import (
     composite,

@@ -19,7 +19,7 @@ import pytest
 import rasterio
 from odc.geo.geobox import GeoBox
 
-from geoflux.catalog_defs import find_definition, variable_specs
+from geoflux.catalog.definitions import find_definition, variable_specs
 from geoflux.config import VariableSpec, load_config
 from geoflux.cube import load_variable
 from geoflux.errors import CubeError

@@ -21,8 +21,9 @@ from test_mapping_helpers import VARIABLES, bands_model, cube, forest_model, gri
 
 from geoflux.cog import is_valid_cog
 from geoflux.features import pixel_features
-from geoflux.mapping import band_spec, band_stem, predict_bands, redo_reason, write_maps
-from geoflux.scheduler import Shared, open_scheduler
+from geoflux.mapping import band_spec, predict_bands, redo_reason, write_maps
+from geoflux.mapping.scheduler import Shared, open_scheduler
+from geoflux.run import band_stem
 
 HERE = Path(__file__).parent
 

@@ -108,6 +108,7 @@ def test_interrupted_remap_never_leaves_a_catalog_naming_another_model(run, monk
 def test_input_items_are_the_items_the_cube_loaded(tiny_world):
     """A driver's own query drops a scene: ``input_items`` must not name it (no second, broader search)."""
     from geoflux.cube import cube_from_config
+    from geoflux.mapping.products import input_item_ids
 
     cfg = load_config(tiny_world / "config.yaml")
     dropped = pd.Timestamp("2021-03-14")
@@ -118,7 +119,7 @@ def test_input_items_are_the_items_the_cube_loaded(tiny_world):
         for v in cfg.variables
     ]
     cfg = cfg.model_copy(update={"variables": variables})
-    ids = pipeline._input_item_ids(cfg, cube_from_config(cfg))
+    ids = input_item_ids(cube_from_config(cfg), cfg.periods(), cfg.time.step)
     # expected, independently: every item of every driver collection in the world catalog by its own time
     cat = pystac.read_file(str(tiny_world / "world" / "catalog.json"))
     step = pd.Timedelta(cfg.time.step)

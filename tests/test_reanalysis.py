@@ -24,11 +24,11 @@ import xarray as xr
 from pyproj import Transformer
 from scipy.interpolate import RegularGridInterpolator
 
+from geoflux.catalog.variables import CONVERTERS
 from geoflux.config import GridSpec, VariableSpec
 from geoflux.cube import load_cube, target_grid, vpd_from_dewpoint
 from geoflux.errors import CubeError
 from geoflux.reanalysis import aggregate_hours, cos_zenith
-from geoflux.variables import CONVERTERS
 
 TOL = 2e-3  # K / hPa / W m-2: float32 stores and float32 GDAL warping against a float64 reference
 AN = ("air_temperature_at_2_metres", "dew_point_temperature_at_2_metres")
@@ -146,7 +146,7 @@ def write_era5_like(
 
 
 def era5_specs(names: Sequence[str]) -> list[VariableSpec]:
-    from geoflux.catalog_defs import find_definition, variable_specs
+    from geoflux.catalog.definitions import find_definition, variable_specs
 
     return variable_specs(find_definition("pc-era5-pds"), list(names))
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from geoflux.errors import GeofluxError
-from geoflux.scheduler import SchedulerError, Shared, open_scheduler
+from geoflux.mapping.scheduler import SchedulerError, Shared, open_scheduler
 
 
 def _scaled(block: np.ndarray, factor: Shared) -> np.ndarray:

@@ -37,7 +37,7 @@ def test_static_catalog_search_filters_time_and_names_missing(cfg):
 def test_item_interval_uses_start_end_when_datetime_null(realdata):
     import pystac
 
-    from geoflux.catalog import _item_interval
+    from geoflux.catalog.search import _item_interval
 
     path = realdata / "stac" / "modis-061" / "modis-13A1-061" / "MOD13A1.A2022017.h12v11.061.json"
     item = pystac.Item.from_file(str(path))
@@ -182,7 +182,7 @@ def test_mapping_one_task_per_chunk_model_once(cfg):
     import xarray as xr
 
     from geoflux.features import feature_names
-    from geoflux.mapping import predict_map
+    from geoflux.mapping import predict_bands
     from geoflux.model import fit
 
     variables = [v for v in cfg.variables if v.name in ("ta", "landcover")]
@@ -203,19 +203,19 @@ def test_mapping_one_task_per_chunk_model_once(cfg):
         site=np.arange(500) % 5, NEE=lambda d: d["ta"]
     )
     m = fit(table, names, {}, ModelSpec(params={"n_estimators": 5}))
-    nee = predict_map(cube, m, variables)
-    graph = dict(nee.data.__dask_graph__())
-    n_out = nee.data.npartitions
+    pred = predict_bands(cube, m, variables)  # the lazy path write_maps streams from
+    graph = dict(pred.data.__dask_graph__())
+    n_out = pred.data.npartitions
     import cloudpickle
 
     model_size = len(cloudpickle.dumps(m))
     carriers = [k for k, v in graph.items() if len(cloudpickle.dumps(v)) >= model_size]
     assert len(carriers) == 1, "the model sits in the graph exactly once"
-    predict_tasks = [k for k in graph if isinstance(k, tuple) and "predict_block" in str(k[0])]
+    predict_tasks = [k for k in graph if isinstance(k, tuple) and "predict_bands_block" in str(k[0])]
     assert len(predict_tasks) == n_out  # exactly one prediction task per output chunk
     assert carriers[0] not in predict_tasks
     with dask.config.set(scheduler="threads"):
-        out = nee.values
+        out = pred.sel(band="NEE").values
     direct = np.full(ta.size, np.nan, np.float32)
     direct[ok] = m.predict(feats[ok].astype(np.float32))
     np.testing.assert_allclose(out.ravel(), direct, rtol=1e-6)

@@ -12,7 +12,7 @@ from test_mapping_helpers import VARIABLES, cube, forest_model, grid
 from geoflux.cog import RasterSpec, is_valid_cog, mosaic_to_cog
 from geoflux.errors import GridError
 from geoflux.mapping import band_spec, write_maps
-from geoflux.tiles import TileScheme, tile_pixels, write_vrt
+from geoflux.mapping.tiles import TileScheme, tile_pixels, write_vrt
 
 
 def test_tiling_numbering_edges_and_bbox():

@@ -17,6 +17,7 @@ from geoflux.cog import RasterSpec, write_cog
 from geoflux.config import load_config
 from geoflux.cube import target_grid
 from geoflux.demo import WORLD_SIZES, generate_fields, place_towers, synthesize_tower
+from geoflux.footprint.regrid import footprints_on_grid
 from geoflux.metrics import grouped_skill, skill
 
 N_GEN_SITES = 5  # towers replayed through the generator (its rng is sequential: the first k are exact)
@@ -184,7 +185,7 @@ def test_maps_on_another_crs(tmp_path, cfg, truth_series, generator_truth, crs, 
         )
     series = V.open_geotiff_series(paths)
     assert series.geobox.crs == gb.crs
-    moved = V.footprints_on_grid(
+    moved = footprints_on_grid(
         pd.DataFrame(index=list(fps)), series.geobox, footprints=fps, footprint_geobox=target_grid(cfg.grid)
     )
     for s, fw in moved.items():  # weight is conserved, except slivers beyond the warped grid's edge
@@ -194,7 +195,7 @@ def test_maps_on_another_crs(tmp_path, cfg, truth_series, generator_truth, crs, 
     # nearest-neighbour warping moves pixel edges by up to half a pixel: small differences remain
     assert diff.median() < 0.05 and diff.max() < 0.3
     sites = tw.read_sites(cfg.path(cfg.towers.sites))
-    disk = V.footprints_on_grid(sites.loc[list(fps)], series.geobox, radius=300.0)
+    disk = footprints_on_grid(sites.loc[list(fps)], series.geobox, radius=300.0)
     assert set(disk) == set(fps) and all(abs(fw.coverage - 1) < 1e-9 for fw in disk.values())
 
 
@@ -226,7 +227,7 @@ def test_netcdf_export_lonlat_units(tmp_path, cfg, truth_series, generator_truth
     series = V.open_maps(nc)
     assert series.geobox.crs.epsg == 4326
     series.times = V.period_starts(series.times, "8D")[0]
-    moved = V.footprints_on_grid(
+    moved = footprints_on_grid(
         pd.DataFrame(index=list(fps)), series.geobox, footprints=fps, footprint_geobox=target_grid(cfg.grid)
     )
     vals = V.footprint_values(series, moved).merge(truth, on=["site", "time"])
@@ -289,7 +290,7 @@ def test_band_files_aoa_and_strata(tmp_path):
     for maps, width in ((multi, 1.0), (single, 2.0)):
         series = V.open_geotiff_series(maps)
         assert set(series.bands) == {"lo", "hi", "AOA"}
-        fps = V.footprints_on_grid(sites, series.geobox, radius=150.0)
+        fps = footprints_on_grid(sites, series.geobox, radius=150.0)
         vals = V.footprint_values(series, fps)
         np.testing.assert_allclose(vals["hi"] - vals["map"], width, rtol=1e-5)
         aoa_frac = vals.groupby("site")["aoa"].first()

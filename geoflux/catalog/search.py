@@ -759,3 +759,31 @@ def make_signer(kind: str | None, token_url: str | None = None) -> Callable[[str
     if kind == "planetary-computer":
         return PlanetaryComputerSigner(token_url)
     raise CatalogError(f"signing: unknown scheme '{kind}' (expected planetary-computer)")
+
+
+# Gridded (Zarr / NetCDF / HDF5) assets are read by geoflux.reanalysis, rasters by odc-stac.
+ZARR_TYPES = ("application/vnd+zarr", "application/vnd.zarr", "application/x-zarr")
+NETCDF_TYPES = ("application/netcdf", "application/x-netcdf", "application/x-hdf5", "application/x-hdf")
+GRIDDED_SUFFIXES = (".zarr", ".nc", ".nc4", ".netcdf", ".h5", ".hdf5")
+
+
+def asset_media_type(asset: pystac.Asset) -> str:
+    """An asset's media type without parameters, lower case ('' when it has none)."""
+    return (asset.media_type or "").split(";")[0].strip().lower()
+
+
+def href_suffix(href: str) -> str:
+    """The file suffix of an asset href (URL or path), lower case."""
+    path = urllib.parse.urlparse(href).path if "://" in href else href
+    return Path(path.rstrip("/")).suffix.lower()
+
+
+def is_gridded(item: pystac.Item, key: str) -> bool:
+    """True when the item's asset is a Zarr store or a NetCDF/HDF5 file (media type, else file suffix)."""
+    asset = item.assets.get(key)
+    if asset is None:
+        return False
+    media = asset_media_type(asset)
+    if media:
+        return media in ZARR_TYPES or media in NETCDF_TYPES
+    return href_suffix(asset.href) in GRIDDED_SUFFIXES

@@ -254,8 +254,7 @@ def compute_budgets(
     """
     from geoflux.cog import RasterSpec, write_cogs
     from geoflux.cube import target_grid
-    from geoflux.mapping import band_stem
-    from geoflux.run import layout
+    from geoflux.run import band_stem, layout
     from geoflux.validate import check_truth_alignment
 
     if correlation not in CORRELATIONS:

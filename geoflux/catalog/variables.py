@@ -1,8 +1,8 @@
 """Driver definitions as data: :class:`VariableSpec`, named unit conversions, and the YAML reader.
 
 The one place both the run configuration (:mod:`geoflux.config`) and the shipped catalog definitions
-(:mod:`geoflux.catalog_defs`) take a driver's description from, so neither imports the other's internals:
-config → catalog_defs → variables, never back.
+(:mod:`geoflux.catalog.definitions`) take a driver's description from, so neither imports the other's
+internals: config → catalog.definitions → catalog.variables, never back.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ class VariableSpec(Strict):
         default=None, description="class codes of a categorical driver (one feature per class fraction)"
     )
     static: bool = Field(default=False, description="one item for all times (e.g. elevation, land cover)")
-    # Optional fields below come from catalog definitions (catalogs/*.yaml, geoflux.catalog_defs); their
-    # defaults reproduce the plain behaviour (one asset, no QA, mean composite, no gap filling).
+    # Optional fields below come from catalog definitions (catalogs/*.yaml, geoflux.catalog.definitions);
+    # their defaults reproduce the plain behaviour (one asset, no QA, mean composite, no gap filling).
     catalog: str | None = Field(
         default=None,
         description="this driver's catalog (static catalog path or STAC API URL); default: run's",
@@ -145,7 +145,7 @@ class VariableSpec(Strict):
     convert: str | None = Field(
         default=None,
         description="named unit conversion applied after scale/offset (to each input of a derived driver), "
-        "e.g. K_to_degC, kgC_per_8d_to_gC_per_d; see geoflux.variables.CONVERTERS",
+        "e.g. K_to_degC, kgC_per_8d_to_gC_per_d; see geoflux.catalog.variables.CONVERTERS",
     )
     store_variable: str | None = Field(
         default=None,

@@ -37,10 +37,9 @@ from typing import Any, Literal
 import pystac
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from geoflux.catalog import item_crs
+from geoflux.catalog.search import is_gridded, item_crs
+from geoflux.catalog.variables import VariableSpec, format_validation_error, read_yaml
 from geoflux.errors import CatalogError
-from geoflux.reanalysis import is_gridded
-from geoflux.variables import VariableSpec, format_validation_error, read_yaml
 
 CATALOGS_DIR = Path(__file__).resolve().parents[1] / "catalogs"
 # Roles each derived variable needs, in the order the first one names the variable's primary asset.
@@ -145,7 +144,8 @@ class VariableDef(_Strict):
     resampling: Literal["nearest", "mode", "bilinear", "cubic", "average", "min", "max", "med"] | None = None
     max_gap: int = Field(default=0, ge=0)
     convert: str | None = Field(
-        default=None, description="named unit conversion after scale/offset (geoflux.variables.CONVERTERS)"
+        default=None,
+        description="named unit conversion after scale/offset (geoflux.catalog.variables.CONVERTERS)",
     )
     store_variable: str | None = Field(default=None, description="Zarr/NetCDF: variable inside the store")
     timestamp: Literal["instant", "end"] = Field(
@@ -185,7 +185,7 @@ class VariableDef(_Strict):
         if not math.isfinite(self.scale) or self.scale == 0:
             raise ValueError("scale must be finite and non-zero")
         if self.convert is not None:
-            from geoflux.variables import CONVERTERS
+            from geoflux.catalog.variables import CONVERTERS
 
             if self.convert not in CONVERTERS:
                 raise ValueError(
@@ -230,7 +230,7 @@ class CatalogDef(_Strict):
 
 
 def _check_query(v: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
-    from geoflux.catalog import _QUERY_OPS
+    from geoflux.catalog.search import _QUERY_OPS
 
     for prop, ops in (v or {}).items():
         bad = sorted(set(ops) - set(_QUERY_OPS))

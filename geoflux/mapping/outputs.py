@@ -32,7 +32,7 @@ from odc.geo.geobox import GeoBox
 
 from geoflux.atomic import atomic_path
 from geoflux.errors import GridError
-from geoflux.tiles import VRT_TYPES
+from geoflux.mapping.tiles import VRT_TYPES
 
 CUBE = "nee.zarr"
 SOURCES_ATTR = "geoflux_sources_sha256"

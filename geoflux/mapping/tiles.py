@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-import numpy as np
 from odc.geo.geobox import GeoBox
 
 from geoflux.atomic import atomic_path
@@ -184,22 +183,3 @@ def write_vrt(
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(x for x in lines if x is not None))
     return path
-
-
-def tile_window_of(path: Path, geobox: GeoBox) -> tuple[slice, slice]:
-    """Pixel window (rows, cols) of a tile file within ``geobox``, from the file's georeferencing.
-
-    Raises
-    ------
-    GridError
-        if the file is not on ``geobox``'s pixel lattice.
-    """
-    import rasterio
-
-    with rasterio.open(path) as ds:
-        t, h, w = ds.transform, ds.height, ds.width
-    col, row = ~geobox.affine @ (t.c, t.f)
-    if not (np.isclose(col, round(col), atol=1e-6) and np.isclose(row, round(row), atol=1e-6)):
-        raise GridError(f"{path}: not aligned with the run's grid (offset {col:.3f}, {row:.3f} px)")
-    r0, c0 = round(row), round(col)
-    return slice(r0, r0 + h), slice(c0, c0 + w)

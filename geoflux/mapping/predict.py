@@ -2,8 +2,8 @@
 
 One dask task per output chunk: each task assembles the features of its chunk (float32), skips pixels
 with a missing driver, and calls the model once for all of the chunk's valid pixels. The model enters the
-graph once — as a single delayed object in :func:`predict_map`, or, in :func:`write_maps`, as a
-:class:`~geoflux.scheduler.Shared` handle to a copy broadcast once to every worker — never copied into
+graph once — in :func:`predict_bands` as a single delayed object, or, in :func:`write_maps`, as a
+:class:`~geoflux.mapping.scheduler.Shared` handle to a copy broadcast once to every worker — never copied into
 each task.
 
 :func:`write_maps` streams the chunks into COGs: a finished chunk goes straight into its window of an
@@ -37,9 +37,9 @@ from geoflux.cog import COGStream, RasterSpec
 from geoflux.config import VariableSpec
 from geoflux.errors import GridError, ModelError
 from geoflux.features import feature_names, pixel_features
+from geoflux.mapping.scheduler import Scheduler, Shared, open_scheduler
 from geoflux.model import TrainedModel
 from geoflux.run import band_stem  # noqa: F401 (file naming lives in the run layout; kept importable here)
-from geoflux.scheduler import Scheduler, Shared, open_scheduler
 
 log = logging.getLogger("geoflux")
 
@@ -222,35 +222,6 @@ def _model_node(model: TrainedModel | Shared) -> Any:
     if isinstance(model, Shared):
         return model  # a few bytes: the object itself lives once per worker process
     return dask.delayed(single_threaded(model), pure=True, traverse=False)
-
-
-def predict_map(cube: xr.Dataset, model: TrainedModel, variables: Sequence[VariableSpec]) -> xr.DataArray:
-    """Lazy NEE map (time, y, x), float32 gC m-2 d-1, NaN where a driver is missing.
-
-    Raises
-    ------
-    ModelError
-        if the model's features differ from those the variables define.
-    """
-    _check_features(model, variables)
-    arrays, ref = _driver_arrays(cube, variables)
-    pairs = [x for a in arrays for x in (a, "tyx")]
-    out = da.blockwise(
-        _predict_block,
-        "tyx",
-        *pairs,
-        dtype=np.float32,
-        model=_model_node(model),
-        variables=list(variables),
-        meta=np.empty((0, 0, 0), dtype=np.float32),
-    )
-    return xr.DataArray(
-        out,
-        coords={"time": ref["time"], "y": ref["y"], "x": ref["x"]},
-        dims=("time", "y", "x"),
-        name="NEE",
-        attrs={"units": model.target_units, "long_name": "net ecosystem exchange"},
-    )
 
 
 def predict_bands(
