@@ -697,9 +697,15 @@ def load_cube(
 
 
 def cube_from_config(
-    cfg: RunConfig, *, sas_token_url: str | None = None, retry: Retry | None = None
+    cfg: RunConfig,
+    *,
+    geobox: GeoBox | None = None,
+    sas_token_url: str | None = None,
+    retry: Retry | None = None,
 ) -> xr.Dataset:
     """Search each driver's catalog (its own or the run's) and build the lazy cube on the run's grid.
+
+    ``geobox`` replaces the run's grid (e.g. one tile of it: the search covers only that tile's extent).
 
     ``sas_token_url`` overrides the Planetary Computer token endpoint for drivers with
     ``signing: planetary-computer`` (default: env ``GEOFLUX_PC_SAS_URL`` or the public endpoint);
@@ -710,7 +716,7 @@ def cube_from_config(
     """
     from geoflux.catalog import check_assets, make_signer, search_items
 
-    geobox = target_grid(cfg.grid)
+    geobox = target_grid(cfg.grid) if geobox is None else geobox
     lonlat = geobox.extent.to_crs("EPSG:4326").boundingbox
     periods, ends = cfg.period_bounds()
     end = ends[-1] - pd.Timedelta("1s")

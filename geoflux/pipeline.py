@@ -51,22 +51,6 @@ from geoflux.validate import check_truth_alignment
 log = logging.getLogger("geoflux")
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
-    return path
-
-
-def _write_json(obj: dict, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
-    return path
-
-
-def _read_stage(cfg: RunConfig, rel: str, producer: str) -> Path:
-    return layout(cfg).require(rel, producer)
-
-
 def stage_towers(cfg: RunConfig, echo: Callable[[str], None] = log.info) -> pd.DataFrame:
     """Read, QC-filter and aggregate tower files to the model time step, and compute each tower's footprint.
 
@@ -90,7 +74,7 @@ def stage_towers(cfg: RunConfig, echo: Callable[[str], None] = log.info) -> pd.D
             f"{cfg.towers.files}: no tower period in {cfg.time.start}..{cfg.time.end} reaches "
             f"min_coverage={cfg.towers.min_coverage}"
         )
-    _write_parquet(obs, cfg.out_dir / OBSERVATIONS)
+    layout(cfg).write_parquet(OBSERVATIONS, obs)
     save_footprints(fps, cfg.out_dir / FOOTPRINTS, geobox=target_grid(cfg.grid))
     with atomic_path(cfg.out_dir / FOOTPRINT_METHODS) as tmp:
         methods.to_csv(tmp, index=False)
@@ -135,7 +119,7 @@ def stage_extract(cfg: RunConfig) -> pd.DataFrame:
     from geoflux.cube import cube_from_config
     from geoflux.extract import extract_drivers, training_table
 
-    obs = pd.read_parquet(_read_stage(cfg, OBSERVATIONS, "towers"))
+    obs = layout(cfg).read_parquet(OBSERVATIONS)
     sites = load_sites(cfg).loc[lambda s: s.index.isin(obs["site"].unique())]
     fps = footprints_for(cfg, sites)
     cube = cube_from_config(cfg)
@@ -145,8 +129,8 @@ def stage_extract(cfg: RunConfig) -> pd.DataFrame:
     table = training_table(drivers, obs)
     if table.empty:
         raise GeofluxError("extract: no tower observation coincides with driver data (check time range)")
-    _write_parquet(table, cfg.out_dir / TRAINING)
-    _write_parquet(training_table(pixels, obs), cfg.out_dir / PIXELS)
+    layout(cfg).write_parquet(TRAINING, table)
+    layout(cfg).write_parquet(PIXELS, training_table(pixels, obs))
     return table
 
 
@@ -156,8 +140,8 @@ def stage_train(cfg: RunConfig) -> dict:
     from geoflux.extract import harden_classes
     from geoflux.model import save_model, train
 
-    table = pd.read_parquet(_read_stage(cfg, TRAINING, "extract"))
-    pixels = pd.read_parquet(_read_stage(cfg, PIXELS, "extract"))
+    table = layout(cfg).read_parquet(TRAINING)
+    pixels = layout(cfg).read_parquet(PIXELS)
     if cfg.model.training == "averaged":
         table = harden_classes(table, cfg.variables)
     features = feature_names(cfg.variables)
@@ -170,8 +154,8 @@ def stage_train(cfg: RunConfig) -> dict:
         sites=load_sites(cfg),
         pixels=pixels,
     )
-    _write_parquet(cv_pred, cfg.out_dir / CV_PREDICTIONS)
-    _write_json(cv, cfg.out_dir / CV_METRICS)
+    layout(cfg).write_parquet(CV_PREDICTIONS, cv_pred)
+    layout(cfg).write_json(CV_METRICS, cv)
     save_model(model, cfg.out_dir / MODEL)
     return cv
 
@@ -182,19 +166,6 @@ def map_paths(cfg: RunConfig, band: str = "NEE", folder: Path | None = None) -> 
     ``folder`` replaces ``maps/`` (tile outputs live in ``maps/tiles-<size>/x<X>_y<Y>/``).
     """
     return layout(cfg).map_paths(cfg.periods(), band, folder)
-
-
-def _tile_cube(cfg: RunConfig, geobox):
-    """The driver cube on one tile's grid (the run's config with the tile's bbox)."""
-    from geoflux.cube import cube_from_config, target_grid
-    from geoflux.errors import GridError
-
-    bbox = tuple(geobox.extent.boundingbox)
-    tile_cfg = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"bbox": bbox})})
-    got = target_grid(tile_cfg.grid)
-    if got.shape != geobox.shape or not got.affine.almost_equals(geobox.affine, precision=1e-6):
-        raise GridError(f"tile grid {got} differs from the tiling's {geobox} (grid bbox not pixel-aligned?)")
-    return cube_from_config(tile_cfg)
 
 
 def config_sha256(cfg: RunConfig) -> str:
@@ -258,7 +229,7 @@ def stage_map(
     from geoflux.model import load_model
 
     run = layout(cfg)
-    model_path = _read_stage(cfg, MODEL, "train")
+    model_path = layout(cfg).require(MODEL)
     model = load_model(model_path)
     model, how = prepare(model, inference, cfg.out_dir / "model" / "compiled")
     echo(f"map: {how}")
@@ -320,7 +291,7 @@ def stage_map(
             written = []
             for tile in chosen:
                 folder = cfg.out_dir / MAPS / scheme.folder / tile.id
-                cube = _tile_cube(cfg, tile.geobox)
+                cube = cube_from_config(cfg, geobox=tile.geobox)
                 outputs = outputs_for(folder, cube)
                 specs = [s for specs in outputs.values() for s in specs]
                 if not overwrite and all(redo_reason(s) is None for s in specs):
@@ -379,6 +350,8 @@ def stage_validate(cfg: RunConfig) -> dict:
         validate_maps,
     )
 
+    # the model card says which sites were trained on: without it no score could be labelled held-out
+    layout(cfg).require(MODEL)
     paths = map_paths(cfg)
     missing = [p for p in paths.values() if not p.exists()]
     if missing:
@@ -406,7 +379,7 @@ def stage_validate(cfg: RunConfig) -> dict:
     cv_path = cfg.out_dir / CV_METRICS
     if cv_path.exists():
         metrics["cv"] = json.loads(cv_path.read_text())
-    obs = pd.read_parquet(_read_stage(cfg, OBSERVATIONS, "towers"))
+    obs = layout(cfg).read_parquet(OBSERVATIONS)
     sites = load_sites(cfg).loc[lambda s: s.index.isin(obs["site"].unique())]
     fps = footprints_for(cfg, sites)
     cv_pred_path = cfg.out_dir / CV_PREDICTIONS
@@ -431,11 +404,11 @@ def stage_validate(cfg: RunConfig) -> dict:
             multiscale_scores = None
         if multiscale_scores is not None:
             metrics["multiscale"] = multiscale_scores(cv_pred)
-    _write_parquet(val.pairs, cfg.out_dir / VALIDATION_PAIRS)
+    layout(cfg).write_parquet(VALIDATION_PAIRS, val.pairs)
     for name, table in val.tables.items():
         with atomic_path(cfg.out_dir / f"validation/skill_{name}.csv") as tmp:
             table.to_csv(tmp, index=False, float_format="%.4f")
-    _write_json(metrics, cfg.out_dir / METRICS)
+    layout(cfg).write_json(METRICS, metrics)
     return metrics
 
 
@@ -443,7 +416,7 @@ def stage_report(cfg: RunConfig, dates: list[str] | None = None) -> Path:
     """Write ``report/index.html`` with its PNG figures from the run's outputs (see :mod:`geoflux.report`)."""
     from geoflux.report import write_report
 
-    _read_stage(cfg, METRICS, "validate")
+    layout(cfg).require(METRICS)
     return write_report(cfg, dates=dates)
 
 
