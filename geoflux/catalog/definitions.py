@@ -41,7 +41,7 @@ from geoflux.catalog.search import is_gridded, item_crs
 from geoflux.catalog.variables import VariableSpec, format_validation_error, read_yaml
 from geoflux.errors import CatalogError
 
-CATALOGS_DIR = Path(__file__).resolve().parents[1] / "catalogs"
+CATALOGS_DIR = Path(__file__).resolve().parents[2] / "catalogs"
 # Roles each derived variable needs, in the order the first one names the variable's primary asset.
 DERIVED_ROLES: dict[str, tuple[str, ...]] = {
     "ndvi": ("nir", "red"),
