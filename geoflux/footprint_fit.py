@@ -21,7 +21,10 @@ footprint pixels, summed with the footprint weights.
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +87,25 @@ class FootprintRows:
         # guard rounding at a group's upper edge: stay inside the group
         end = np.repeat(np.r_[starts[1:], len(idx)] - 1, k)
         return idx[np.minimum(pos, end)]
+
+
+def stable_predict(est: RegressorMixin, x: np.ndarray) -> np.ndarray:
+    """``est.predict(x)``, the same to the last bit on every run.
+
+    A forest with ``n_jobs != 1`` adds its trees' predictions in whichever order its threads finish, so
+    predictions differ in the last bits between runs; footprint-consistent training feeds predictions back
+    as targets, so the fitted model (and the maps) would differ too. Here each row is predicted by one
+    thread with the trees in order, and threads split the rows instead (tree prediction releases the GIL).
+    """
+    n_jobs = getattr(est, "n_jobs", None)
+    if n_jobs in (None, 1) or len(x) < 2:
+        return est.predict(x)
+    one = copy.copy(est)  # shares the fitted trees; only n_jobs differs
+    one.n_jobs = 1
+    workers = min(os.cpu_count() or 1, len(x)) if n_jobs < 0 else min(n_jobs, len(x))
+    parts = np.array_split(np.asarray(x), workers)
+    with ThreadPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(one.predict, parts)))
 
 
 def footprint_rows(table: pd.DataFrame, pixels: pd.DataFrame, features: list[str]) -> FootprintRows:
@@ -187,7 +209,7 @@ def fit_pixels(
                 d = fr.draw(fit_rows, DRAWS_PER_ROW, rng)
                 est = _fit(quick, fr.x[d], t[d], len(fit_rows))
                 p = fr.pixels_of(pred_rows)
-                f[p] = est.predict(fr.x[p])
+                f[p] = stable_predict(est, fr.x[p])
             pix = fr.pixels_of(rows)
             resid = y - fr.tower_sum(f[pix], pix)  # per table row
             t[pix] = f[pix] + resid[fr.owner[pix]]
@@ -200,5 +222,5 @@ def predict_towers(est: RegressorMixin, fr: FootprintRows, rows: np.ndarray) -> 
     pix = fr.pixels_of(rows)
     out = np.full(fr.n_rows, np.nan)
     if len(pix):
-        out[rows] = fr.tower_sum(est.predict(fr.x[pix]), pix)[rows]
+        out[rows] = fr.tower_sum(stable_predict(est, fr.x[pix]), pix)[rows]
     return out

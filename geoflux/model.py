@@ -21,6 +21,7 @@ libraries (scikit-learn, numpy, LightGBM, XGBoost).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -51,6 +52,7 @@ from geoflux.footprint_fit import (
     footprint_rows,
     predict_towers,
     rows_with_pixels,
+    stable_predict,
 )
 from geoflux.metrics import per_site_scores, scores, summary
 
@@ -105,8 +107,8 @@ class TrainedModel:
     train_di: np.ndarray | None = field(default=None, repr=False)  # cross-validated DI of training rows
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Predict NEE (gC m-2 d-1) for a (n, n_features) float array."""
-        return self.estimator.predict(x)
+        """Predict NEE (gC m-2 d-1) for a (n, n_features) float array (the same bits on every run)."""
+        return stable_predict(self.estimator, x)
 
     def predict_interval(self, x: np.ndarray, nee: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper bound (gC m-2 d-1) of the ``interval`` band; raises if the model has none."""
@@ -425,15 +427,15 @@ def cross_validate(
         if fr is not None:
             pred[test] = predict_towers(est, fr, test)[test]
             if _method(spec, fr) == "averaged":
-                rows_pred[test] = est.predict(x[test])
+                rows_pred[test] = stable_predict(est, x[test])
         else:
-            pred[test] = est.predict(x[test])
+            pred[test] = stable_predict(est, x[test])
         fold_id[test] = k
         if with_unc:
             lo, hi = _fit_quantiles(spec, qx, qy)
             if fr is not None:
                 p = fr.pixels_of(test)
-                pix["pred"][p] = est.predict(fr.x[p])
+                pix["pred"][p] = stable_predict(est, fr.x[p])
                 pix["lo"][p], pix["hi"][p] = lo.predict(fr.x[p]), hi.predict(fr.x[p])
                 lo_raw[test] = fr.tower_sum(pix["lo"][p], p)[test]
                 hi_raw[test] = fr.tower_sum(pix["hi"][p], p)[test]
@@ -506,8 +508,11 @@ def _importance_weights(est: RegressorMixin, x: np.ndarray, y: np.ndarray, seed:
     # Meyer & Pebesma weight each standardized predictor by its importance so that dissimilarity in
     # drivers the model ignores does not push pixels out of the area of applicability.
     # scoring is scikit-learn's scorer name (its "r2" is 1 − SSE/SST, i.e. NSE), not a metrics key
+    one = copy.copy(est)  # one thread: a forest's threaded predict differs in the last bits between runs
+    if hasattr(one, "n_jobs"):
+        one.n_jobs = 1
     r = permutation_importance(
-        est, x, y, n_repeats=3, random_state=seed, max_samples=min(len(y), 2000), scoring="r2"
+        one, x, y, n_repeats=3, random_state=seed, max_samples=min(len(y), 2000), scoring="r2"
     )
     w = np.clip(r.importances_mean, 0.0, None)
     return w if w.sum() > 0 else np.ones(x.shape[1])
