@@ -204,8 +204,7 @@ def test_cli_towers_model_end_to_end(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "plain_forest" in res.output and "nested selection (honest)" in res.output
     for name in (
-        "model.skops",
-        "model.json",
+        "report.html",
         "cv_predictions.csv",
         "skill.json",
         "site_flags.csv",
@@ -261,12 +260,22 @@ def test_cli_towers_model_end_to_end(tmp_path: Path) -> None:
     assert "gC m-2 yr-1" in page and "gC m-2 d-1" in page
     for name in ("site_year_budget.csv", "driver_importance.csv", "driver_dependence.csv"):
         assert len(pd.read_csv(out / name)) > 0, name
-    model = load_model(out / "model.skops")
-    assert model.provenance["setup"] == summary["selection"]["final"]
+    # the saved model is the candidate ranked first over all sites (one NEE forest, or GPP and RECO)
+    final = summary["selection"]["final"]
     ranking = summary["selection"]["final_ranking_loso"]
-    assert ranking[model.provenance["setup"]] == max(ranking.values())
+    assert ranking[final] == max(ranking.values())
     feats = pd.read_csv(out / "features.csv", parse_dates=["time"])
-    nee = model.predict(feats[model.features].to_numpy(np.float32))
+    if final.startswith("carbon_balance"):
+        assert not (out / "model.skops").exists()
+        gpp, reco = load_model(out / "model_gpp.skops"), load_model(out / "model_reco.skops")
+        x = feats[gpp.features].to_numpy(np.float32)
+        nee = reco.predict(x) - gpp.predict(x)
+        model = gpp
+    else:
+        assert (out / "model.json").is_file() and not (out / "model_gpp.skops").exists()
+        model = load_model(out / "model.skops")
+        nee = model.predict(feats[model.features].to_numpy(np.float32))
+    assert model.provenance["setup"] == final
     assert np.isfinite(nee).all() and -15 < nee.min() and nee.max() < 15  # gC m-2 d-1
 
     # a non-empty output folder is refused in one line; --overwrite replaces it
@@ -277,6 +286,8 @@ def test_cli_towers_model_end_to_end(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, [*args, "--overwrite", "--setup", "carbon_balance"])
     assert res.exit_code == 0, res.output
     assert (out / "model_gpp.skops").is_file() and (out / "model_reco.skops").is_file()
+    assert not (out / "model.skops").exists()  # no model of the previous run next to this run's skill
+    assert load_model(out / "model_gpp.skops").provenance["setup"] == "carbon_balance"
 
 
 @real

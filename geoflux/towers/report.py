@@ -47,6 +47,7 @@ IMPORTANCE_GROUPS: dict[str, tuple[str, ...]] = {
 DEPENDENCE_DRIVERS: dict[str, str] = {"TA": "degC", "SW_IN": "W m-2", "VPD": "hPa", "wb_3": "mm d-1"}
 N_GRID = 15
 N_REPEATS = 3
+GAPFILLED_WEAK = 0.5  # share of gap-filled NEE above which a site-year is ringed in the budget figure
 IQR_TO_SD = 1.349  # interquartile range of a normal distribution in standard deviations
 
 
@@ -228,12 +229,19 @@ def _fig_budget(budget: pd.DataFrame, path: Path) -> None:
         b = budget[budget["site"] == site]
         err = 2 * b["unc_total_gC_m2_yr"].fillna(0.0)
         ax.errorbar(b["year"], b["nee_gC_m2_yr"], yerr=err, fmt="o-", ms=3, lw=1, capsize=2)
+        # Years mostly gap-filled (or without a stated uncertainty) are the least trustworthy: ringed
+        weak = b[(b["gapfilled_share"] > GAPFILLED_WEAK) | b["unc_total_gC_m2_yr"].isna()]
+        ax.plot(weak["year"], weak["nee_gC_m2_yr"], "o", ms=8, mfc="none", mec="tab:red")
         ax.axhline(b["nee_gC_m2_yr"].mean(), color="0.5", lw=0.8, ls="--")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(site, fontsize=9)
         ax.set_ylabel("NEE (gC m-2 yr-1)", fontsize=7)
         ax.tick_params(labelsize=7)
-    fig.suptitle("Annual NEE per site-year, ± 2σ (random and u* uncertainty); dashed: site mean", fontsize=9)
+    fig.suptitle(
+        "Annual NEE per site-year, ± 2σ (random and u* uncertainty); dashed: site mean; "
+        f"red ring: > {GAPFILLED_WEAK:.0%} gap-filled or no stated uncertainty",
+        fontsize=9,
+    )
     fig.tight_layout()
     _savefig(fig, path)
 
