@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -198,13 +199,12 @@ def test_unknown_site_and_no_match_are_one_line_errors(tmp_path: Path) -> None:
 def test_cli_towers_model_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     files = [str(p) for p in _subset_files()]
-    args = ["towers", "model", *files, str(SITES), "--out", str(out), "--trees", "15"]
+    args = ["towers", "model", *files, str(SITES), "--out", str(out), "--trees", "10"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
-    assert "plain_forest" in res.output and "features+qc_weights" in res.output
+    assert "plain_forest" in res.output and "nested selection (honest)" in res.output
     for name in (
-        "model.skops",
-        "model.json",
+        "report.html",
         "cv_predictions.csv",
         "skill.json",
         "site_flags.csv",
@@ -226,7 +226,7 @@ def test_cli_towers_model_end_to_end(tmp_path: Path) -> None:
         assert got.to_numpy() == pytest.approx(np.array([raw[t] for t in got.index]))
     # reported pooled and per-site scores equal a plain numpy computation from the CV predictions
     skill = json.loads((out / "skill.json").read_text())["skill"]
-    for variant in ("plain_forest", "features+qc_weights"):
+    for variant in ("plain_forest", "features+qc_weights@leaf5"):
         o, p = pred["obs"].to_numpy(), pred[f"pred_{variant}"].to_numpy()
         assert np.isfinite(p).all()
         nse = 1 - np.sum((p - o) ** 2) / np.sum((o - o.mean()) ** 2)
@@ -239,10 +239,43 @@ def test_cli_towers_model_end_to_end(tmp_path: Path) -> None:
     flags = pd.read_csv(out / "site_flags.csv")
     assert set(flags["site"]) == set(SUBSET)
     assert not flags["type_flag"].any()  # each type has one other training site
-    model = load_model(out / "model.skops")
-    assert model.provenance["setup"] == "features+qc_weights"
+    # the nested prediction of each site is the LOSO prediction of the candidate its inner loop chose
+    summary = json.loads((out / "skill.json").read_text())
+    chosen = summary["selection"]["chosen_per_outer_site"]
+    assert set(chosen) == set(SUBSET)
+    for site, cand in chosen.items():
+        g = pred[pred["site"] == site]
+        assert (g["chosen"] == cand).all()
+        assert g["pred_auto"].to_numpy() == pytest.approx(g[f"pred_{cand}"].to_numpy())
+        inner = summary["selection"]["inner_scores"][site]
+        assert inner[cand] == max(inner.values())
+    o, p = pred["obs"].to_numpy(), pred["pred_auto"].to_numpy()
+    assert skill["auto"]["monthly"]["nse"] == pytest.approx(
+        1 - np.sum((p - o) ** 2) / np.sum((o - o.mean()) ** 2)
+    )
+    # the report section: HTML with relative links to figures that exist, and its tables
+    page = (out / "report.html").read_text()
+    links = re.findall(r'src="([^"]+)"', page)
+    assert links and all(not Path(x).is_absolute() and (out / x).is_file() for x in links)
+    assert "gC m-2 yr-1" in page and "gC m-2 d-1" in page
+    for name in ("site_year_budget.csv", "driver_importance.csv", "driver_dependence.csv"):
+        assert len(pd.read_csv(out / name)) > 0, name
+    # the saved model is the candidate ranked first over all sites (one NEE forest, or GPP and RECO)
+    final = summary["selection"]["final"]
+    ranking = summary["selection"]["final_ranking_loso"]
+    assert ranking[final] == max(ranking.values())
     feats = pd.read_csv(out / "features.csv", parse_dates=["time"])
-    nee = model.predict(feats[model.features].to_numpy(np.float32))
+    if final.startswith("carbon_balance"):
+        assert not (out / "model.skops").exists()
+        gpp, reco = load_model(out / "model_gpp.skops"), load_model(out / "model_reco.skops")
+        x = feats[gpp.features].to_numpy(np.float32)
+        nee = reco.predict(x) - gpp.predict(x)
+        model = gpp
+    else:
+        assert (out / "model.json").is_file() and not (out / "model_gpp.skops").exists()
+        model = load_model(out / "model.skops")
+        nee = model.predict(feats[model.features].to_numpy(np.float32))
+    assert model.provenance["setup"] == final
     assert np.isfinite(nee).all() and -15 < nee.min() and nee.max() < 15  # gC m-2 d-1
 
     # a non-empty output folder is refused in one line; --overwrite replaces it
@@ -253,6 +286,8 @@ def test_cli_towers_model_end_to_end(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, [*args, "--overwrite", "--setup", "carbon_balance"])
     assert res.exit_code == 0, res.output
     assert (out / "model_gpp.skops").is_file() and (out / "model_reco.skops").is_file()
+    assert not (out / "model.skops").exists()  # no model of the previous run next to this run's skill
+    assert load_model(out / "model_gpp.skops").provenance["setup"] == "carbon_balance"
 
 
 @real
@@ -273,3 +308,205 @@ def test_too_few_sites_is_a_model_error(tmp_path: Path) -> None:
 
     with pytest.raises(ModelError, match=r"only 2 site\(s\)"):
         model_towers(_subset_files()[:2], read_sites(SITES), trees=5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Nested selection.
+def _synthetic_labelled(n_sites: int = 4, n: int = 40, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    parts = []
+    for k in range(n_sites):
+        x1, x2 = rng.normal(size=n), rng.normal(size=n)
+        nee = 2 * x1 - x2**2 + 0.5 * k + rng.normal(0, 0.3, n)
+        qc = rng.choice([0.3, 0.9, 1.0], n)
+        parts.append(pd.DataFrame({"site": f"S{k}", "x1": x1, "x2": x2, "NEE": nee, "qc": qc}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _naive_nested(df: pd.DataFrame, cands: list, trees: int, min_qc: float) -> pd.DataFrame:
+    """The textbook nested loop with scikit-learn directly: for each outer site, each candidate, each
+    inner site, a forest on the remaining sites; pooled NSE of the inner held-out scored months."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    sites = sorted(df["site"].unique())
+    out = {}
+    for outer in sites:
+        row = {}
+        for cand in cands:
+            obs, pred = [], []
+            for inner in (s for s in sites if s != outer):
+                tr = df[~df["site"].isin([outer, inner]) & df["NEE"].notna()]
+                weighted = cand.variant.endswith("+qc_weights")
+                tr = tr[tr["qc"] > 0] if weighted else tr[tr["qc"] >= min_qc]
+                rf = RandomForestRegressor(n_estimators=trees, random_state=0, **cand.params)
+                rf.fit(
+                    tr[["x1", "x2"]].to_numpy(np.float32),
+                    tr["NEE"].to_numpy(),
+                    sample_weight=tr["qc"].to_numpy() if weighted else None,
+                )
+                te = df[(df["site"] == inner) & (df["qc"] >= min_qc)]
+                obs.append(te["NEE"].to_numpy())
+                pred.append(rf.predict(te[["x1", "x2"]].to_numpy(np.float32)))
+            o, p = np.concatenate(obs), np.concatenate(pred)
+            row[cand.name] = 1 - np.sum((p - o) ** 2) / np.sum((o - o.mean()) ** 2)
+        out[outer] = row
+    return pd.DataFrame.from_dict(out, orient="index")
+
+
+def test_nested_selection_equals_naive_loop_and_never_sees_the_outer_site() -> None:
+    from geoflux.config import ModelSpec
+    from geoflux.towers.modelling import _Run, nested_selection
+
+    df = _synthetic_labelled()
+    cands = [
+        _Run("features+qc_weights@sklearn", "features+qc_weights", {}),
+        _Run("features@leaf5", "features", {"min_samples_leaf": 5, "max_features": 0.5}),
+    ]
+    spec = ModelSpec(kind="random_forest", seed=0, params={"n_estimators": 8})
+    scored = (df["qc"] >= 0.8).to_numpy()
+    chosen, inner = nested_selection(df, scored, cands, ["x1", "x2"], spec, 0.8)
+    naive = _naive_nested(df, cands, 8, 0.8)
+    assert inner.to_numpy() == pytest.approx(naive.loc[inner.index, inner.columns].to_numpy())
+    assert chosen == naive.idxmax(axis=1).to_dict()
+    # Rewriting the outer site's NEE changes nothing about its own choice or inner scores.
+    changed = df.copy()
+    changed.loc[changed["site"] == "S0", "NEE"] *= -5.0
+    chosen2, inner2 = nested_selection(changed, scored, cands, ["x1", "x2"], spec, 0.8)
+    assert chosen2["S0"] == chosen["S0"]
+    assert inner2.loc["S0"].to_numpy() == pytest.approx(inner.loc["S0"].to_numpy())
+    assert not np.allclose(inner2.loc["S1"].to_numpy(), inner.loc["S1"].to_numpy())
+
+
+# --------------------------------------------------------------------------------------------------
+# Report tables.
+@real
+def test_site_year_budget_matches_raw_csv() -> None:
+    from geoflux.towers.report import site_year_budget
+
+    path = next(p for p in MONTHLY if "_DE-Hai_" in p.name)
+    table, _ = monthly_table([path], read_sites(SITES))
+    got = site_year_budget(table).set_index("year")
+    rows = _raw(path)
+    by_year: dict[int, list[dict[str, str]]] = {}
+    for r in rows:
+        by_year.setdefault(int(r["TIMESTAMP"][:4]), []).append(r)
+    assert set(got.index) == {y for y, rs in by_year.items() if len(rs) == 12}
+    annual = {}
+    for y, rs in by_year.items():
+        days = np.array([pd.Period(r["TIMESTAMP"], "M").days_in_month for r in rs], dtype=float)
+        nee = np.array([_num(r["NEE_VUT_REF"]) for r in rs])
+        unc = np.array([_num(r["NEE_VUT_REF_RANDUNC"]) for r in rs])
+        iqr = np.array([_num(r["NEE_VUT_75"]) - _num(r["NEE_VUT_25"]) for r in rs])
+        qc = np.array([_num(r["NEE_VUT_REF_QC"]) for r in rs])
+        annual[y] = np.sum(nee * days)
+        assert got.loc[y, "nee_gC_m2_yr"] == pytest.approx(annual[y])
+        assert got.loc[y, "unc_random_gC_m2_yr"] == pytest.approx(np.sqrt(np.sum((unc * days) ** 2)))
+        assert got.loc[y, "unc_ustar_gC_m2_yr"] == pytest.approx(abs(np.sum(iqr * days)) / 1.349)
+        assert got.loc[y, "gapfilled_share"] == pytest.approx(1 - np.sum(qc * days) / days.sum())
+    mean = np.mean(list(annual.values()))
+    assert got["anomaly_gC_m2_yr"].to_numpy() == pytest.approx(
+        np.array([annual[y] - mean for y in got.index])
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# DD / HH fallback: sites without a monthly file are aggregated to calendar months.
+def _write_csv(path: Path, cols: dict[str, np.ndarray | list]) -> Path:
+    frame = pd.DataFrame(cols)
+    frame.fillna(-9999).to_csv(path, index=False)
+    return path
+
+
+def test_daily_and_half_hourly_files_are_aggregated_to_months(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    sites_csv = tmp_path / "sites.csv"
+    sites_csv.write_text("SITE_ID,LAT,LON,IGBP\nXX-Day,46,8,DBF\nXX-Hhr,-20,130,SAV\n")
+    # Daily FLUXNET2015 file, Jan-Mar 2001: NEE gC m-2 d-1, QC fraction, P mm d-1; a few NEE gaps.
+    days = pd.date_range("2001-01-01", "2001-03-31", freq="D")
+    dd = pd.DataFrame(
+        {
+            "NEE_VUT_REF": rng.normal(1, 2, len(days)),
+            "NEE_VUT_REF_QC": rng.uniform(0.2, 1.0, len(days)).round(3),
+            "TA_F": rng.normal(5, 3, len(days)),
+            "SW_IN_F": rng.uniform(20, 200, len(days)),
+            "VPD_F": rng.uniform(0, 10, len(days)),
+            "P_F": rng.exponential(2, len(days)),
+        },
+        index=days,
+    )
+    dd.iloc[[3, 40, 41, 70], 0] = np.nan
+    dd_path = _write_csv(
+        tmp_path / "FLX_XX-Day_FLUXNET2015_FULLSET_DD_2001-2001_1-4.csv",
+        {"TIMESTAMP": days.strftime("%Y%m%d"), **{c: dd[c].to_numpy() for c in dd}},
+    )
+    # Half-hourly file, Jan-Feb 2001: NEE umol m-2 s-1 with QC flags 0-3, P mm per half-hour.
+    start = pd.date_range("2001-01-01", "2001-02-28 23:30", freq="30min")
+    hh = pd.DataFrame(
+        {
+            "NEE_VUT_REF": rng.normal(-1, 5, len(start)),
+            "NEE_VUT_REF_QC": rng.choice([0, 1, 2, 3], len(start), p=[0.5, 0.2, 0.2, 0.1]),
+            "TA_F": rng.normal(25, 4, len(start)),
+            "SW_IN_F": rng.uniform(0, 900, len(start)),
+            "VPD_F": rng.uniform(0, 30, len(start)),
+            "P_F": rng.exponential(0.05, len(start)),
+        },
+        index=start,
+    )
+    hh_path = _write_csv(
+        tmp_path / "FLX_XX-Hhr_FLUXNET2015_FULLSET_HH_2001-2001_1-4.csv",
+        {
+            "TIMESTAMP_START": start.strftime("%Y%m%d%H%M"),
+            "TIMESTAMP_END": (start + pd.Timedelta("30min")).strftime("%Y%m%d%H%M"),
+            **{c: hh[c].to_numpy() for c in hh},
+        },
+    )
+    table, used = monthly_table([dd_path, hh_path], read_sites(sites_csv))
+    assert used == {"XX-Day": f"{dd_path.name} (DD)", "XX-Hhr": f"{hh_path.name} (HH)"}
+
+    # Daily → months with pandas: mean of the days with NEE; QC = sum of their QC fractions over the
+    # days of the month; meteorology monthly means (P already mm d-1).
+    g = dd.groupby(dd.index.to_period("M"))
+    exp = pd.DataFrame(
+        {
+            "NEE": g["NEE_VUT_REF"].mean(),
+            "qc": g.apply(lambda m: m.loc[m["NEE_VUT_REF"].notna(), "NEE_VUT_REF_QC"].sum() / len(m)),
+            "TA": g["TA_F"].mean(),
+            "SW_IN": g["SW_IN_F"].mean(),
+            "VPD": g["VPD_F"].mean(),
+            "P": g["P_F"].mean(),
+        }
+    )
+    got = table[table["site"] == "XX-Day"].set_index("time")
+    assert list(got.index) == list(exp.index.to_timestamp())
+    for col in exp:
+        assert got[col].to_numpy() == pytest.approx(exp[col].to_numpy()), col
+
+    # Half-hourly → months: NEE of the QC 0/1 half-hours in gC m-2 d-1 (x 12.011e-6 x 86400), QC = their
+    # share of the month's half-hours, P = mm summed over the month / days.
+    ok = hh["NEE_VUT_REF_QC"] <= 1
+    g = hh.groupby(hh.index.to_period("M"))
+    exp = pd.DataFrame(
+        {
+            "NEE": hh["NEE_VUT_REF"].where(ok).groupby(hh.index.to_period("M")).mean() * 12.011e-6 * 86400,
+            "qc": ok.groupby(hh.index.to_period("M")).sum() / g.size(),
+            "TA": g["TA_F"].mean(),
+            "VPD": g["VPD_F"].mean(),
+            "P": g["P_F"].sum() / (g.size() / 48),
+        }
+    )
+    got = table[table["site"] == "XX-Hhr"].set_index("time")
+    assert list(got.index) == list(exp.index.to_timestamp())
+    for col in exp:
+        assert got[col].to_numpy() == pytest.approx(exp[col].to_numpy()), col
+
+
+@real
+def test_monthly_file_wins_over_daily_for_the_same_site(tmp_path: Path) -> None:
+    mm = next(p for p in MONTHLY if "_DE-Hai_" in p.name)
+    dd = _write_csv(
+        tmp_path / "FLX_DE-Hai_FLUXNET2015_FULLSET_DD_2001-2001_1-4.csv",
+        {"TIMESTAMP": ["20010101", "20010102"], "NEE_VUT_REF": [9.0, 9.0], "NEE_VUT_REF_QC": [1.0, 1.0]},
+    )
+    table, used = monthly_table([dd, mm], read_sites(SITES))
+    assert used == {"DE-Hai": f"{mm.name} (MM)"}
+    assert len(table) == len(_raw(mm))

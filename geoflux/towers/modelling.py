@@ -11,6 +11,13 @@
   ``*_NT_VUT_REF``) predicted by two forests on the features, NEE = RECO − GPP; only where every site
   has the partitioned columns.
 
+With ``setup="auto"`` (the default) the geoflux setup is *chosen* rather than fixed, by nested
+leave-site-out validation (:func:`nested_selection`): inside each outer fold, an inner leave-one-site-out
+loop over that fold's training sites ranks the :data:`CANDIDATES` (variant × forest parameters) by the
+pooled NSE of their inner held-out months, and the outer held-out site is predicted by the winner
+retrained on all the fold's training sites. The outer score therefore never saw the choice. The saved
+model is the candidate that wins the same ranking over all sites.
+
 Every variant is scored on the same held-out months: the months of the held-out site with NEE QC fraction
 at least ``min_qc``. Scores (gC m-2 d-1): pooled ``nse`` (1 − SSE/SST), ``r2_pearson`` (squared
 correlation), ``rmse``, ``bias`` (pred − obs), and the median per-site NSE; at the monthly scale, on the
@@ -34,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from geoflux.atomic import atomic_path
 from geoflux.config import ModelSpec
 from geoflux.errors import ModelError, OutputExistsError, TowerFormatError
 from geoflux.metrics import skill
@@ -58,6 +66,8 @@ ENGINEERED = (
 )
 # Night-time partitioning of the same u* filtering as NEE_VUT_REF, so RECO - GPP reproduces NEE.
 PARTITION = {"GPP": "GPP_NT_VUT_REF", "RECO": "RECO_NT_VUT_REF"}
+# NEE at the 25th and 75th percentile of the u* threshold ensemble: the u*-filtering uncertainty.
+USTAR_RANGE = {"NEE_25": "NEE_VUT_25", "NEE_75": "NEE_VUT_75"}
 VARIANTS = (
     "plain_forest",
     "features",
@@ -65,10 +75,24 @@ VARIANTS = (
     "carbon_balance",
     "carbon_balance+qc_weights",
 )
-DEFAULT_SETUP = "features+qc_weights"
+AUTO = "auto"
+DEFAULT_SETUP = AUTO
 # Leaves of at least 5 months and half the features per split: a forest that cannot memorize single
 # site-months, which is what a site it has never seen needs (and 3x faster to fit).
 FOREST_PARAMS: dict[str, Any] = {"min_samples_leaf": 5, "max_features": 0.5}
+FOREST_SETTINGS: dict[str, dict[str, Any]] = {"sklearn": {}, "leaf5": FOREST_PARAMS}
+# The nested selection's grid: the QC-weighted features variant with scikit-learn's default forest and
+# with the regularized one, the unweighted features variant and the carbon balance (regularized).
+# Four candidates keep the nested run on 7 sites under a minute.
+CANDIDATES: tuple[tuple[str, str], ...] = (
+    ("features+qc_weights", "sklearn"),
+    ("features+qc_weights", "leaf5"),
+    ("features", "leaf5"),
+    ("carbon_balance+qc_weights", "leaf5"),
+)
+# Inner folds are single sites up to this many training sites, else this many site groups.
+MAX_INNER_LOSO = 12
+INNER_GROUPS = 5
 _RES_ORDER = {"MM": 0, "WW": 1, "DD": 2, "HR": 3, "HH": 4, "YY": 5}
 # A site-year enters the annual scores only with at least this many QC-passing months.
 MIN_MONTHS_PER_YEAR = 10
@@ -88,6 +112,9 @@ class TowerModelResult:
     models: dict[str, Any] = field(default_factory=dict)  # target -> TrainedModel fitted on all sites
     climate: pd.DataFrame | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # held-out site -> the setup's model that never saw it (for the report's importance and dependence)
+    fold_models: dict[str, Any] = field(default_factory=dict)
+    min_qc: float = 0.8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,11 +160,14 @@ def _to_monthly(records: pd.DataFrame, min_qc: float, qc_max: int) -> pd.DataFra
     return out
 
 
-def _partition(path: Path, records: pd.DataFrame, min_qc: float, qc_max: int) -> pd.DataFrame | None:
-    """Monthly GPP and RECO (gC m-2 d-1) read through the tower reader, or None when the file lacks them."""
+def _partition(
+    path: Path, records: pd.DataFrame, min_qc: float, qc_max: int, columns: dict[str, str] = PARTITION
+) -> pd.DataFrame | None:
+    """Monthly GPP and RECO (or other NEE-like ``columns``, gC m-2 d-1) read through the tower reader, or
+    None when the file lacks any of them."""
     qc_src = records.attrs.get("columns", {}).get("NEE_QC")
     parts = []
-    for var, col in PARTITION.items():
+    for var, col in columns.items():
         cols = {"NEE": col, **({"NEE_QC": qc_src} if qc_src else {})}
         try:
             with warnings.catch_warnings():
@@ -165,7 +195,9 @@ def monthly_table(
 
     Returns
     -------
-    The table (``site``, ``time`` month start, ``NEE`` and, where the files have them, ``GPP``, ``RECO``
+    The table (``site``, ``time`` month start, ``NEE`` and, where the files have them, ``NEE_UNC``
+    (random uncertainty of the monthly mean; at DD/HH the mean of the records' values), ``NEE_25``,
+    ``NEE_75`` (NEE at the 25th/75th percentile u* threshold, DD and coarser), ``GPP``, ``RECO``
     in gC m-2 d-1, ``qc`` the fraction of the month's NEE that is measured or good gap-fill, monthly
     meteorology) and the file used per site.
     """
@@ -183,14 +215,16 @@ def monthly_table(
     for site, cands in sorted(by_site.items()):
         res, path, rec = min(cands, key=lambda c: (_RES_ORDER.get(c[0], 9), str(c[1])))
         m = _to_monthly(rec, min_qc, qc_max)
-        part = _partition(path, rec, min_qc, qc_max) if res not in SUBDAILY else None
-        if part is not None:
-            m = m.merge(part, on="time", how="left")
+        for cols in (PARTITION, USTAR_RANGE):
+            part = _partition(path, rec, min_qc, qc_max, cols) if res not in SUBDAILY else None
+            if part is not None:
+                m = m.merge(part, on="time", how="left")
         m["site"] = site
         frames.append(m)
         used[site] = f"{path.name} ({res})"
     table = pd.concat(frames, ignore_index=True)
-    keep = ["site", "time", "NEE", "qc", *[c for c in ("GPP", "RECO", *MET) if c in table.columns]]
+    extra = ("NEE_UNC", *USTAR_RANGE, "GPP", "RECO", *MET)
+    keep = ["site", "time", "NEE", "qc", *[c for c in extra if c in table.columns]]
     table = table[keep].sort_values(["site", "time"]).reset_index(drop=True)
     return table, used
 
@@ -413,6 +447,100 @@ def _climatology_swap(df: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     return out
 
 
+def candidate_name(variant: str, forest: str) -> str:
+    """Name of a nested-selection candidate, e.g. ``features+qc_weights@leaf5``."""
+    return f"{variant}@{forest}"
+
+
+@dataclass
+class _Run:
+    """One model configuration scored leave-one-site-out: a variant and its forest parameters."""
+
+    name: str
+    variant: str
+    params: dict[str, Any]
+
+
+def _criterion(df: pd.DataFrame, select_by: str) -> float:
+    """The ranking score of held-out predictions (``obs``, ``pred``, ``site``): higher is better."""
+    if select_by == "nse_site_median":
+        return float(_per_site_nse(df).median())
+    return float(skill(df["obs"], df["pred"])["nse"])
+
+
+def _inner_groups(train_sites: list[str]) -> list[list[str]]:
+    """Inner folds over an outer fold's training sites: one site each, or round-robin site groups."""
+    if len(train_sites) <= MAX_INNER_LOSO:
+        return [[s] for s in train_sites]
+    return [train_sites[k::INNER_GROUPS] for k in range(INNER_GROUPS)]
+
+
+def nested_selection(
+    labelled: pd.DataFrame,
+    scored: np.ndarray,
+    candidates: list[_Run],
+    features: list[str],
+    spec: ModelSpec,
+    min_qc: float,
+    *,
+    select_by: str = "nse",
+    say: Any = None,
+) -> tuple[dict[str, str], pd.DataFrame]:
+    """For each outer held-out site, the candidate an inner leave-site-out loop without it prefers.
+
+    Parameters
+    ----------
+    labelled : monthly rows with NEE (``site``, features, ``NEE``, ``qc``, GPP/RECO where used).
+    scored : boolean mask of ``labelled`` rows that are scored (NEE QC fraction >= ``min_qc``).
+    candidates : the configurations to choose between.
+    features : feature columns of the geoflux variants.
+    spec : model spec of the inner fits (its ``n_estimators`` may be smaller than the outer one's).
+    min_qc : QC threshold of the unweighted variants' training months.
+    select_by : ``nse`` (pooled NSE of the inner held-out months, gC m-2 d-1) or ``nse_site_median``.
+
+    Returns
+    -------
+    ``{outer site: chosen candidate name}`` and the inner scores (rows outer site, columns candidate).
+
+    Notes
+    -----
+    The inner model for outer site o and inner group G is fitted on the sites outside {o} ∪ G. With
+    single-site inner groups the fit that excludes {a, b} serves both (outer a, inner b) and (outer b,
+    inner a), so each candidate needs n(n−1)/2 inner fits rather than n(n−1); the predictions are
+    identical to a naive nested loop (same rows, same seed).
+    """
+    say = say or (lambda _m: None)
+    sites = sorted(labelled["site"].unique())
+    site_arr = labelled["site"].to_numpy()
+    cache: dict[tuple[str, frozenset[str]], pd.Series] = {}
+    table = {}
+    for outer in sites:
+        others = [s for s in sites if s != outer]
+        row = {}
+        for cand in candidates:
+            parts = []
+            for group in _inner_groups(others):
+                key = (cand.name, frozenset([outer, *group]))
+                if key not in cache:
+                    train = np.flatnonzero(~np.isin(site_arr, list(key[1])))
+                    test = np.flatnonzero(np.isin(site_arr, list(key[1])) & scored)
+                    model = _fit_variant(labelled, train, cand.variant, features, spec, min_qc, cand.params)
+                    cache[key] = pd.Series(model.predict(labelled.iloc[test]), index=test)
+                pred = cache[key]
+                rows = pred.index[np.isin(site_arr[pred.index], group)]
+                parts.append(
+                    pd.DataFrame(
+                        {"site": site_arr[rows], "obs": labelled["NEE"].to_numpy()[rows], "pred": pred[rows]}
+                    )
+                )
+            row[cand.name] = _criterion(pd.concat(parts, ignore_index=True), select_by)
+        table[outer] = row
+        say(f"  inner loop without {outer}: {max(row, key=row.__getitem__)}")
+    scores_ = pd.DataFrame.from_dict(table, orient="index")[[c.name for c in candidates]]
+    # idxmax takes the first maximum: ties go to the earlier candidate of the grid
+    return scores_.idxmax(axis=1).to_dict(), scores_
+
+
 def model_towers(
     files: list[Path],
     sites: pd.DataFrame,
@@ -427,9 +555,12 @@ def model_towers(
     variants: tuple[str, ...] | None = None,
     min_type_sites: int = 1,
     forest_params: dict[str, Any] | None = None,
+    candidates: tuple[tuple[str, str], ...] | None = None,
+    select_by: str = "nse",
+    inner_trees: int | None = None,
     echo: Any = None,
 ) -> TowerModelResult:
-    """Tower files + site table → features → leave-one-site-out CV of every variant → final model.
+    """Tower files + site table → features → leave-one-site-out CV (nested selection) → final model.
 
     Parameters
     ----------
@@ -442,23 +573,31 @@ def model_towers(
     min_qc : months whose NEE QC fraction is below this are not scored, and not trained on except by
         the ``+qc_weights`` variants (which weight every month by its QC fraction).
     qc_max : half-hourly files only: NEE_QC flags above this fail.
-    setup : the variant fitted on all sites, saved, flagged and attributed (the others are compared).
-    variants : variants to run (default all of :data:`VARIANTS` the files allow; the plain forest and
-        ``setup`` always run).
+    setup : ``auto`` (default): the geoflux setup is chosen among ``candidates`` by nested
+        leave-site-out validation (:func:`nested_selection`); or one of :data:`VARIANTS` fixed in
+        advance (with ``forest_params``), compared with ``variants``.
+    variants : fixed setup only: the variants to compare (default all the files allow).
     min_type_sites : flag sites whose IGBP class has fewer training sites than this.
-    forest_params : random-forest parameters of every variant except the plain forest (default
-        :data:`FOREST_PARAMS`; ``{}`` for scikit-learn's defaults).
+    forest_params : fixed setup only: random-forest parameters of every variant except the plain forest
+        (default :data:`FOREST_PARAMS`; ``{}`` for scikit-learn's defaults).
+    candidates : ``auto`` only: (variant, forest setting of :data:`FOREST_SETTINGS`) pairs, default
+        :data:`CANDIDATES` (carbon-balance candidates are dropped when files lack GPP/RECO).
+    select_by : ``auto`` only: inner ranking score, ``nse`` (pooled) or ``nse_site_median``.
+    inner_trees : ``auto`` only: trees of the inner-loop forests (default half of ``trees``, at least
+        10: ranking candidates needs less precision than predicting).
     echo : optional callable for progress lines.
 
     Returns
     -------
-    :class:`TowerModelResult`. NEE and all scores in gC m-2 d-1 (annual budgets in gC m-2 yr-1).
+    :class:`TowerModelResult`. NEE and all scores in gC m-2 d-1 (annual budgets in gC m-2 yr-1). With
+    ``auto`` the skill of ``auto`` is the nested (honest) score; each candidate's own leave-one-site-out
+    score is listed too but is optimistic for whichever candidate looks best.
 
     Raises
     ------
     ModelError
-        fewer than 3 sites with scored months, an unknown variant/resolution, or a carbon-balance setup
-        without partitioned columns.
+        fewer than 3 sites with scored months, an unknown variant/candidate/resolution, or a
+        carbon-balance setup without partitioned columns.
     """
     from geoflux.model import TrainedModel, cv_splits
 
@@ -466,9 +605,18 @@ def model_towers(
     fparams = dict(FOREST_PARAMS if forest_params is None else forest_params)
     if resolution.upper() != "MM":
         raise ModelError(f"--resolution: {resolution} (expected MM; other time steps are not supported yet)")
-    unknown = [v for v in (setup, *(variants or ())) if v not in VARIANTS]
+    auto = setup == AUTO
+    grid = list(candidates or CANDIDATES) if auto else []
+    unknown = [v for v in ((*(variants or ()),) if auto else (setup, *(variants or ()))) if v not in VARIANTS]
+    unknown += [v for v, _ in grid if v not in VARIANTS or v == "plain_forest"]
+    unknown += [f for _, f in grid if f not in FOREST_SETTINGS]
     if unknown:
-        raise ModelError(f"variant: {unknown[0]} (expected one of {', '.join(VARIANTS)})")
+        raise ModelError(
+            f"variant: {unknown[0]} (expected auto or one of {', '.join(VARIANTS[1:])}; "
+            f"forest settings {', '.join(FOREST_SETTINGS)})"
+        )
+    if select_by not in ("nse", "nse_site_median"):
+        raise ModelError(f"select_by: {select_by} (expected nse or nse_site_median)")
     table, used = monthly_table(files, sites, min_qc=min_qc, qc_max=qc_max)
     df, clim = add_features(table, sites)
     classes = sorted(clim["IGBP"].unique())
@@ -479,12 +627,21 @@ def model_towers(
     partitioned = {"GPP", "RECO"} <= set(df.columns) and bool(
         df.groupby("site")["GPP"].apply(lambda s: s.notna().any()).all()
     )
-    runs = list(variants or VARIANTS)
-    runs = [v for v in dict.fromkeys(["plain_forest", setup, *runs])]
-    if not partitioned:
-        if _variant_parts(setup)[2]:
-            raise ModelError(f"setup {setup}: some tower files lack {', '.join(PARTITION.values())}")
-        runs = [v for v in runs if not _variant_parts(v)[2]]
+    if auto:
+        if not partitioned:
+            grid = [(v, f) for v, f in grid if not _variant_parts(v)[2]]
+        if not grid:
+            raise ModelError("candidates: none usable (carbon balance needs GPP/RECO columns in every file)")
+        cands = [_Run(candidate_name(v, f), v, dict(FOREST_SETTINGS[f])) for v, f in grid]
+        runs = [_Run("plain_forest", "plain_forest", {}), *cands]
+    else:
+        names = [v for v in dict.fromkeys(["plain_forest", setup, *(variants or VARIANTS)])]
+        if not partitioned:
+            if _variant_parts(setup)[2]:
+                raise ModelError(f"setup {setup}: some tower files lack {', '.join(PARTITION.values())}")
+            names = [v for v in names if not _variant_parts(v)[2]]
+        runs = [_Run(v, v, fparams) for v in names]
+        cands = []
     labelled = df[df["NEE"].notna()].reset_index(drop=True)
     scored = labelled["qc"] >= min_qc
     n_scored_sites = labelled.loc[scored, "site"].nunique()
@@ -506,26 +663,75 @@ def model_towers(
     say(
         f"{labelled['site'].nunique()} sites, {int(scored.sum())} scored months; {scheme}, {len(folds)} folds"
     )
+    sc = scored.to_numpy()
+    site_arr = labelled["site"].to_numpy()
+    fold_site = [str(site_arr[test][0]) for _, test in folds]
     preds = labelled.loc[scored, ["site", "time", "NEE", "qc"]].rename(columns={"NEE": "obs"}).copy()
-    fold_models: list[tuple[np.ndarray, _Predictor]] = []
-    for variant in runs:
-        feats = met if variant == "plain_forest" else features
+    outer_models: dict[tuple[str, str], _Predictor] = {}
+    for run in runs:
+        feats = met if run.variant == "plain_forest" else features
         p = pd.Series(np.nan, index=labelled.index)
-        for train, test in folds:
-            model = _fit_variant(labelled, train, variant, feats, spec, min_qc, fparams)
-            test_rows = test[scored.to_numpy()[test]]
+        for (train, test), site in zip(folds, fold_site, strict=True):
+            model = _fit_variant(labelled, train, run.variant, feats, spec, min_qc, run.params)
+            test_rows = test[sc[test]]
             p.iloc[test_rows] = model.predict(labelled.iloc[test_rows])
-            if variant == setup:
-                fold_models.append((test_rows, model))
-        preds[f"pred_{variant}"] = p[scored]
-        say(f"  {variant}: done")
+            if run.variant != "plain_forest":
+                outer_models[(run.name, site)] = model
+        preds[f"pred_{run.name}"] = p[scored]
+        say(f"  {run.name}: done")
+    selection: dict[str, Any] = {}
+    if auto:
+        n_inner = inner_trees or max(10, trees // 2)
+        inner_spec = spec.model_copy(update={"params": {**spec.params, "n_estimators": n_inner}})
+        if kind == "hist_gradient_boosting":
+            inner_spec = spec
+        chosen, inner_scores = nested_selection(
+            labelled, sc, cands, features, inner_spec, min_qc, select_by=select_by, say=say
+        )
+        nested = pd.Series(np.nan, index=preds.index)
+        for site, cand in chosen.items():
+            rows = preds["site"] == site
+            nested[rows] = preds.loc[rows, f"pred_{cand}"]
+        preds[f"pred_{AUTO}"] = nested
+        preds["chosen"] = preds["site"].map(chosen)
+        # The saved model: the candidate that wins the same ranking over all sites (its LOSO score).
+        loso = {
+            c.name: _criterion(preds[["site", "obs"]].assign(pred=preds[f"pred_{c.name}"]), select_by)
+            for c in cands
+        }
+        final_run = next(c for c in cands if c.name == max(loso, key=loso.__getitem__))
+        setup_name = AUTO
+        selection = {
+            "method": "nested leave-one-site-out: inner leave-one-site-out over each outer fold's "
+            "training sites ranks the candidates; the outer site is predicted by the winner",
+            "select_by": select_by,
+            "inner_trees": n_inner if kind != "hist_gradient_boosting" else None,
+            "candidates": {c.name: {"variant": c.variant, "forest_params": c.params} for c in cands},
+            "chosen_per_outer_site": chosen,
+            "inner_scores": inner_scores.round(4).to_dict("index"),
+            "final_ranking_loso": {k: round(v, 4) for k, v in loso.items()},
+            "final": final_run.name,
+        }
+        say(f"  nested selection done; final model: {final_run.name}")
+        fold_models = [
+            (test[sc[test]], outer_models[(chosen[site], site)])
+            for (_, test), site in zip(folds, fold_site, strict=True)
+        ]
+    else:
+        final_run = next(r for r in runs if r.name == setup)
+        setup_name = setup
+        fold_models = [
+            (test[sc[test]], outer_models[(setup, site)])
+            for (_, test), site in zip(folds, fold_site, strict=True)
+        ]
     preds = preds.reset_index(drop=True)
     qc_all = df[["site", "time", "qc"]].fillna({"qc": 0.0})
+    names = [r.name for r in runs] + ([AUTO] if auto else [])
     skill_out: dict[str, dict[str, Any]] = {}
-    for variant in runs:
-        pv = preds[["site", "time", "obs"]].assign(pred=preds[f"pred_{variant}"])
-        skill_out[variant] = multiscale(pv, qc_all)
-    setup_pred = preds[["site", "time", "obs"]].assign(pred=preds[f"pred_{setup}"])
+    for name in names:
+        pv = preds[["site", "time", "obs"]].assign(pred=preds[f"pred_{name}"])
+        skill_out[name] = multiscale(pv, qc_all)
+    setup_pred = preds[["site", "time", "obs"]].assign(pred=preds[f"pred_{setup_name}"])
     nse = _per_site_nse(setup_pred)
     flags = site_flags(clim.loc[sorted(nse.index)], nse, min_type_sites=min_type_sites)
     flags.insert(
@@ -535,16 +741,22 @@ def model_towers(
         .map(_per_site_nse(preds[["site", "time", "obs"]].assign(pred=preds["pred_plain_forest"])))
         .to_numpy(),
     )
-    annual = _annual_with_attribution(labelled, scored.to_numpy(), fold_models, setup_pred, qc_all)
-    say("fitting the final model on all sites")
-    final = _fit_variant(labelled, np.arange(len(labelled)), setup, features, spec, min_qc, fparams)
+    if auto:
+        flags.insert(3, "chosen", flags["site"].map(selection["chosen_per_outer_site"]).to_numpy())
+    annual = _annual_with_attribution(labelled, sc, fold_models, setup_pred, qc_all)
+    say(f"fitting the final model ({final_run.name}) on all sites")
+    final = _fit_variant(
+        labelled, np.arange(len(labelled)), final_run.variant, features, spec, min_qc, final_run.params
+    )
     units = {f: FEATURE_UNITS.get(f, "0/1" if f.startswith("IGBP_") else "") for f in features}
     prov = {
-        "setup": setup,
+        "setup": final_run.name if auto else setup,
+        "variant": final_run.variant,
+        "forest_params": final_run.params if kind == "random_forest" else {},
         "tower_files": used,
-        "validation": scheme,
+        "validation": scheme + (" (nested selection)" if auto else ""),
         "min_qc": min_qc,
-        "cv_skill": skill_out[setup],
+        "cv_skill": skill_out[setup_name],
         "cv_skill_plain_forest": skill_out["plain_forest"],
     }
     models = {}
@@ -565,6 +777,15 @@ def model_towers(
                 "sites": sorted(labelled["site"].unique()),
             },
         )
+    labels = {"plain_forest": "baseline"}
+    for r in runs[1:]:
+        labels[r.name] = (
+            "candidate, not nested (optimistic if picked)"
+            if auto
+            else ("fixed setup" if r.name == setup else "compared")
+        )
+    if auto:
+        labels[AUTO] = "nested selection (honest)"
     info = {
         "sites": used,
         "n_scored_months": int(scored.sum()),
@@ -574,11 +795,17 @@ def model_towers(
         "missing_handling": "left NaN; the forests route NaN explicitly in each split (scikit-learn >= 1.4)",
         "climate_source": clim["climate_source"].to_dict(),
         "partitioned": partitioned,
-        "variants": runs,
-        "forest_params": fparams if kind == "random_forest" else {},
+        "variants": [r.name for r in runs],
+        "run_labels": labels,
+        "forest_params": (final_run.params if auto else fparams) if kind == "random_forest" else {},
         "scheme": scheme,
+        "selection": selection,
+        "final_model": final_run.name,
     }
-    return TowerModelResult(df, features, preds, skill_out, flags, annual, setup, models, clim, info)
+    by_site = {site: model for site, (_, model) in zip(fold_site, fold_models, strict=True)}
+    return TowerModelResult(
+        df, features, preds, skill_out, flags, annual, setup_name, models, clim, info, by_site, min_qc
+    )
 
 
 def _annual_with_attribution(
@@ -624,6 +851,7 @@ def comparison_table(result: TowerModelResult, scale: str = "monthly") -> pd.Dat
             rows.append(
                 {
                     "variant": variant,
+                    "selection": result.info.get("run_labels", {}).get(variant, ""),
                     **{
                         k: s[k]
                         for k in ("nse", "r2_pearson", "rmse", "bias", "nse_site_median", "n", "n_sites")
@@ -652,7 +880,9 @@ def write_outputs(result: TowerModelResult, out: Path, *, overwrite: bool = Fals
     setup; skops format, see :func:`geoflux.model.save_model`), ``cv_predictions.csv`` (held-out monthly
     NEE of every variant, gC m-2 d-1), ``skill.json`` (scores per variant and time scale),
     ``comparison.csv``, ``site_flags.csv``, ``annual.csv`` (site-year budgets, anomalies, attribution),
-    ``features.csv`` (the monthly feature table).
+    ``features.csv`` (the monthly feature table), and the report section of
+    :func:`geoflux.towers.report.write_report` (``report.html``, ``figures/``, ``site_year_budget.csv``,
+    ``driver_importance.csv``, ``driver_dependence.csv``).
 
     Raises
     ------
@@ -660,21 +890,25 @@ def write_outputs(result: TowerModelResult, out: Path, *, overwrite: bool = Fals
         ``out`` exists and is not empty, and ``overwrite`` is False.
     """
     from geoflux.model import save_model
+    from geoflux.towers.report import write_report
 
     out = check_out_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     # A previous run's model of another setup must not survive next to this run's skill.
-    for stale in [*out.glob("model*.skops"), *out.glob("model*.json")]:
+    for stale in [*out.glob("model*.skops"), *out.glob("model*.json"), *out.glob("figures/*.png")]:
         stale.unlink()
     paths: dict[str, Path] = {}
     for target, model in result.models.items():
         name = "model.skops" if target == "NEE" else f"model_{target.lower()}.skops"
         paths[f"model_{target}"] = save_model(model, out / name)
-    result.predictions.to_csv(out / "cv_predictions.csv", index=False)
-    result.flags.to_csv(out / "site_flags.csv", index=False)
-    result.annual.to_csv(out / "annual.csv", index=False)
-    comparison_table(result).to_csv(out / "comparison.csv", index=False)
-    result.table.to_csv(out / "features.csv", index=False)
+    for name, frame in (
+        ("cv_predictions.csv", result.predictions),
+        ("site_flags.csv", result.flags),
+        ("annual.csv", result.annual),
+        ("comparison.csv", comparison_table(result)),
+        ("features.csv", result.table),
+    ):
+        write_csv(frame, out / name)
     summary = {
         "setup": result.setup,
         "units": "gC m-2 d-1 (NEE, rmse, bias); annual *_gC_m2_yr columns gC m-2 yr-1",
@@ -682,7 +916,16 @@ def write_outputs(result: TowerModelResult, out: Path, *, overwrite: bool = Fals
         "flags_summary": result.flags.attrs.get("summary", {}),
         **result.info,
     }
-    (out / "skill.json").write_text(json.dumps(summary, indent=2, default=str))
+    with atomic_path(out / "skill.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
     for name in ("cv_predictions.csv", "site_flags.csv", "annual.csv", "comparison.csv", "skill.json"):
         paths[name] = out / name
+    paths.update(write_report(result, out))
     return paths
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    """``frame`` as CSV at ``path``, written under a temporary name and renamed when complete."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return path
