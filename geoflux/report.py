@@ -1,17 +1,22 @@
 """Report stage: a run's outputs → ``report/index.html`` with PNG figures people read.
 
 The report is one self-contained folder (HTML + PNGs, relative links, no scripts or remote assets) written
-atomically: it is built in ``report.part/`` and renamed into place. Sections, each drawn from the files the
+atomically: it is built in ``report.part/`` and renamed into place. It leads with what the maps are worth
+where no tower was used to fit them, then shows what was fitted. Sections, each drawn from the files the
 stages wrote under the output folder:
 
-* run configuration and provenance (config, model card, map tags);
-* towers over the region on the mean NEE map, marked by land cover and training/held-out role;
-* predicted vs observed NEE: grouped-CV held-out predictions and the footprint-weighted maps at the towers;
+* held-out skill: the leave-site-out CV through the map path (``nse``, ``r2_pearson``, ``rmse``, ``bias``,
+  band coverage) and, on generated worlds, the map against the known true field, before anything on training
+  sites;
+* per-site held-out skill (``validation/skill_site.csv``) and the map − truth error maps (generated worlds);
+* towers over the region on the mean NEE map with each footprint's 80 % source area, lon/lat gridlines;
+* predicted vs observed NEE (CV held-out and, marked in-sample, the maps at the training towers);
 * time series at a few sites (tower, map through the footprint, CV prediction, uncertainty band, truth);
 * skill tables: footprint validation by stratum, multi-scale skill, truth;
-* NEE maps for chosen dates, with the uncertainty band width, the AOA and (generated worlds) the truth;
-* the NEE budget over the mapped period (map and regional number);
-* driver importance when an analysis (``analysis/analysis.json`` or ``importance.csv``) exists.
+* NEE maps for chosen dates (per-step colour scales when one shared scale would flatten quiet steps), the
+  uncertainty band width, the AOA and (generated worlds) the truth;
+* the NEE budget over the mapped period, and ``budgets/budgets.json`` when ``geoflux budgets`` ran;
+* driver importance, partial dependence and interactions when ``geoflux analyze`` ran (``analysis/``).
 
 A figure that cannot be drawn (a missing optional input, a failure) is replaced by a visible note in the
 HTML and a logged warning rather than failing the whole report.
@@ -24,6 +29,7 @@ import html
 import json
 import logging
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -67,7 +73,15 @@ class _Run:
     """The output folder of a run and lazily read pieces of it."""
 
     def __init__(self, cfg: RunConfig):
-        from geoflux.run import METRICS, VALIDATION_PAIRS, layout, load_sites
+        from geoflux.run import (
+            ANALYSIS_JSON,
+            BUDGETS_JSON,
+            METRICS,
+            SITE_SKILL,
+            VALIDATION_PAIRS,
+            layout,
+            load_sites,
+        )
 
         self.cfg = cfg
         self.layout = layout(cfg)
@@ -85,8 +99,15 @@ class _Run:
             self.sites = load_sites(cfg)
         except GeofluxError:
             self.sites = None
-        analysis = self.out / "analysis" / "analysis.json"
-        self.analysis = json.loads(analysis.read_text()) if analysis.exists() else None
+        self.analysis = self.layout.optional_json(ANALYSIS_JSON)
+        self.budgets = self.layout.optional_json(BUDGETS_JSON)
+        self.site_skill = self.layout.optional_csv(SITE_SKILL)
+        self.crs_wkt: str | None = None
+        self.transform = None  # affine of the full-resolution maps
+        if self.maps:
+            with rasterio.open(next(iter(self.maps.values()))) as ds:
+                self.crs_wkt = ds.crs.to_wkt() if ds.crs else None
+                self.transform = ds.transform
 
     def band_path(self, stem: str, period: pd.Timestamp) -> Path | None:
         """``maps/<stem>_YYYYMMDD.tif`` when it exists (``nee_q05``, ``aoa``, ...)."""
@@ -158,16 +179,151 @@ def _save(fig: plt.Figure, folder: Path, name: str) -> str:
     return name
 
 
+def _deg(v: float, pos: str, neg: str) -> str:
+    return f"{np.format_float_positional(abs(v), precision=4, trim='-')}°{pos if v >= 0 else neg}"
+
+
+def graticule(
+    ax: plt.Axes, crs_wkt: str | None, extent: tuple[float, float, float, float], n: int = 4
+) -> list[tuple[str, float]]:
+    """Draw lon/lat lines over a map panel in a projected CRS, labelled at the bottom and left edges.
+
+    The extent's border is transformed to lon/lat with pyproj to find the range, ``n`` or so round values
+    are chosen per axis, and each meridian and parallel is densified (100 points) and transformed back into
+    the grid CRS, so lines curve as they do in the projection. Axis limits are left unchanged.
+
+    Returns
+    -------
+    The drawn lines as ``("lon", value)`` / ``("lat", value)`` pairs, degrees.
+    """
+    if not crs_wkt:
+        return []
+    from pyproj import CRS, Transformer
+
+    crs = CRS.from_user_input(crs_wkt)
+    if crs.is_geographic:  # the axes already are lon/lat
+        return []
+    left, right, bottom, top = extent
+    to_ll = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    to_xy = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    t = np.linspace(0.0, 1.0, 64)
+    bx = np.concatenate(
+        [left + (right - left) * t, np.full_like(t, right), left + (right - left) * t, np.full_like(t, left)]
+    )
+    by = np.concatenate(
+        [
+            np.full_like(t, bottom),
+            bottom + (top - bottom) * t,
+            np.full_like(t, top),
+            bottom + (top - bottom) * t,
+        ]
+    )
+    lon, lat = (np.asarray(v) for v in to_ll.transform(bx, by))
+    ok = np.isfinite(lon) & np.isfinite(lat)
+    if ok.sum() < 4 or np.ptp(lon[ok]) > 180:  # outside the projection's domain or across the antimeridian
+        return []
+    lon0, lon1, lat0, lat1 = lon[ok].min(), lon[ok].max(), lat[ok].min(), lat[ok].max()
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    style = {"color": "k", "lw": 0.5, "alpha": 0.45, "ls": (0, (3, 3)), "zorder": 2}
+    text = {
+        "fontsize": 6,
+        "color": "#333",
+        "zorder": 4,
+        "bbox": {"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 0.5},
+    }
+    drawn: list[tuple[str, float]] = []
+    for v in MaxNLocator(n, steps=[1, 2, 2.5, 5, 10]).tick_values(lon0, lon1):
+        if not lon0 < v < lon1:
+            continue
+        x, y = (np.asarray(a) for a in to_xy.transform(np.full(100, v), np.linspace(lat0, lat1, 100)))
+        ax.plot(x, y, **style)
+        drawn.append(("lon", float(v)))
+        xb = np.interp(bottom, y, x) if np.all(np.diff(y) > 0) else x[0]  # where it meets the bottom edge
+        if left < xb < right:
+            ax.text(xb, bottom, _deg(v, "E", "W"), ha="center", va="bottom", **text)
+    for v in MaxNLocator(n, steps=[1, 2, 2.5, 5, 10]).tick_values(lat0, lat1):
+        if not lat0 < v < lat1:
+            continue
+        x, y = (np.asarray(a) for a in to_xy.transform(np.linspace(lon0, lon1, 100), np.full(100, v)))
+        ax.plot(x, y, **style)
+        drawn.append(("lat", float(v)))
+        yl = np.interp(left, x, y) if np.all(np.diff(x) > 0) else y[0]
+        if bottom < yl < top:
+            ax.text(left, yl, _deg(v, "N", "S"), ha="left", va="center", **text)
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
+    return drawn
+
+
+def source_area_level(weights: np.ndarray, fraction: float = 0.8) -> float:
+    """Weight threshold of a footprint's ``fraction`` source area (dimensionless weight per pixel).
+
+    The source area is the smallest set of pixels holding ``fraction`` of the footprint's total weight: the
+    heaviest pixels, taken in order. The level returned lies halfway between the lightest pixel inside and
+    the heaviest outside, so a contour at it encloses exactly that set.
+    """
+    v = np.sort(weights[np.isfinite(weights) & (weights > 0)].ravel())[::-1]
+    if v.size == 0:
+        raise GeofluxError("footprint has no positive weight")
+    k = int(np.searchsorted(np.cumsum(v), fraction * v.sum() * (1 - 1e-12)))  # pixels 0..k hold the fraction
+    k = min(k, v.size - 1)
+    return float(v[k] if k + 1 == v.size else 0.5 * (v[k] + v[k + 1]))
+
+
+def step_norms(arrays: Sequence[np.ndarray], ratio: float = 0.5) -> tuple[list[Normalize], bool]:
+    """One symmetric colour scale per step, or one shared by all when that hides nothing.
+
+    A step's scale is its 2-98 % |NEE| range. If the quietest step's range is under ``ratio`` times the
+    busiest's (winter next to summer), a shared scale would show the quiet step as flat white, so each step
+    gets its own. Returns the norms (one per array) and whether they are per step.
+    """
+    scales = [_nee_norm([a]).vmax for a in arrays]
+    if not scales:
+        return [], False
+    if min(scales) < ratio * max(scales):
+        return [Normalize(-v, v) for v in scales], True
+    shared = max(scales)
+    return [Normalize(-shared, shared) for _ in scales], False
+
+
+def _footprint_contours(run: _Run, ax: plt.Axes, fraction: float = 0.8) -> int:
+    """Draw each tower's ``fraction`` source-area contour (from ``towers/footprints.npz``); returns how "
+    "many."""
+    from geoflux.cube import target_grid
+
+    if run.transform is None or run.sites is None:
+        return 0
+    fps = run.layout.footprints(run.sites.index, geobox=target_grid(run.cfg.grid))
+    tr = run.transform
+    drawn = 0
+    for fw in fps.values():
+        w = np.pad(np.asarray(fw.weights, float), 1)  # zero rim: contours close at the window's edge
+        rows, cols = w.shape
+        # pixel centres of the padded window in the grid CRS
+        xs = tr.c + tr.a * (fw.col_off - 1 + np.arange(cols) + 0.5)
+        ys = tr.f + tr.e * (fw.row_off - 1 + np.arange(rows) + 0.5)
+        try:
+            level = source_area_level(w, fraction)
+        except GeofluxError:
+            continue
+        ax.contour(xs, ys, w, levels=[level], colors="k", linewidths=0.9, zorder=3)
+        drawn += 1
+    return drawn
+
+
 # --------------------------------------------------------------------------------------------------
 # Figures (each returns the PNG name written into ``folder``)
 
 
-def fig_towers(run: _Run, folder: Path, mean: np.ndarray, extent: tuple, crs_label: str) -> str:
-    """Towers over the region on the mean NEE map of the run."""
+def fig_towers(
+    run: _Run, folder: Path, mean: np.ndarray, extent: tuple, crs_label: str, fraction: float = 0.8
+) -> str:
+    """Towers over the region on the mean NEE map, each with its footprint's ``fraction`` source area."""
+    from matplotlib.lines import Line2D
+
     if run.sites is None:
         raise GeofluxError("no site table")
-    with rasterio.open(next(iter(run.maps.values()))) as ds:
-        crs_wkt = ds.crs.to_wkt()
+    crs_wkt = run.crs_wkt
     sites = run.sites
     x, y = _tower_xy(sites, crs_wkt)
     training = set(run.card["provenance"].get("sites", [])) if run.card else None
@@ -180,31 +336,45 @@ def fig_towers(run: _Run, folder: Path, mean: np.ndarray, extent: tuple, crs_lab
     igbp = (
         sites["IGBP"].astype(str) if "IGBP" in sites.columns else pd.Series("?", index=sites.index)
     ).to_numpy()
-    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    fig, ax = plt.subplots(figsize=(7.5, 7.0))
     im = ax.imshow(mean, extent=extent, cmap="RdBu_r", norm=_nee_norm([mean]), interpolation="nearest")
     fig.colorbar(im, ax=ax, shrink=0.8, label=f"mean {NEE_LABEL} over {len(run.maps)} steps")
+    handles = []
+    try:
+        n_contours = _footprint_contours(run, ax, fraction)
+    except GeofluxError as exc:  # footprints from another grid or not written: the map is still worth showing
+        log.warning("report: footprint contours not drawn: %s", exc)
+        n_contours = 0
+    if n_contours:
+        handles.append(Line2D([], [], color="k", lw=0.9, label=f"{fraction:.0%} footprint source area"))
     for cls in sorted(set(igbp)):
         for role in ("training", "held-out", "independent"):
             sel = (igbp == cls) & (roles == role)
             if sel.any():
-                ax.scatter(
-                    x[sel],
-                    y[sel],
-                    marker=IGBP_MARKERS.get(cls, "o"),
-                    s=60,
-                    facecolor="white",
-                    edgecolor=ROLE_STYLE[role]["color"],
-                    linewidth=1.8,
-                    label=f"{cls} ({ROLE_STYLE[role]['label']})",
-                    zorder=3,
+                handles.append(
+                    ax.scatter(
+                        x[sel],
+                        y[sel],
+                        marker=IGBP_MARKERS.get(cls, "o"),
+                        s=60,
+                        facecolor="white",
+                        edgecolor=ROLE_STYLE[role]["color"],
+                        linewidth=1.8,
+                        label=f"{cls} ({ROLE_STYLE[role]['label']})",
+                        zorder=5,
+                    )
                 )
     for sid, xi, yi in zip(sites.index, x, y, strict=True):
-        ax.annotate(str(sid), (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=6)
+        ax.annotate(str(sid), (xi, yi), xytext=(4, 4), textcoords="offset points", fontsize=6, zorder=6)
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
+    graticule(ax, crs_wkt, extent)
     _axis_labels(ax, crs_label)
     ax.set_title(f"{len(sites)} towers over the mapped region")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
+    # below the axes, never over the map
+    ax.legend(
+        handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False
+    )
     return _save(fig, folder, "towers.png")
 
 
@@ -241,22 +411,27 @@ def _scatter_panel(ax: plt.Axes, df: pd.DataFrame, title: str, color_by_role: bo
     ax.set_xlabel(f"observed {NEE_LABEL}")
     ax.set_ylabel(f"predicted {NEE_LABEL}")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
 
 
-def fig_scatter(run: _Run, folder: Path) -> str:
-    """Held-out CV predictions and footprint-weighted maps against tower observations."""
+def fig_scatter(
+    run: _Run, folder: Path, sources: Sequence[str] = ("cv", "map"), name: str = "scatter.png"
+) -> str:
+    """Held-out CV predictions and (``"map"``) footprint-weighted maps against tower observations."""
     if run.pairs is None:
         raise GeofluxError("validation/pairs.parquet not found (run 'geoflux validate')")
-    cv = run.pairs.loc[run.pairs["source"] == "cv"]
-    mp = run.pairs.loc[run.pairs["source"] == "map"]
-    panels = [
-        (d, t) for d, t in ((cv, "held-out sites: site-grouped CV"), (mp, "map through footprints")) if len(d)
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.0), squeeze=False)
+    titles = {
+        "cv": "held-out sites: site-grouped CV",
+        "map": "map through footprints (in-sample at training sites)",
+    }
+    panels = [(run.pairs.loc[run.pairs["source"] == s], titles[s]) for s in sources]
+    panels = [(d, t) for d, t in panels if len(d)]
+    if not panels:
+        raise GeofluxError(f"validation/pairs.parquet has no {' or '.join(sources)} pairs")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.6), squeeze=False)
     for ax, (d, t) in zip(axes[0], panels, strict=True):
         _scatter_panel(ax, d, t)
-    return _save(fig, folder, "scatter.png")
+    return _save(fig, folder, name)
 
 
 def _footprint_truth(run: _Run) -> pd.DataFrame | None:
@@ -336,7 +511,8 @@ def fig_timeseries(run: _Run, folder: Path, n_sites: int = 4) -> str:
         ax.set_title(f"{site} ({igbp}, {role} site)", fontsize=9, loc="left")
         ax.set_ylabel("NEE\n(gC m-2 d-1)", fontsize=8)
         ax.axhline(0, color="grey", lw=0.5)
-    axes[0, 0].legend(fontsize=7, ncol=3, loc="upper right")
+    # above the first panel, outside the data
+    axes[0, 0].legend(fontsize=7, ncol=3, loc="lower right", bbox_to_anchor=(1.0, 1.12), frameon=False)
     axes[-1, 0].set_xlabel("period start")
     fig.autofmt_xdate()
     return _save(fig, folder, "timeseries.png")
@@ -351,8 +527,12 @@ def choose_dates(means: pd.Series, n: int = 3) -> list[pd.Timestamp]:
     return out[:n]
 
 
-def fig_maps(run: _Run, folder: Path, dates: Sequence[pd.Timestamp]) -> str:
-    """NEE for chosen dates, plus rows for the uncertainty band width, the AOA and the truth when present."""
+def fig_maps(run: _Run, folder: Path, dates: Sequence[pd.Timestamp]) -> tuple[str, bool]:
+    """NEE for chosen dates, plus rows for the truth, the uncertainty band width and the AOA when present.
+
+    NEE and truth of one date share a colour scale; dates get their own scales when one shared scale would
+    flatten the quiet ones (:func:`step_norms`). Returns the PNG name and whether scales are per step.
+    """
     stems = run.interval_stems()
     rows: list[tuple[str, list[np.ndarray]]] = []
     nee, extent, crs_label = [], None, ""
@@ -361,8 +541,9 @@ def fig_maps(run: _Run, folder: Path, dates: Sequence[pd.Timestamp]) -> str:
         nee.append(a)
     rows.append(("NEE", nee))
     truth_paths = [run.truth_path(d) for d in dates]
-    if all(truth_paths):
-        rows.append(("truth", [_read_map(p)[0] for p in truth_paths]))
+    truth = [_read_map(p)[0] for p in truth_paths] if all(truth_paths) else None
+    if truth is not None:
+        rows.append(("truth", truth))
     if stems:
         lo = [run.band_path(stems[0], d) for d in dates]
         hi = [run.band_path(stems[1], d) for d in dates]
@@ -371,15 +552,17 @@ def fig_maps(run: _Run, folder: Path, dates: Sequence[pd.Timestamp]) -> str:
     aoa = [run.band_path("aoa", d) for d in dates]
     if all(aoa):
         rows.append(("aoa", [_read_map(p)[0] for p in aoa]))
-    norm = _nee_norm(nee + (rows[1][1] if rows[1][0] == "truth" else []) if len(rows) > 1 else nee)
+    both = [np.concatenate([n.ravel(), t.ravel()]) for n, t in zip(nee, truth or nee, strict=True)]
+    norms, per_step = step_norms(both)
     fig, axes = plt.subplots(
-        len(rows), len(dates), figsize=(3.6 * len(dates) + 1.2, 3.3 * len(rows)), squeeze=False
+        len(rows), len(dates), figsize=(3.8 * len(dates) + 1.6, 3.4 * len(rows)), squeeze=False
     )
+    fig.subplots_adjust(wspace=0.45 if per_step else 0.1)  # room for each panel's own colour bar
     for r, (kind, arrays) in enumerate(rows):
         for c, (d, a) in enumerate(zip(dates, arrays, strict=True)):
             ax = axes[r, c]
             if kind in ("NEE", "truth"):
-                im = ax.imshow(a, extent=extent, cmap="RdBu_r", norm=norm, interpolation="nearest")
+                im = ax.imshow(a, extent=extent, cmap="RdBu_r", norm=norms[c], interpolation="nearest")
                 label = NEE_LABEL if kind == "NEE" else f"true {NEE_LABEL}"
             elif kind == "width":
                 im = ax.imshow(
@@ -402,6 +585,7 @@ def fig_maps(run: _Run, folder: Path, dates: Sequence[pd.Timestamp]) -> str:
                 )
                 label = "area of applicability"
             ax.set_title(f"{kind if kind != 'width' else 'uncertainty'} {d:%Y-%m-%d}", fontsize=9)
+            graticule(ax, run.crs_wkt, extent, n=3)
             _axis_labels(ax, crs_label)
             ax.xaxis.set_major_locator(MaxNLocator(3))
             ax.yaxis.set_major_locator(MaxNLocator(4))
@@ -410,11 +594,77 @@ def fig_maps(run: _Run, folder: Path, dates: Sequence[pd.Timestamp]) -> str:
                 ax.set_yticklabels([])
             if r < len(rows) - 1:
                 ax.set_xlabel("")
-        cb = fig.colorbar(im, ax=list(axes[r]), shrink=0.85, label=label)
+            if per_step and kind in ("NEE", "truth"):  # beside the panel, without shrinking it
+                cax = ax.inset_axes([1.03, 0.1, 0.04, 0.8])
+                fig.colorbar(im, cax=cax, label=label if c == len(dates) - 1 else None)
+                cax.tick_params(labelsize=7)
+        if per_step and kind in ("NEE", "truth"):
+            continue
+        cax = axes[r, -1].inset_axes([1.03, 0.1, 0.04, 0.8])  # panels of every row keep one size
+        cb = fig.colorbar(im, cax=cax, label=label)
         if kind == "aoa":
             cb.set_ticks([0, 1])
             cb.set_ticklabels(["outside", "inside"])
-    return _save(fig, folder, "maps.png")
+    return _save(fig, folder, "maps.png"), per_step
+
+
+def fig_error(
+    run: _Run,
+    folder: Path,
+    dates: Sequence[pd.Timestamp],
+    mean_error: np.ndarray,
+    extent: tuple,
+    crs_label: str,
+) -> str:
+    """Map − truth (gC m-2 d-1): the mean over all steps, then each chosen date (generated worlds).
+
+    Each panel has its own symmetric scale (errors differ between seasons by far more than a factor of 2);
+    titles give the RMSE and bias of the pixels shown.
+    """
+    panels = [("mean over all steps", mean_error)]
+    for d in dates:
+        t = run.truth_path(d)
+        if t is None:
+            raise GeofluxError(f"no truth raster for {d:%Y-%m-%d}")
+        panels.append((f"{d:%Y-%m-%d}", _read_map(run.maps[d])[0] - _read_map(t)[0]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.3), squeeze=False)
+    for c, (ax, (title, err)) in enumerate(zip(axes[0], panels, strict=True)):
+        v = _nee_norm([err]).vmax
+        im = ax.imshow(err, extent=extent, cmap="PuOr_r", vmin=-v, vmax=v, interpolation="nearest")
+        ok = np.isfinite(err)
+        rmse = float(np.sqrt(np.mean(err[ok] ** 2))) if ok.any() else float("nan")
+        bias = float(np.mean(err[ok])) if ok.any() else float("nan")
+        ax.set_title(f"map − truth, {title}\nRMSE {rmse:.2f}  bias {bias:+.2f}", fontsize=9)
+        if c == 0 and run.sites is not None and run.crs_wkt:
+            x, y = _tower_xy(run.sites, run.crs_wkt)
+            ax.scatter(x, y, s=12, marker="x", color="k", lw=0.8, zorder=4)
+        graticule(ax, run.crs_wkt, extent, n=3)
+        _axis_labels(ax, crs_label)
+        ax.xaxis.set_major_locator(MaxNLocator(3))
+        if c:
+            ax.set_ylabel("")
+            ax.set_yticklabels([])
+        fig.colorbar(
+            im, ax=ax, shrink=0.8, orientation="horizontal", pad=0.14, label="map − truth (gC m-2 d-1)"
+        )
+    return _save(fig, folder, "error.png")
+
+
+def mean_error(run: _Run) -> np.ndarray:
+    """Mean of map − truth over all steps per pixel, gC m-2 d-1 (NaN where any step lacks either)."""
+    acc = cnt = None
+    for p, path in run.maps.items():
+        t = run.truth_path(p)
+        if t is None:
+            raise GeofluxError(f"no truth raster for {p:%Y-%m-%d} (generated worlds only)")
+        e = _read_map(path)[0] - _read_map(t)[0]
+        if acc is None:
+            acc, cnt = np.zeros_like(e), np.zeros_like(e)
+        acc += np.where(np.isfinite(e), e, 0.0)
+        cnt += np.isfinite(e)
+    if acc is None:
+        raise GeofluxError("no maps")
+    return np.where(cnt == len(run.maps), acc / np.maximum(cnt, 1), np.nan)
 
 
 def budget(run: _Run) -> tuple[np.ndarray, tuple, str, dict]:
@@ -465,6 +715,7 @@ def fig_budget(run: _Run, folder: Path, total: np.ndarray, extent: tuple, crs_la
         f"NEE summed {info['start']} .. {info['end']}\nregional mean {info['mean_gC_m2']:.0f} gC m-2",
         fontsize=10,
     )
+    graticule(ax, run.crs_wkt, extent)
     _axis_labels(ax, crs_label)
     return _save(fig, folder, "budget.png")
 
@@ -489,6 +740,182 @@ def fig_importance(run: _Run, folder: Path) -> str:
     return _save(fig, folder, "importance.png")
 
 
+def fig_dependence(run: _Run, folder: Path) -> str:
+    """Partial dependence of NEE on each driver (``analysis/partial_dependence.csv``), one panel per "
+    "driver."""
+    from geoflux.run import ANALYSIS
+
+    pdp = run.layout.optional_csv(f"{ANALYSIS}/partial_dependence.csv")
+    if pdp is None or pdp.empty:
+        raise GeofluxError("no partial dependence (run 'geoflux analyze')")
+    drivers = list(dict.fromkeys(pdp["driver"]))
+    ncol = min(4, len(drivers))
+    nrow = -(-len(drivers) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 2.8 * nrow), squeeze=False, sharey=True)
+    units = {v.name: v.units for v in run.cfg.variables} if run.cfg.variables else {}
+    for ax, drv in zip(axes.ravel(), drivers, strict=False):
+        g = pdp.loc[pdp["driver"] == drv].sort_values("value")
+        ax.plot(g["value"], g["nee"], color="#1f77b4", lw=1.5)
+        ax.axhline(0, color="grey", lw=0.5)
+        unit = units.get(drv)
+        ax.set_xlabel(f"{drv} ({unit})" if unit else drv, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(drivers) :]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"partial dependence\n{NEE_LABEL}", fontsize=8)
+    fig.suptitle("NEE as the model responds to one driver, the others at their observed values", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, folder, "dependence.png")
+
+
+def _analysis_section(run: _Run, folder: Path) -> str:
+    """Importance, partial dependence, interactions and scenarios from ``analysis/`` (when it exists)."""
+    if run.analysis is None and _importance_table(run) is None:
+        return _note(
+            "no analysis in this run folder (run 'geoflux analyze CONFIG' to add importance, "
+            "dependence and interactions here)"
+        )
+    parts: list[str] = []
+    _try(
+        parts,
+        "driver importance",
+        lambda: _figure(
+            fig_importance(run, folder),
+            "Permutation importance on held-out folds (the land-cover class fractions permuted together).",
+        ),
+    )
+    _try(
+        parts,
+        "partial dependence",
+        lambda: _figure(fig_dependence(run, folder), "Partial dependence (analysis/partial_dependence.csv)."),
+    )
+    inter = ((run.analysis or {}).get("dependence") or {}).get("interactions") or []
+    if inter:
+        df = pd.DataFrame(
+            {
+                "drivers": [" × ".join(map(str, r["pair"])) for r in inter],
+                "h2 (Friedman)": [r["h2"] for r in inter],
+            }
+        )
+        parts.append(
+            "<h3>Interactions</h3><p>Friedman's H² of each driver pair: the share of the pair's joint "
+            "partial "
+            "dependence not explained by the two one-driver effects (0 = additive).</p>" + _table(df)
+        )
+        for png in run.layout.analysis_files("pd2_*.png"):
+            name = f"analysis-{png.name}"
+            shutil.copyfile(png, folder / name)
+            parts.append(_figure(name, f"Two-driver partial dependence ({png.name}, from geoflux analyze)."))
+    sc = (run.analysis or {}).get("scenarios")
+    if isinstance(sc, list) and sc:
+        df = pd.DataFrame(sc)
+        keep = [
+            c for c in ("scenario", "region", "nee_base", "nee_scenario", "delta_nee", "left_aoa") if c in df
+        ]
+        df = df.loc[df.get("region", pd.Series("all", index=df.index)) == "all", keep]
+        parts.append(
+            "<h3>Scenarios</h3><p>Regional mean NEE (gC m-2 d-1) under each scenario; <b>left_aoa</b> is the "
+            "share "
+            "of pixels the scenario moves outside the area of applicability.</p>" + _table(df)
+        )
+    return "\n".join(parts)
+
+
+def _budgets_section(run: _Run) -> str:
+    """The ``geoflux budgets`` table (budgets/budgets.csv) with its interval assumption."""
+    from geoflux.run import BUDGETS_CSV
+
+    df = run.layout.optional_csv(BUDGETS_CSV)
+    if run.budgets is None or df is None:
+        return _note("no budgets/budgets.json (run 'geoflux budgets CONFIG' for budgets with intervals)")
+    text = (
+        f"<h3>Budgets with intervals (geoflux "
+        f"budgets)</h3><p>{html.escape(str(run.budgets.get('units', '')))}; "
+        f"{html.escape(str(run.budgets.get('interval', '')))}; "
+        f"{html.escape(str(run.budgets.get('sign', '')))}. "
+        "q05/q95 bound the 90 % interval; <b>covered</b> says whether it holds the true budget (generated "
+        "worlds).</p>"
+    )
+    return text + _table(df)
+
+
+def site_skill_table(run: _Run) -> pd.DataFrame:
+    """Per-site held-out skill (``validation/skill_site.csv``), worst ``nse`` first, with the in-sample nse.
+
+    Columns: site, igbp, n, nse, r2_pearson, rmse, bias (gC m-2 d-1), band coverage of the held-out
+    predictions, and ``nse in-sample`` (the map at the site, fitted with it).
+    """
+    if run.site_skill is None:
+        raise GeofluxError("validation/skill_site.csv not found (run 'geoflux validate')")
+    t = run.site_skill
+    cv = t.loc[t["source"] == "cv"]
+    if cv.empty:
+        raise GeofluxError("validation/skill_site.csv has no held-out (cv) rows")
+    out = cv[[c for c in ("site", "n", "nse", "r2_pearson", "rmse", "bias", "interval_coverage") if c in cv]]
+    out = out.rename(columns={"interval_coverage": "band coverage"})
+    mp = t.loc[t["source"] == "map", ["site", "nse"]].rename(columns={"nse": "nse in-sample"})
+    out = out.merge(mp, on="site", how="left") if len(mp) else out
+    if run.sites is not None and "IGBP" in run.sites.columns:
+        out.insert(1, "igbp", out["site"].map(run.sites["IGBP"].astype(str)).fillna("?"))
+    return out.sort_values("nse", kind="stable").reset_index(drop=True)
+
+
+def held_out_section(run: _Run) -> str:
+    """The report's lead: held-out CV skill, then (generated worlds) the map against the known truth."""
+    m = run.metrics
+    cv = m.get("cv") or {}
+    parts = ["<section id='held-out-skill'>", "<h2>Held-out skill</h2>"]
+    if "nse" not in cv:
+        parts.append(_note("metrics.json has no held-out cross-validation (cv) scores"))
+    else:
+        unc = cv.get("uncertainty") or {}
+        nominal = unc.get("nominal")
+        parts.append(
+            f"<p>How well the maps predict towers they never saw: "
+            f"{html.escape(str(cv.get('scheme', 'grouped')))} "
+            "cross-validation through the map path (each tower's NEE predicted as the footprint-weighted sum "
+            "of "
+            "per-pixel predictions by a model fitted without its site). gC m-2 d-1; <b>nse</b> = 1 − "
+            "SSE/SST, "
+            "<b>r2_pearson</b> = squared correlation.</p>"
+        )
+        row = {
+            "sites": cv.get("n_sites"),
+            "n": cv.get("n"),
+            "nse": cv.get("nse"),
+            "r2_pearson": cv.get("r2_pearson"),
+            "rmse": cv.get("rmse"),
+            "bias": cv.get("bias"),
+            (f"{nominal:.0%} band coverage" if nominal else "band coverage"): unc.get("coverage"),
+            "median site nse": cv.get("nse_site_median"),
+            "10th pct site nse": cv.get("nse_site_p10"),
+        }
+        parts.append(_table(pd.DataFrame([row])))
+    truth = m.get("truth")
+    if truth and "nse" in truth:
+        ta = m.get("truth_aoa") or {}
+        row = {
+            "pixel-steps": truth.get("n"),
+            "nse": truth.get("nse"),
+            "rmse": truth.get("rmse"),
+            "bias": truth.get("bias"),
+            "band covers truth": (ta.get("all") or {}).get("band_covers_truth"),
+            "nse inside AOA": (ta.get("inside") or {}).get("nse"),
+            "nse outside AOA": (ta.get("outside") or {}).get("nse"),
+        }
+        parts.append("<h3>Map vs the known true field (generated world, every pixel and step)</h3>")
+        parts.append(_table(pd.DataFrame([row])))
+    n_train = len(run.card["provenance"].get("sites", [])) if run.card else None
+    if n_train:
+        parts.append(
+            f"<p class='meta'>The final model is fitted on all {n_train} training towers: comparisons of the "
+            "maps with those towers further down (marked <i>in-sample</i>) measure fit, not skill.</p>"
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
 # --------------------------------------------------------------------------------------------------
 # HTML
 
@@ -505,7 +932,18 @@ figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{f
 """
 
 
+COUNT_COLUMNS = re.compile(r"^(n|n_.*|sites|pixels|periods|pixel-steps)$")
+
+
 def _table(df: pd.DataFrame, digits: int = 3) -> str:
+    """HTML table; count columns (``n``, ``n_sites``, ``pixels``, ...) printed as integers, not "
+    "``1341.000``."""
+    df = df.copy()
+    for c in df.columns:
+        if COUNT_COLUMNS.match(str(c)):
+            v = pd.to_numeric(df[c], errors="coerce")
+            if (v.dropna() % 1 == 0).all():
+                df[c] = [("–" if pd.isna(x) else str(int(x))) for x in v]
     return df.to_html(
         index=False,
         border=0,
@@ -691,9 +1129,8 @@ def write_report(cfg: RunConfig, dates: Sequence[str] | None = None, n_sites: in
             f"{html.escape(str(run.metrics.get('created', '?')))} · units gC m-2 d-1 "
             "(positive = CO2 source)</p>",
         ]
-        from geoflux.metrics import summarize_metrics
-
-        parts.append(f"<pre>{html.escape(summarize_metrics(run.metrics))}</pre>")
+        # the lead: what the maps are worth where no tower was used to fit them
+        _try(parts, "held-out skill", lambda: held_out_section(run))
         info: dict = {}
         try:
             total, extent, crs_label, b = budget(run)
@@ -706,6 +1143,41 @@ def write_report(cfg: RunConfig, dates: Sequence[str] | None = None, n_sites: in
             if "total" not in info:
                 raise GeofluxError(info.get("error", "no maps"))
 
+        chosen: list[pd.Timestamp] = []
+        if "total" in info:
+            chosen = wanted or choose_dates(info["means"])
+
+        parts.append("<h2>Held-out skill per site</h2>")
+
+        def per_site() -> str:
+            fig = _figure(
+                fig_scatter(run, tmp, sources=("cv",), name="scatter_cv.png"),
+                "Held-out predictions of the site-grouped cross-validation against tower NEE (each site "
+                "predicted by a model that never saw it). Orange: reduced-major-axis fit.",
+            )
+            table = site_skill_table(run)
+            return (
+                fig + "<p>Per site, worst held-out <b>nse</b> first (validation/skill_site.csv); <b>band "
+                "coverage</b> is the share of held-out observations inside the 90 % band; <b>nse "
+                "in-sample</b> "
+                "is the map at the same site, fitted with it.</p>" + _table(table)
+            )
+
+        _try(parts, "per-site skill", per_site)
+        if run.cfg.truth:
+            parts.append("<h2>Map vs truth (generated world)</h2>")
+
+            def error_section() -> str:
+                need_maps()
+                return _figure(
+                    fig_error(run, tmp, chosen, mean_error(run), info["extent"], info["crs_label"]),
+                    "Map minus the true NEE the world was generated from (purple: map too low, i.e. too much "
+                    "uptake; orange: too high). Each panel has its own colour scale; crosses mark the "
+                    "towers.",
+                )
+
+            _try(parts, "error map", error_section)
+
         parts.append("<h2>Towers over the region</h2>")
 
         def towers_section() -> str:
@@ -713,19 +1185,23 @@ def write_report(cfg: RunConfig, dates: Sequence[str] | None = None, n_sites: in
             name = fig_towers(run, tmp, info["mean_map"], info["extent"], info["crs_label"])
             return _figure(
                 name,
-                "Towers on the mean NEE map; marker = land cover, edge colour = role (training/held-out).",
+                "Towers on the mean NEE map; marker = land cover, edge colour = role (training/held-out); "
+                "black "
+                "outline = the 80 % source area of each tower's footprint (towers/footprints.npz); dashed: "
+                "longitude/latitude.",
             )
 
         _try(parts, "tower map", towers_section)
-        parts.append("<h2>Predicted vs observed</h2>")
+        parts.append("<h2 class='in-sample'>Map at the training towers (in-sample)</h2>")
         _try(
             parts,
             "scatter",
             lambda: _figure(
-                fig_scatter(run, tmp),
-                "Left: held-out predictions of the "
-                "site-grouped cross-validation. Right: the maps through each tower's footprint (in-sample at "
-                "training sites). Orange: reduced-major-axis fit.",
+                fig_scatter(run, tmp, sources=("map",)),
+                "The maps through each tower's footprint against the tower's NEE. The model was fitted on "
+                "these "
+                "towers, so this measures fit, not skill (see the held-out skill above). Orange: "
+                "reduced-major-axis fit.",
             ),
         )
         parts.append("<h2>Time series at selected sites</h2>")
@@ -739,18 +1215,26 @@ def write_report(cfg: RunConfig, dates: Sequence[str] | None = None, n_sites: in
             ),
         )
         parts.append("<h2>Skill</h2>")
+        from geoflux.metrics import summarize_metrics
+
+        parts.append(f"<pre>{html.escape(summarize_metrics(run.metrics))}</pre>")
         _try(parts, "skill tables", lambda: _skill_tables(run))
         parts.append("<h2>Maps</h2>")
 
         def maps_section() -> str:
             need_maps()
-            chosen = wanted or choose_dates(info["means"])
             shown = ", ".join(f"{d:%Y-%m-%d}" for d in chosen)
+            name, per_step = fig_maps(run, tmp, chosen)
+            scale = (
+                "each date has its own colour scale (a shared one would show the quieter dates flat)"
+                if per_step
+                else "one colour scale for all dates"
+            )
             return _figure(
-                fig_maps(run, tmp, chosen),
-                f"NEE maps for the periods starting {shown} (blue = uptake, red = "
-                "release), with the truth, the uncertainty band width and the area of applicability "
-                "when the run has them.",
+                name,
+                f"NEE maps for the periods starting {shown} (blue = uptake, red = release; {scale}; NEE and "
+                "truth of a date share a scale), with the truth, the uncertainty band width and the area of "
+                "applicability when the run has them.",
             )
 
         _try(parts, "maps", maps_section)
@@ -772,16 +1256,9 @@ def write_report(cfg: RunConfig, dates: Sequence[str] | None = None, n_sites: in
             )
 
         _try(parts, "budget", budget_section)
-        parts.append("<h2>Driver importance</h2>")
-        _try(
-            parts,
-            "driver importance",
-            lambda: _figure(
-                fig_importance(run, tmp),
-                "Permutation importance on "
-                "held-out folds (the land-cover class fractions permuted together).",
-            ),
-        )
+        _try(parts, "budgets table", lambda: _budgets_section(run))
+        parts.append("<h2>Driver analysis</h2>")
+        _try(parts, "driver analysis", lambda: _analysis_section(run, tmp))
         parts.append("<h2>Run configuration and provenance</h2>")
         _try(parts, "provenance", lambda: _provenance(run))
         parts.append("</body></html>")

@@ -12,6 +12,8 @@ spells a path inside a run folder. Layout under the output folder::
     model/model.skops, model.json fitted model + card; cv_predictions.parquet, cv_metrics.json
     maps/nee_YYYYMMDD.tif         NEE COG per time step (and one file per band); maps/catalog.json (STAC)
     validation/metrics.json       truth / cv / towers scores; pairs.parquet, skill_<stratum>.csv
+    analysis/                     ``geoflux analyze``: analysis.json, importance.csv, partial_dependence.csv
+    budgets/budgets.json, .csv    ``geoflux budgets``: budgets per window, region and class
     report/index.html             the report
 """
 
@@ -40,6 +42,11 @@ CV_METRICS = "model/cv_metrics.json"
 MAPS = "maps"
 METRICS = "validation/metrics.json"
 VALIDATION_PAIRS = "validation/pairs.parquet"
+SITE_SKILL = "validation/skill_site.csv"
+ANALYSIS = "analysis"
+ANALYSIS_JSON = "analysis/analysis.json"
+BUDGETS_JSON = "budgets/budgets.json"
+BUDGETS_CSV = "budgets/budgets.csv"
 REPORT = "report/index.html"
 
 # which command writes each artefact (for "run ... first" messages)
@@ -114,6 +121,20 @@ class RunLayout:
     def read_json(self, rel: str) -> dict:
         """Read a stage's JSON document (error naming the producing command if it is missing)."""
         return json.loads(self.require(rel).read_text())
+
+    def optional_json(self, rel: str) -> dict | None:
+        """A JSON document of an optional stage (``analyze``, ``budgets``), or None when it was not run."""
+        path = self.path(rel)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def optional_csv(self, rel: str) -> pd.DataFrame | None:
+        """A CSV table of an optional output (e.g. :data:`SITE_SKILL`), or None when it is absent."""
+        path = self.path(rel)
+        return pd.read_csv(path) if path.is_file() else None
+
+    def analysis_files(self, pattern: str) -> list[Path]:
+        """Files of ``analysis/`` matching a glob (``pd2_*.png``), sorted; empty before an analysis."""
+        return sorted(self.path(ANALYSIS).glob(pattern))
 
     def model_card(self) -> dict | None:
         """The model card (``model/model.json``), or None before training."""
