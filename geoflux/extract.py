@@ -244,7 +244,8 @@ def broadened(fw: FootprintWeights, ry: float, rx: float, shape: tuple[int, int]
     py, px = int(np.ceil(ry)), int(np.ceil(rx))
     yy, xx = np.mgrid[-py : py + 1, -px : px + 1]
     disk = ((yy / max(ry, 1e-9)) ** 2 + (xx / max(rx, 1e-9)) ** 2 <= 1.0).astype(np.float64)
-    w = np.clip(fftconvolve(fw.weights, disk / disk.sum(), mode="full"), 0.0, None)
+    w = fftconvolve(fw.weights, disk / disk.sum(), mode="full")
+    w[w < 1e-12 * w.max(initial=0.0)] = 0.0  # FFT round-off (±1e-19) where the true weight is 0
     r0, c0 = fw.row_off - py, fw.col_off - px
     r_lo, c_lo = max(0, -r0), max(0, -c0)
     r_hi, c_hi = min(w.shape[0], shape[0] - r0), min(w.shape[1], shape[1] - c0)
