@@ -14,12 +14,16 @@ Printed per variant (NEE in gC m-2 d-1):
 * ``band``: share of pixel-steps whose true NEE lies inside the nominal 90 % band;
 * ``aoa_in``: share of pixel-steps inside the area of applicability;
 * ``mixed``: share of towers whose second land-cover class holds > 20 % of the footprint weight;
+* ``hedge``: share of the broadened footprint (footprint convolved with a ``footprint.hedge_radius`` disk)
+  the inner site CV chose for training and the map-path CV (0 = the modelled footprint; see
+  :func:`geoflux.footprint_fit.choose_hedge`; always 0 for averaged training);
 * ``train_s``: seconds for ``geoflux train`` (CV + fit), this machine, whatever else it runs.
 
 Usage::
 
     python bench/bench_footprint_training.py                 # all worlds, all methods (~25 min, 2 cores)
     python bench/bench_footprint_training.py --worlds random --methods iterative averaged
+    python bench/bench_footprint_training.py --worlds random-box --hedge-shares 0   # no hedge (as before)
 """
 
 from __future__ import annotations
@@ -104,7 +108,14 @@ def score_maps(run: Path, cfg) -> dict[str, float]:
     return {"truth_r2": 1 - sse / sst_sum, "band": inside / n, "aoa_in": aoa / n}
 
 
-def run_world(name: str, spec: WorldSpec, root: Path, methods: list[str], footprint: str) -> list[dict]:
+def run_world(
+    name: str,
+    spec: WorldSpec,
+    root: Path,
+    methods: list[str],
+    footprint: str,
+    hedge_shares: list[float] | None = None,
+) -> list[dict]:
     base = root / f"{name}-{footprint}"
     cfg_path = write_world(base, spec)
     cfg = load_config(cfg_path)
@@ -121,7 +132,9 @@ def run_world(name: str, spec: WorldSpec, root: Path, methods: list[str], footpr
         mcfg = cfg.model_copy(
             update={
                 "output": str(run),
-                "model": cfg.model.model_copy(update={"training": method}),
+                "model": cfg.model.model_copy(
+                    update={"training": method, **({"hedge_shares": hedge_shares} if hedge_shares else {})}
+                ),
             }
         )
         t0 = time.perf_counter()
@@ -133,6 +146,8 @@ def run_world(name: str, spec: WorldSpec, root: Path, methods: list[str], footpr
             "footprint": footprint,
             "method": method,
             "mixed": mix,
+            "hedge": float(cv.get("footprint_hedge", {}).get("share", float("nan"))),
+            "inner_cv": json.dumps(cv.get("footprint_hedge", {}).get("inner_cv_nse", {})),
             "cv_r2": cv["nse"],
             "rows_r2": cv.get("averaged_rows", {}).get("nse", float("nan")),
             "cv_band": cv.get("uncertainty", {}).get("coverage", float("nan")),
@@ -149,6 +164,7 @@ def main() -> None:
     ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--footprints", nargs="+", default=["ffp"], choices=["ffp", "disk"])
+    ap.add_argument("--hedge-shares", nargs="+", type=float, default=None, help="override model.hedge_shares")
     ap.add_argument("--keep", type=Path, default=None, help="keep the worlds and runs in this folder")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="geoflux-fptrain-"))
@@ -157,7 +173,7 @@ def main() -> None:
     try:
         for fp in args.footprints:
             for w in args.worlds:
-                rows += run_world(w, WORLDS[w], root, args.methods, fp)
+                rows += run_world(w, WORLDS[w], root, args.methods, fp, args.hedge_shares)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -166,6 +182,7 @@ def main() -> None:
         "footprint",
         "method",
         "mixed",
+        "hedge",
         "truth_r2",
         "cv_r2",
         "rows_r2",

@@ -291,6 +291,15 @@ class FootprintSpec(_Strict):
         "footprint weight (weights renormalized over them)",
     )
     max_pixels: int = Field(default=100, ge=1, description="at most this many footprint pixels per tower")
+    hedge_radius: float = Field(
+        default=600.0,
+        ge=0.0,
+        description="radius (m) of the disk the footprint is convolved with for the broadened footprint "
+        "that footprint-consistent training may blend in (model.hedge_shares); 0 = no broadened footprint",
+    )
+    hedge_pixels: int = Field(
+        default=150, ge=1, description="pixels of the broadened footprint kept per tower (weighted sample)"
+    )
 
 
 class ModelSpec(_Strict):
@@ -327,6 +336,21 @@ class ModelSpec(_Strict):
     refit_iterations: int = Field(
         default=2, ge=1, le=20, description="iterative training: refits after the pixel-expansion start"
     )
+    hedge_shares: list[float] = Field(
+        default=[0.0, 0.5, 1.0],
+        min_length=1,
+        description="footprint-consistent training: candidate shares of the broadened footprint "
+        "(footprint.hedge_radius) in the footprint towers are fitted and predicted with; an inner "
+        "site-grouped CV through the map path chooses one ([0] = always the modelled footprint)",
+    )
+
+    @field_validator("hedge_shares")
+    @classmethod
+    def _shares(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"hedge_shares {bad} (expected shares between 0 and 1)")
+        return sorted(set(v))
 
 
 class RunConfig(_Strict):

@@ -155,6 +155,9 @@ def extract_drivers(
     *,
     pixel_mass: float = 0.95,
     max_pixels: int = 100,
+    hedge_radius: float = 0.0,
+    hedge_pixels: int = 150,
+    seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Footprint-weighted features per site and time step, and the footprint pixels they come from.
 
@@ -168,6 +171,12 @@ def extract_drivers(
     variables : driver definitions (feature order).
     pixel_mass : the pixel table keeps each footprint's heaviest pixels up to this share of its weight.
     max_pixels : and at most this many pixels per footprint.
+    hedge_radius : > 0 adds the pixels of a *broadened* footprint, the footprint convolved with a uniform
+        disk of this radius (m), as a second kernel (``fp_kernel`` 1) that training may blend in when the
+        towers say the modelled footprint is too narrow (:func:`geoflux.footprint_fit.choose_hedge`).
+    hedge_pixels : pixels of the broadened footprint kept per tower, a systematic sample with probability
+        ∝ weight (each kept pixel then carries an equal share: an unbiased estimate of the broad sum).
+    seed : offset of the systematic sample.
 
     Returns
     -------
@@ -176,9 +185,19 @@ def extract_drivers(
         ``fp_method``.
     pixels : one row per kept footprint pixel and time step: ``site``, ``time``, ``row``, ``col`` (grid
         pixel), ``fp_weight`` (weight renormalized to sum to 1 per site and time over pixels with every
-        driver) and the pixel's own features, exactly as the map sees that pixel.
+        driver) and the pixel's own features, exactly as the map sees that pixel; ``fp_kernel`` says
+        which footprint the pixel belongs to (0 the modelled footprint, 1 the broadened one; the weights
+        sum to 1 per site, time and kernel).
     """
     names = feature_names(variables)
+    broad = {}
+    if hedge_radius > 0:
+        shape = (cube.sizes["y"], cube.sizes["x"])
+        px = _pixel_size_m(cube)
+        broad = {
+            site: broadened(fw, hedge_radius / px[0], hedge_radius / px[1], shape)
+            for site, fw in footprints.items()
+        }
     times = pd.DatetimeIndex(cube["time"].to_numpy())
     frames, pixel_frames = [], []
     for site, fw, feats in _footprint_features(cube, footprints, variables):
@@ -194,8 +213,66 @@ def extract_drivers(
         df["fp_valid"] = wsum
         df["fp_method"] = fw.method
         frames.append(df.loc[wsum > 0])
-        pixel_frames.append(_kept_pixels(site, fw, feats, ok, times, names, pixel_mass, max_pixels))
+        keep = _heaviest(fw.weights.ravel(), pixel_mass, max_pixels)
+        pixel_frames.append(_kept_pixels(site, fw, feats, ok, times, names, keep, fw.weights.ravel()[keep]))
+    for k, (site, bw, feats) in enumerate(_footprint_features(cube, broad, variables)):
+        ok = ~np.isnan(feats).any(axis=-1)
+        keep, w = _systematic_sample(bw.weights.ravel(), hedge_pixels, seed + k)
+        pixel_frames.append(_kept_pixels(site, bw, feats, ok, times, names, keep, w, kernel=1))
     return pd.concat(frames, ignore_index=True), pd.concat(pixel_frames, ignore_index=True)
+
+
+def _pixel_size_m(cube: xr.Dataset) -> tuple[float, float]:
+    """(row, column) pixel size of the cube's grid in metres (on a geographic grid, at its centre)."""
+    gb = cube.odc.geobox
+    ry, rx = abs(gb.resolution.y), abs(gb.resolution.x)
+    if gb.crs.geographic:
+        lat = float(np.deg2rad(gb.extent.centroid.coords[0][1]))
+        return ry * 111_320.0, rx * 111_320.0 * max(np.cos(lat), 1e-6)
+    return ry, rx
+
+
+def broadened(fw: FootprintWeights, ry: float, rx: float, shape: tuple[int, int]) -> FootprintWeights:
+    """The footprint convolved with a uniform disk of radii ``ry`` × ``rx`` pixels, clipped to the grid.
+
+    A hedge against a modelled footprint that is too narrow (the true source area of a tower is rarely
+    known better than to a factor of two): the same shape, smeared over a wider area. Weights outside the
+    grid are dropped (``coverage`` says how much is left).
+    """
+    from scipy.signal import fftconvolve
+
+    py, px = int(np.ceil(ry)), int(np.ceil(rx))
+    yy, xx = np.mgrid[-py : py + 1, -px : px + 1]
+    disk = ((yy / max(ry, 1e-9)) ** 2 + (xx / max(rx, 1e-9)) ** 2 <= 1.0).astype(np.float64)
+    w = fftconvolve(fw.weights, disk / disk.sum(), mode="full")
+    w[w < 1e-12 * w.max(initial=0.0)] = 0.0  # FFT round-off (±1e-19) where the true weight is 0
+    r0, c0 = fw.row_off - py, fw.col_off - px
+    r_lo, c_lo = max(0, -r0), max(0, -c0)
+    r_hi, c_hi = min(w.shape[0], shape[0] - r0), min(w.shape[1], shape[1] - c0)
+    w = w[r_lo:r_hi, c_lo:c_hi]
+    return FootprintWeights(r0 + r_lo, c0 + c_lo, w, float(w.sum()), f"{fw.method}-broadened")
+
+
+def _heaviest(flat_w: np.ndarray, pixel_mass: float, max_pixels: int) -> np.ndarray:
+    # The heaviest pixels of the footprint: FFP tails never reach zero, and thousands of pixels each
+    # holding 1e-5 of the weight add rows (and cost) without information.
+    order = np.argsort(-flat_w, kind="stable")
+    total = flat_w.sum()
+    n_keep = int(np.searchsorted(np.cumsum(flat_w[order]), pixel_mass * total) + 1) if total > 0 else 0
+    return order[: min(n_keep, max_pixels, int(np.count_nonzero(flat_w)))]
+
+
+def _systematic_sample(flat_w: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` draws ∝ weight, evenly spaced along the raster-order cumulative weight (one random offset):
+    the unique pixels drawn and their draw counts. A broad footprint has thousands of light pixels; this
+    keeps ``k`` of them, spread over its whole area, with an unbiased weighted sum."""
+    cum = np.cumsum(flat_w)
+    if not cum.size or cum[-1] <= 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    u = (np.random.default_rng(seed).random() + np.arange(k)) / k * cum[-1]
+    idx = np.minimum(np.searchsorted(cum, u, side="right"), len(cum) - 1)
+    keep, counts = np.unique(idx, return_counts=True)
+    return keep, counts.astype(np.float64)
 
 
 def _kept_pixels(
@@ -205,20 +282,15 @@ def _kept_pixels(
     ok: np.ndarray,
     times: pd.DatetimeIndex,
     names: list[str],
-    pixel_mass: float,
-    max_pixels: int,
+    keep: np.ndarray,
+    keep_w: np.ndarray,
+    kernel: int = 0,
 ) -> pd.DataFrame:
-    # The heaviest pixels of the footprint: FFP tails never reach zero, and thousands of pixels each
-    # holding 1e-5 of the weight add rows (and cost) without information.
-    flat_w = fw.weights.ravel()
-    order = np.argsort(-flat_w, kind="stable")
-    total = flat_w.sum()
-    n_keep = int(np.searchsorted(np.cumsum(flat_w[order]), pixel_mass * total) + 1) if total > 0 else 0
-    keep = order[: min(n_keep, max_pixels, int(np.count_nonzero(flat_w)))]
+    """Pixel-table rows of the kept pixels ``keep`` (flat window indices) with weights ``keep_w``."""
     nt = len(times)
     x = feats.reshape(nt, -1, feats.shape[-1])[:, keep]  # (time, k, f)
     valid = ok.reshape(nt, -1)[:, keep]
-    w = np.where(valid, flat_w[keep][None], 0.0)
+    w = np.where(valid, keep_w[None], 0.0)
     wsum = w.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         w = w / wsum
@@ -230,6 +302,7 @@ def _kept_pixels(
     out.insert(0, "row", (r + fw.row_off).astype(np.int32))
     out.insert(0, "time", times[t_idx])
     out.insert(0, "site", site)
+    out["fp_kernel"] = np.int8(kernel)
     return out
 
 

@@ -49,12 +49,43 @@ class FootprintRows:
     weight : (n_pixels,) footprint weight of the pixel, summing to 1 over each owner's pixels.
     owner : (n_pixels,) int, the training-table row (tower-step) the pixel belongs to; non-decreasing.
     n_rows : number of rows of the training table.
+    kernel : (n_pixels,) int8 or None, 0 for pixels of the modelled footprint, 1 for the broadened one.
+    kernel_weight : (n_pixels,) or None, the pixel's weight within its own kernel (summing to 1 per owner
+        and kernel); :meth:`hedged` blends the kernels from it.
     """
 
     x: np.ndarray
     weight: np.ndarray
     owner: np.ndarray
     n_rows: int
+    kernel: np.ndarray | None = None
+    kernel_weight: np.ndarray | None = None
+
+    @property
+    def can_hedge(self) -> bool:
+        """Whether the rows carry a broadened footprint to blend in."""
+        return self.kernel is not None and bool((self.kernel == 1).any())
+
+    def hedged(self, share: float) -> FootprintRows:
+        """The pixels with footprint weights ``(1 − share)·modelled + share·broadened``, zero-weight pixels
+        dropped. A row without pixels of one kernel keeps the other's weights (renormalized)."""
+        if self.kernel is None or self.kernel_weight is None:
+            return self
+        w = np.where(self.kernel == 1, share, 1.0 - share) * self.kernel_weight
+        total = np.bincount(self.owner, weights=w, minlength=self.n_rows)
+        lacking = total[self.owner] <= 0  # the row has no pixel of the kernel the share asks for
+        w = np.where(lacking, self.kernel_weight, w)  # then whichever kernel it has
+        keep = w > 0
+        own = self.owner[keep]
+        total = np.bincount(own, weights=w[keep], minlength=self.n_rows)
+        return FootprintRows(
+            x=self.x[keep],
+            weight=w[keep] / total[own],
+            owner=own,
+            n_rows=self.n_rows,
+            kernel=self.kernel[keep],
+            kernel_weight=self.kernel_weight[keep],
+        )
 
     def tower_sum(self, values: np.ndarray, pixels: np.ndarray | None = None) -> np.ndarray:
         """Footprint-weighted sum per table row of per-pixel ``values`` (NaN for rows with no pixel).
@@ -119,21 +150,40 @@ def footprint_rows(table: pd.DataFrame, pixels: pd.DataFrame, features: list[str
 
     Returns
     -------
-    FootprintRows; table rows without any pixel have no pixel in it (callers drop them first, see
-    :func:`rows_with_pixels`).
+    FootprintRows with the modelled footprint's weights (broadened-footprint pixels, ``fp_kernel`` 1 in
+    the pixel table, carry weight 0 until :meth:`FootprintRows.hedged` blends them in); table rows without
+    any pixel have no pixel in it (callers drop them first, see :func:`rows_with_pixels`).
     """
     key = table[["site", "time"]].assign(_row=np.arange(len(table)))
     key["site"] = key["site"].astype(str)
     pix = pixels.assign(site=pixels["site"].astype(str)).merge(key, on=["site", "time"], how="inner")
-    pix = pix.sort_values("_row", kind="stable")
+    kern = pix["fp_kernel"].to_numpy(np.int8) if "fp_kernel" in pix else np.zeros(len(pix), np.int8)
+    pix = pix.assign(_kernel=kern).sort_values(["_row", "_kernel"], kind="stable")
     w = pix["fp_weight"].to_numpy(np.float64)
     own = pix["_row"].to_numpy(np.int64)
-    total = np.bincount(own, weights=w, minlength=len(table))
-    return FootprintRows(
+    kern = pix["_kernel"].to_numpy(np.int8)
+    total = np.bincount(own * 2 + kern, weights=w, minlength=2 * len(table))[own * 2 + kern]
+    kw = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+    fr = FootprintRows(
         x=pix[features].to_numpy(np.float32),
-        weight=w / total[own],
+        weight=kw,
         owner=own,
         n_rows=len(table),
+        kernel=kern,
+        kernel_weight=kw,
+    )
+    return fr.hedged(0.0) if not fr.can_hedge else _modelled_only(fr)
+
+
+def _modelled_only(fr: FootprintRows) -> FootprintRows:
+    # all pixels kept (hedged() may blend the broadened ones in later), the broadened ones at weight 0
+    return FootprintRows(
+        fr.x,
+        np.where(fr.kernel == 0, fr.kernel_weight, 0.0),
+        fr.owner,
+        fr.n_rows,
+        fr.kernel,
+        fr.kernel_weight,
     )
 
 
@@ -224,3 +274,73 @@ def predict_towers(est: RegressorMixin, fr: FootprintRows, rows: np.ndarray) -> 
     if len(pix):
         out[rows] = fr.tower_sum(stable_predict(est, fr.x[pix]), pix)[rows]
     return out
+
+
+HEDGE_FOLDS = 4  # site groups of the inner CV that chooses the footprint hedge
+HEDGE_TOLERANCE = 0.005  # NSE a wider footprint must gain over a narrower one to be chosen
+
+
+def choose_hedge(
+    make: Callable[[], RegressorMixin],
+    fr: FootprintRows,
+    y: np.ndarray,
+    sites: np.ndarray,
+    shares: list[float],
+    *,
+    method: str,
+    seed: int = 0,
+) -> tuple[float, dict[str, float]]:
+    """The share of the broadened footprint the towers support best, by an inner site-grouped CV.
+
+    For each candidate share the footprint is ``(1 − share)·modelled + share·broadened``; models are fitted
+    (quick forests, one refit) on the footprints of :data:`HEDGE_FOLDS` − 1 groups of sites and predict the
+    held-out towers through the map path with that same footprint. Only tower NEE is used. A wider
+    footprint is chosen only when its pooled NSE beats the narrower ones by :data:`HEDGE_TOLERANCE`: the
+    modelled footprint is the prior, the towers must argue against it.
+
+    Parameters
+    ----------
+    make : returns a fresh unfitted regressor.
+    fr : footprint pixels with both kernels (:func:`footprint_rows` of a pixel table with ``fp_kernel``).
+    y : (n_rows,) tower NEE, gC m-2 d-1.
+    sites : (n_rows,) site of every table row.
+    shares : candidate shares in [0, 1].
+    method : ``pixel`` or ``iterative``.
+    seed : site groups and draws.
+
+    Returns
+    -------
+    The chosen share and the inner CV's pooled NSE per candidate share (keys ``"0.5"`` etc.).
+    """
+    shares = sorted(set(shares))
+    if not fr.can_hedge or len(shares) == 1:
+        return (shares[0] if fr.can_hedge else 0.0), {}
+    names = np.unique(sites)
+    if len(names) < 3:
+        return shares[0], {}
+    rng = np.random.default_rng(seed)
+    group_of = dict(zip(rng.permutation(names), np.arange(len(names)) % HEDGE_FOLDS, strict=True))
+    group = np.array([group_of[s] for s in sites])
+
+    def quick() -> RegressorMixin:
+        est = make()
+        if isinstance(est, RandomForestRegressor):
+            est.set_params(n_estimators=min(est.n_estimators, CROSSFIT_TREES))
+        return est
+
+    nse = {}
+    for share in shares:
+        fa = fr.hedged(share)
+        pred = np.full(fr.n_rows, np.nan)
+        for g in np.unique(group):
+            train, test = np.flatnonzero(group != g), np.flatnonzero(group == g)
+            est, _, _ = fit_pixels(quick, fa, y, train, sites, method=method, iterations=1, seed=seed + g)
+            pred[test] = predict_towers(est, fa, test)[test]
+        ok = np.isfinite(pred)
+        sst = float(((y[ok] - y[ok].mean()) ** 2).sum())
+        nse[share] = 1.0 - float(((pred[ok] - y[ok]) ** 2).sum()) / sst if sst > 0 else float("nan")
+    best = shares[0]
+    for share in shares[1:]:
+        if nse[share] > nse[best] + HEDGE_TOLERANCE:
+            best = share
+    return best, {f"{a:g}": v for a, v in nse.items()}

@@ -48,6 +48,7 @@ from geoflux.footprint_fit import (
     DRAWS_PER_ROW,
     QUANTILE_DRAWS,
     FootprintRows,
+    choose_hedge,
     fit_pixels,
     footprint_rows,
     predict_towers,
@@ -379,6 +380,25 @@ def align_footprints(
     return table, footprint_rows(table, pixels, features)
 
 
+def hedge_footprints(table: pd.DataFrame, fr: FootprintRows, spec: ModelSpec) -> tuple[FootprintRows, dict]:
+    """The footprint the towers are fitted and predicted with: the modelled one blended with its broadened
+    version by the share an inner site CV through the map path chooses (:func:`choose_hedge`); averaged
+    training keeps the modelled footprint. Returns the footprint rows and a summary for the CV metrics."""
+    method = _method(spec, fr)
+    if method == "averaged" or not fr.can_hedge:
+        return fr.hedged(0.0), {"share": 0.0, "inner_cv_nse": {}}
+    share, nse = choose_hedge(
+        lambda: make_estimator(spec),
+        fr,
+        table["NEE"].to_numpy(np.float64),
+        table["site"].astype(str).to_numpy(),
+        spec.hedge_shares,
+        method=method,
+        seed=spec.seed,
+    )
+    return fr.hedged(share), {"share": share, "inner_cv_nse": nse}
+
+
 def cross_validate(
     table: pd.DataFrame,
     features: list[str],
@@ -683,7 +703,14 @@ def train(
     entry adds the threshold, the fraction of held-out samples inside and the CV scores inside and outside.
     """
     table, fr = align_footprints(table, pixels, features)
+    hedge = None
+    if fr is not None:
+        fr, hedge = hedge_footprints(table, fr, spec)
     cv_pred, cv = cross_validate(table, features, spec, sites, footprints=fr)
+    if hedge is not None:
+        cv["footprint_hedge"] = hedge
+    if hedge is not None:  # the model card says which footprint the model was fitted with
+        provenance = {**(provenance or {}), "footprint_hedge": hedge}
     model = fit(
         table, features, feature_units, spec, provenance, cv_predictions=cv_pred, sites=sites, footprints=fr
     )

@@ -123,8 +123,16 @@ def stage_extract(cfg: RunConfig) -> pd.DataFrame:
     sites = load_sites(cfg).loc[lambda s: s.index.isin(obs["site"].unique())]
     fps = footprints_for(cfg, sites)
     cube = cube_from_config(cfg)
+    fp = cfg.footprint
     drivers, pixels = extract_drivers(
-        cube, fps, cfg.variables, pixel_mass=cfg.footprint.pixel_mass, max_pixels=cfg.footprint.max_pixels
+        cube,
+        fps,
+        cfg.variables,
+        pixel_mass=fp.pixel_mass,
+        max_pixels=fp.max_pixels,
+        hedge_radius=fp.hedge_radius,
+        hedge_pixels=fp.hedge_pixels,
+        seed=fp.seed,
     )
     table = training_table(drivers, obs)
     if table.empty:
