@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import threading
+from pathlib import Path
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
 
 from geoflux.errors import GeofluxError
-from geoflux.mapping.scheduler import SchedulerError, Shared, open_scheduler
+from geoflux.mapping import scheduler
+from geoflux.mapping.scheduler import SchedulerError, Shared, block_graphs, open_scheduler
 
 
 def _scaled(block: np.ndarray, factor: Shared) -> np.ndarray:
@@ -87,3 +91,24 @@ def test_bad_specs_and_handles():
         assert h.get() == [1, 2]
     with pytest.raises(SchedulerError):
         h.get()  # closing the scheduler drops what it broadcast
+
+
+def test_each_block_graph_is_the_blocks_own_part():
+    arr = (da.arange(64, chunks=8, dtype="float64").reshape(8, 8).rechunk(4) + 1) * 2
+    blocks = list(arr.to_delayed(optimize_graph=True).ravel())
+    parts = list(block_graphs(blocks))
+    assert [k for k, _ in parts] == [b.key for b in blocks]
+    for block, (key, sub) in zip(blocks, parts, strict=True):
+        (own,) = dask.optimize(block)  # dask culling this block's graph on its own
+        assert set(sub) == set(dict(own.__dask_graph__()))
+        np.testing.assert_array_equal(dask.get(sub, key), block.compute())
+
+
+def test_scheduler_uses_public_dask_names_only():
+    # dask and distributed modules whose name starts with "_" are private and change without notice
+    tree = ast.parse(Path(scheduler.__file__).read_text())
+    modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    ours = [m for m in modules if m.split(".")[0] in ("dask", "distributed")]
+    assert ours and not [m for m in ours if any(part.startswith("_") for part in m.split("."))]
+    assert "collections_to_expr" not in Path(scheduler.__file__).read_text()
