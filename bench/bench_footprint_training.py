@@ -8,9 +8,9 @@ each training method and scores the maps against the world's true NEE (which no 
 
 Printed per variant (NEE in gC m-2 d-1):
 
-* ``truth_r2``: map vs true field, 1 − SSE/SST over all pixel-steps (NSE);
-* ``cv_r2``: leave-one-site-out CV through the map's path (footprint-weighted per-pixel predictions);
-* ``rows_r2``: the CV a model on averaged rows reports about itself (averaged training only);
+* ``truth_nse``: map vs true field, 1 − SSE/SST over all pixel-steps (NSE);
+* ``cv_nse``: leave-one-site-out CV through the map's path (footprint-weighted per-pixel predictions);
+* ``rows_nse``: the CV a model on averaged rows reports about itself (averaged training only);
 * ``band``: share of pixel-steps whose true NEE lies inside the nominal 90 % band;
 * ``aoa_in``: share of pixel-steps inside the area of applicability;
 * ``mixed``: share of towers whose second land-cover class holds > 20 % of the footprint weight;
@@ -105,7 +105,7 @@ def score_maps(run: Path, cfg) -> dict[str, float]:
         aoa += float((bands["aoa"] == 1)[ok].sum())
     t_cat = np.concatenate(t_all)
     sst_sum = float(((t_cat - t_cat.mean()) ** 2).sum())
-    return {"truth_r2": 1 - sse / sst_sum, "band": inside / n, "aoa_in": aoa / n}
+    return {"truth_nse": 1 - sse / sst_sum, "band": inside / n, "aoa_in": aoa / n}
 
 
 def run_world(
@@ -148,8 +148,8 @@ def run_world(
             "mixed": mix,
             "hedge": float(cv.get("footprint_hedge", {}).get("share", float("nan"))),
             "inner_cv": json.dumps(cv.get("footprint_hedge", {}).get("inner_cv_nse", {})),
-            "cv_r2": cv["nse"],
-            "rows_r2": cv.get("averaged_rows", {}).get("nse", float("nan")),
+            "cv_nse": cv["nse"],
+            "rows_nse": cv.get("averaged_rows", {}).get("nse", float("nan")),
             "cv_band": cv.get("uncertainty", {}).get("coverage", float("nan")),
             "train_s": train_s,
             **score_maps(run, mcfg),
@@ -183,9 +183,9 @@ def main() -> None:
         "method",
         "mixed",
         "hedge",
-        "truth_r2",
-        "cv_r2",
-        "rows_r2",
+        "truth_nse",
+        "cv_nse",
+        "rows_nse",
         "band",
         "cv_band",
         "aoa_in",
