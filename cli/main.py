@@ -458,13 +458,8 @@ def towers_model(
     median per-site NSE, then the per-site NSE next to the extrapolation flags. Writes report.html.
     """
     from geoflux.towers import read_sites
-    from geoflux.towers.modelling import (
-        check_out_dir,
-        comparison_table,
-        expand_files,
-        model_towers,
-        write_outputs,
-    )
+    from geoflux.towers.modelling import check_out_dir, comparison_table, expand_files, model_towers
+    from geoflux.towers.report import write_outputs
 
     check_out_dir(out, overwrite)
     t0 = time.perf_counter()

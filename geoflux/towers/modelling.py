@@ -32,7 +32,6 @@ by leave-one-site-out among the training sites of the same fold, or an ecosystem
 from __future__ import annotations
 
 import glob
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +99,7 @@ MIN_MONTHS_PER_YEAR = 10
 
 @dataclass
 class TowerModelResult:
-    """Everything :func:`model_towers` computed; :func:`write_outputs` writes it."""
+    """Everything :func:`model_towers` computed; :func:`geoflux.towers.report.write_outputs` writes it."""
 
     table: pd.DataFrame  # monthly table with features, obs and QC
     features: list[str]
@@ -871,57 +870,6 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
             f"{out}: folder is not empty (expected a new or empty folder, or --overwrite)"
         )
     return out
-
-
-def write_outputs(result: TowerModelResult, out: Path, *, overwrite: bool = False) -> dict[str, Path]:
-    """Write the model(s), cards, CV predictions, skill, flags and annual table into ``out``.
-
-    Files: ``model.skops`` + ``model.json`` (or ``model_gpp``/``model_reco`` for a carbon-balance
-    setup; skops format, see :func:`geoflux.model.save_model`), ``cv_predictions.csv`` (held-out monthly
-    NEE of every variant, gC m-2 d-1), ``skill.json`` (scores per variant and time scale),
-    ``comparison.csv``, ``site_flags.csv``, ``annual.csv`` (site-year budgets, anomalies, attribution),
-    ``features.csv`` (the monthly feature table), and the report section of
-    :func:`geoflux.towers.report.write_report` (``report.html``, ``figures/``, ``site_year_budget.csv``,
-    ``driver_importance.csv``, ``driver_dependence.csv``).
-
-    Raises
-    ------
-    OutputExistsError
-        ``out`` exists and is not empty, and ``overwrite`` is False.
-    """
-    from geoflux.model import save_model
-    from geoflux.towers.report import write_report
-
-    out = check_out_dir(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    # A previous run's model of another setup must not survive next to this run's skill.
-    for stale in [*out.glob("model*.skops"), *out.glob("model*.json"), *out.glob("figures/*.png")]:
-        stale.unlink()
-    paths: dict[str, Path] = {}
-    for target, model in result.models.items():
-        name = "model.skops" if target == "NEE" else f"model_{target.lower()}.skops"
-        paths[f"model_{target}"] = save_model(model, out / name)
-    for name, frame in (
-        ("cv_predictions.csv", result.predictions),
-        ("site_flags.csv", result.flags),
-        ("annual.csv", result.annual),
-        ("comparison.csv", comparison_table(result)),
-        ("features.csv", result.table),
-    ):
-        write_csv(frame, out / name)
-    summary = {
-        "setup": result.setup,
-        "units": "gC m-2 d-1 (NEE, rmse, bias); annual *_gC_m2_yr columns gC m-2 yr-1",
-        "skill": result.skill,
-        "flags_summary": result.flags.attrs.get("summary", {}),
-        **result.info,
-    }
-    with atomic_path(out / "skill.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-    for name in ("cv_predictions.csv", "site_flags.csv", "annual.csv", "comparison.csv", "skill.json"):
-        paths[name] = out / name
-    paths.update(write_report(result, out))
-    return paths
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> Path:

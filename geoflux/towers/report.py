@@ -23,16 +23,15 @@ what the model learnt from the *other* sites, as applied to this one.
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from geoflux.atomic import atomic_path
-
-if TYPE_CHECKING:
-    from geoflux.towers.modelling import TowerModelResult
+from geoflux.towers.modelling import TowerModelResult, check_out_dir, comparison_table, write_csv
 
 DAYS_PER_YEAR = 365.25
 # Driver groups varying within a site (site climate and IGBP are constant there, so permuting them
@@ -324,7 +323,6 @@ def write_report(result: TowerModelResult, out: str | Path) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    from geoflux.towers.modelling import comparison_table, write_csv
 
     out = Path(out)
     figs = out / "figures"
@@ -461,4 +459,54 @@ def write_report(result: TowerModelResult, out: str | Path) -> dict[str, Path]:
     with atomic_path(out / "report.html") as tmp:
         tmp.write_text("\n".join(parts), encoding="utf-8")
     paths["report.html"] = out / "report.html"
+    return paths
+
+
+def write_outputs(result: TowerModelResult, out: Path, *, overwrite: bool = False) -> dict[str, Path]:
+    """Write the model(s), cards, CV predictions, skill, flags and annual table into ``out``.
+
+    Files: ``model.skops`` + ``model.json`` (or ``model_gpp``/``model_reco`` for a carbon-balance
+    setup; skops format, see :func:`geoflux.model.save_model`), ``cv_predictions.csv`` (held-out monthly
+    NEE of every variant, gC m-2 d-1), ``skill.json`` (scores per variant and time scale),
+    ``comparison.csv``, ``site_flags.csv``, ``annual.csv`` (site-year budgets, anomalies, attribution),
+    ``features.csv`` (the monthly feature table), and the report section of
+    :func:`write_report` (``report.html``, ``figures/``, ``site_year_budget.csv``,
+    ``driver_importance.csv``, ``driver_dependence.csv``).
+
+    Raises
+    ------
+    OutputExistsError
+        ``out`` exists and is not empty, and ``overwrite`` is False.
+    """
+    from geoflux.model import save_model
+
+    out = check_out_dir(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    # A previous run's model of another setup must not survive next to this run's skill.
+    for stale in [*out.glob("model*.skops"), *out.glob("model*.json"), *out.glob("figures/*.png")]:
+        stale.unlink()
+    paths: dict[str, Path] = {}
+    for target, model in result.models.items():
+        name = "model.skops" if target == "NEE" else f"model_{target.lower()}.skops"
+        paths[f"model_{target}"] = save_model(model, out / name)
+    for name, frame in (
+        ("cv_predictions.csv", result.predictions),
+        ("site_flags.csv", result.flags),
+        ("annual.csv", result.annual),
+        ("comparison.csv", comparison_table(result)),
+        ("features.csv", result.table),
+    ):
+        write_csv(frame, out / name)
+    summary = {
+        "setup": result.setup,
+        "units": "gC m-2 d-1 (NEE, rmse, bias); annual *_gC_m2_yr columns gC m-2 yr-1",
+        "skill": result.skill,
+        "flags_summary": result.flags.attrs.get("summary", {}),
+        **result.info,
+    }
+    with atomic_path(out / "skill.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+    for name in ("cv_predictions.csv", "site_flags.csv", "annual.csv", "comparison.csv", "skill.json"):
+        paths[name] = out / name
+    paths.update(write_report(result, out))
     return paths
