@@ -14,6 +14,7 @@ import pandas as pd
 import pystac
 import pytest
 import rasterio
+import rioxarray  # noqa: F401  (registers the .rio accessor the CF checks use)
 import xarray as xr
 from click.testing import CliRunner
 
