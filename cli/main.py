@@ -227,6 +227,7 @@ def demo(out: Path, size: str, seed: int | None, overwrite: bool) -> None:
     t0 = time.perf_counter()
     _info(f"generating the {size} world in {out}/world ...")
     cfg_path = write_world(out, size, seed=seed)
+    _info(f"world: {time.perf_counter() - t0:.1f} s")
     _run(cfg_path, overwrite, as_json=False)
     _info(f"done in {time.perf_counter() - t0:.1f} s; config: {cfg_path}")
     del pipeline

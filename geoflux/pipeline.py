@@ -17,8 +17,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -434,19 +436,28 @@ def run(
     """Run every stage in order and return the validation metrics.
 
     The towers stage checks its inputs (tower files, site table, towers inside the grid) before it writes
-    anything, so a bad input leaves no partial output.
+    anything, so a bad input leaves no partial output. Each stage's wall time (s) is echoed when it ends and
+    returned under ``stage_seconds`` (not written to metrics.json, which describes the maps).
     """
     # cheap checks of inputs that only later stages read, so a mismatch stops the run before any work
     check_truth_alignment(cfg)
-    echo("towers: QC, aggregation and footprints")
-    stage_towers(cfg, echo=echo)
-    echo("extract: footprint-weighted drivers at towers")
-    stage_extract(cfg)
-    echo("train: site-grouped cross-validation and fit")
-    stage_train(cfg)
-    echo("map: chunk-wise prediction to COGs")
-    stage_map(cfg, overwrite=overwrite, progress=progress)
-    echo("validate")
-    metrics = stage_validate(cfg)
-    echo(f"report: {stage_report(cfg)}")
-    return metrics
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, what: str, call: Callable[[], Any]) -> Any:
+        echo(f"{name}: {what}")
+        t0 = time.perf_counter()
+        out = call()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        return out
+
+    timed("towers", "QC, aggregation and footprints", lambda: stage_towers(cfg, echo=echo))
+    timed("extract", "footprint-weighted drivers at towers", lambda: stage_extract(cfg))
+    timed("train", "site-grouped cross-validation and fit", lambda: stage_train(cfg))
+    timed(
+        "map", "chunk-wise prediction to COGs", lambda: stage_map(cfg, overwrite=overwrite, progress=progress)
+    )
+    metrics = timed("validate", "maps vs truth and towers", lambda: stage_validate(cfg))
+    report = timed("report", "figures and report/index.html", lambda: stage_report(cfg))
+    echo(f"report: {report}")
+    echo("stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    return {**metrics, "stage_seconds": seconds}
