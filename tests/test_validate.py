@@ -17,6 +17,7 @@ from geoflux.cog import RasterSpec, write_cog
 from geoflux.config import load_config
 from geoflux.cube import target_grid
 from geoflux.demo import WORLD_SIZES, generate_fields, place_towers, synthesize_tower
+from geoflux.errors import GeofluxError
 from geoflux.footprint.regrid import footprints_on_grid
 from geoflux.metrics import grouped_skill, skill
 
@@ -236,7 +237,7 @@ def test_netcdf_export_lonlat_units(tmp_path, cfg, truth_series, generator_truth
     assert diff.median() < 0.05 and diff.max() < 0.3
     bad = ds.assign(NEE=ds["NEE"].assign_attrs(units="furlongs"))
     bad.to_netcdf(tmp_path / "bad.nc", engine=engine)
-    with pytest.raises(V.GeofluxError, match=r"bad\.nc.*units 'furlongs'"):
+    with pytest.raises(GeofluxError, match=r"bad\.nc.*units 'furlongs'"):
         V.open_maps(tmp_path / "bad.nc")
 
 
@@ -318,7 +319,7 @@ def test_time_from_names_and_periods(tmp_path):
     assert list(starts) == list(pd.date_range("2019-01-01", periods=3, freq="MS")) and end == pd.Timestamp(
         "2019-04-01"
     )
-    with pytest.raises(V.GeofluxError, match="cannot tell the map's date"):
+    with pytest.raises(GeofluxError, match="cannot tell the map's date"):
         write_cog(np.zeros(gb.shape, "float32"), gb, RasterSpec(tmp_path / "nodate.tif"))
         V.open_geotiff_series([tmp_path / "nodate.tif"])
 
