@@ -12,6 +12,9 @@ spells a path inside a run folder. Layout under the output folder::
     model/model.skops, model.json fitted model + card; cv_predictions.parquet, cv_metrics.json
     maps/nee_YYYYMMDD.tif         NEE COG per time step (and one file per band); maps/catalog.json (STAC)
     validation/metrics.json       truth / cv / towers scores; pairs.parquet, skill_<stratum>.csv
+    analysis/attribution_years.*  year-to-year budget attribution (table); analysis/attribution/*.tif maps
+    maps/scenarios/<name>/        scenario maps (same bands as maps/), ``geoflux project``
+    budgets/scenarios/<name>/     scenario budgets and projection.json
     report/index.html             the report
 """
 
@@ -41,6 +44,10 @@ MAPS = "maps"
 METRICS = "validation/metrics.json"
 VALIDATION_PAIRS = "validation/pairs.parquet"
 REPORT = "report/index.html"
+ATTRIBUTION_YEARS = "analysis/attribution_years.json"
+ATTRIBUTION_MAPS = "analysis/attribution"
+SCENARIO_MAPS = "maps/scenarios"
+SCENARIO_BUDGETS = "budgets/scenarios"
 
 # which command writes each artefact (for "run ... first" messages)
 PRODUCERS = {
@@ -148,6 +155,14 @@ class RunLayout:
     ) -> dict[pd.Timestamp, Path]:
         """Map path per period start."""
         return {p: self.map_path(p, band, folder) for p in periods}
+
+    def scenario_maps(self, name: str) -> Path:
+        """``maps/scenarios/<name>/``: the maps of a scenario (``geoflux project``)."""
+        return self.path(SCENARIO_MAPS) / name
+
+    def scenario_budgets(self, name: str) -> Path:
+        """``budgets/scenarios/<name>/``: the budgets and ``projection.json`` of a scenario."""
+        return self.path(SCENARIO_BUDGETS) / name
 
 
 def layout(cfg: Any) -> RunLayout:
