@@ -50,7 +50,7 @@ def main() -> None:
         "towers": (cfg.out_dir / pipeline.OBSERVATIONS).exists(),
         "extract": (cfg.out_dir / pipeline.TRAINING).exists(),
         "train": (cfg.out_dir / pipeline.MODEL).exists(),
-        "map": False,  # resumes: keeps finished maps
+        "map": all(p.exists() for p in pipeline.map_paths(cfg).values()),
     }
     stages = {
         "towers": lambda: pipeline.stage_towers(cfg),
