@@ -177,6 +177,9 @@ def cli(verbose: int, quiet: bool) -> None:
       validate          maps vs truth/towers → validation/metrics.json (or maps made elsewhere)
       report            report/index.html from the run's outputs
       analyze           driver importance, dependence, anomalies, scenarios → analysis/
+      budgets           annual budgets with 90 % intervals from the maps → budgets/
+      attribute         each year's budget anomaly by driver, through the model → analysis/attribution*
+      project           scenario maps (all bands) and budgets → maps/scenarios/, budgets/scenarios/
 
     Verbs that write refuse to replace existing outputs unless --overwrite (`map` resumes: it keeps finished
     maps whose provenance equals the run's). Errors are one line: `error: <file or key>: <what>`, exit 1.
@@ -197,10 +200,12 @@ def cli(verbose: int, quiet: bool) -> None:
 )
 @click.option(
     "--size",
-    type=click.Choice(["tiny", "default"]),
+    type=click.Choice(["tiny", "default", "multiyear", "tiny-multiyear"]),
     default="default",
     show_default=True,
-    help="World size: 'default' 256x256 px at 250 m, 46 8-day steps, 30 towers; 'tiny' for tests.",
+    help="World size: 'default' 256x256 px at 250 m, 46 8-day steps, 30 towers; 'tiny' for tests; "
+    "'multiyear' 128x128 px, three years in MODIS 8-day periods (a warm spring, a drought summer, a cloudy "
+    "year; slow: about 30 min on 2 cores); 'tiny-multiyear' the same three years on 32x32 px.",
 )
 @click.option("--seed", type=int, default=None, help="Random seed of the world (default: the size's seed).")
 @click.option(
@@ -896,6 +901,106 @@ def budgets(config: Path, correlation: str, windows: tuple[tuple[str, str], ...]
             line += f"  true {t['nee']:8.1f} ({'inside' if t['covered'][correlation] else 'outside'})"
         click.echo(line)
     click.echo(f"budgets: {cfg.out_dir / 'budgets'}")
+
+
+@cli.command()
+@config_arg
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    default=0.8,
+    show_default=True,
+    help="|r| between driver anomalies at the towers above which drivers are reported as collinear and "
+    "grouped.",
+)
+@overwrite_opt
+@_fail_cleanly
+def attribute(config: Path, threshold: float, overwrite: bool) -> None:
+    """Why budgets differ between years: each year's NEE budget anomaly split into driver contributions
+    through the model (each driver in turn held at its per-pixel climatology), over the whole grid.
+
+    Needs two or more complete calendar years of map periods and a trained model. Writes
+    analysis/attribution_years.json/.csv (region and land-cover classes, gC m-2 yr-1) and
+    analysis/attribution/<layer>_<year>.tif (COG). Collinear drivers at the towers are warned about and
+    their grouped effect is reported too.
+    """
+    from geoflux.analysis.attribution import year_attribution
+    from geoflux.run import ATTRIBUTION_MAPS, ATTRIBUTION_YEARS
+
+    cfg = _load(config)
+    _refuse_existing([cfg.out_dir / ATTRIBUTION_YEARS, cfg.out_dir / ATTRIBUTION_MAPS], overwrite)
+    out = year_attribution(cfg, threshold=threshold, overwrite=overwrite)
+    for w in out["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    click.echo("NEE budget anomaly and driver contributions (region mean, gC m-2 yr-1):")
+    for row in out["table"]:
+        if row["region"] != "region":
+            continue
+        parts = ", ".join(f"{k[8:]} {v:+.1f}" for k, v in row.items() if k.startswith("contrib_"))
+        click.echo(
+            f"  {row['year']}: anomaly {row['anomaly']:+.1f} = {parts}; interaction {row['interaction']:+.1f}"
+            f" (first: {row['first_driver']})"
+        )
+    click.echo(f"attribution: {cfg.out_dir / ATTRIBUTION_YEARS}")
+
+
+@cli.command()
+@config_arg
+@click.option(
+    "--scenario",
+    required=True,
+    metavar="NAME|FILE.yaml",
+    help="A built-in scenario (warming_2K, ta_plus_2K, drying_20pct) or a scenario YAML naming future "
+    "driver rasters in a STAC catalog (see README 'Projection').",
+)
+@click.option(
+    "--scheduler",
+    default="threads",
+    show_default=True,
+    metavar="threads|processes|local|tcp://HOST:PORT",
+    help="Where chunks run (as for `geoflux map`).",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Threads/processes (default: all CPUs)."
+)
+@overwrite_opt
+@_fail_cleanly
+def project(config: Path, scenario: str, scheduler: str, workers: int | None, overwrite: bool) -> None:
+    """NEE under a scenario: maps of every band → maps/scenarios/NAME/ (COG, as `geoflux map`) and budgets
+    → budgets/scenarios/NAME/ (+ projection.json: budgets, change against the run's maps, share of the
+    region outside the area of applicability).
+
+    CONFIG is the run configuration (YAML); needs `geoflux train` (and `geoflux map` for the change).
+    """
+    from geoflux.analysis.project import load_scenario
+    from geoflux.analysis.project import project as run_project
+    from geoflux.run import layout
+
+    cfg = _load(config)
+    spec = load_scenario(cfg, scenario)
+    run = layout(cfg)
+    _refuse_existing([run.scenario_maps(spec.name), run.scenario_budgets(spec.name)], overwrite)
+    out = run_project(
+        cfg,
+        scenario,
+        overwrite=overwrite,
+        scheduler=scheduler,
+        workers=workers,
+        progress=not _quiet(),
+        echo=_info,
+    )
+    click.echo(f"scenario {spec.name}: {spec.description}")
+    if out.get("aoa"):
+        a = out["aoa"]
+        base = f" (run: {a['base_outside_share']:.1%})" if "base_outside_share" in a else ""
+        click.echo(f"  outside the area of applicability: {a['outside_share']:.1%} of pixel-periods{base}")
+    for name, b in (out.get("budgets") or {}).items():
+        lo, hi = b["interval"]
+        line = f"  {name}: {b['nee']:8.1f} [{lo:8.1f}, {hi:8.1f}] gC m-2"
+        if "change" in b:
+            line += f"  change {b['change']:+.1f} against the run's {b['base']:.1f}"
+        click.echo(line)
+    click.echo(f"maps: {out['maps']}; budgets: {out['budgets_folder']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

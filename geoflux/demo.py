@@ -469,6 +469,72 @@ def true_budgets(spec: WorldSpec, fields: WorldFields) -> dict:
     return out
 
 
+TRUTH_DRIVERS = ("sw", "ta", "vpd", "sm", "ndvi")
+
+
+def _stored_drivers(fields: WorldFields) -> dict[str, np.ndarray]:
+    """The inputs of :func:`true_fluxes` as the truth was computed: from the drivers as stored."""
+    return {
+        "sw": fields.sw,
+        "ta": np.round(fields.ta * 100) / 100,
+        "vpd": fields.vpd,
+        "sm": fields.sm,
+        "ndvi": np.round(fields.ndvi * 1e4) / 1e4,
+    }
+
+
+def perturbed_truth_budgets(
+    spec: WorldSpec, fields: WorldFields, changes: tuple[tuple[str, str, float], ...]
+) -> dict:
+    """The generator's truth function under a driver perturbation: regional annual NEE budgets.
+
+    Each change is ``(driver, op, value)``: ``add`` adds ``value`` (driver units), ``scale`` multiplies by
+    it, ``vpd_at_constant_rh`` multiplies VPD (hPa) by esat(ta + value) / esat(ta) (air temperature raised
+    by ``value`` degC at unchanged relative humidity; esat by the Magnus formula). Only the inputs of
+    :func:`true_fluxes` (sw, ta, vpd, sm, ndvi) can change the truth; other drivers (e.g. ``lst``, which the
+    truth does not depend on) are listed as ``ignored``. Everything else (land cover, the other drivers,
+    NDVI's own response to temperature) is held as generated: the same "one driver moves, the rest stay"
+    question a model scenario answers.
+
+    Returns
+    -------
+    ``{"years": {year: {"base", "perturbed", "change"}}, "ignored": [...], "units"}``, region means in
+    gC m-2 over the year's steps (gC m-2 yr-1 for complete years).
+    """
+    periods, days = spec.periods, spec.period_days.astype(float)
+    years = periods.year.to_numpy()
+    drivers = _stored_drivers(fields)
+    held = dict(drivers)
+    ignored = []
+    for var, op, value in changes:
+        if var not in held:
+            ignored.append(var)
+            continue
+        if op == "add":
+            held[var] = held[var] + value
+        elif op == "scale":
+            held[var] = held[var] * value
+        elif op == "vpd_at_constant_rh":
+            ta = drivers["ta"]
+            held[var] = held[var] * _esat(ta + value) / _esat(ta)
+        else:
+            raise ValueError(f"change {var}: unknown op {op!r} (expected add, scale, vpd_at_constant_rh)")
+    region = np.ones(fields.landcover.shape, bool)
+    lc = fields.landcover[None]
+    gpp, reco = true_fluxes(lc, *(held[k] for k in TRUTH_DRIVERS))
+    after = _budget_by_year(reco - gpp, years, days, region)
+    gpp0, reco0 = true_fluxes(lc, *(drivers[k] for k in TRUTH_DRIVERS))  # same precision as ``after``
+    before = _budget_by_year(reco0 - gpp0, years, days, region)
+    return {
+        "units": "gC m-2 yr-1 (region mean NEE budget; NEE > 0 is a source)",
+        "changes": [list(c) for c in changes],
+        "ignored": ignored,
+        "years": {
+            str(y): {"base": before[y], "perturbed": after[y], "change": after[y] - before[y]} for y in before
+        },
+    }
+
+
 def _budget_rows(budgets: dict) -> pd.DataFrame:
     """The true budgets as a long table: year, region (region or class), gpp, reco, nee (gC m-2)."""
     rows = []

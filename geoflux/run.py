@@ -14,6 +14,9 @@ spells a path inside a run folder. Layout under the output folder::
     validation/metrics.json       truth / cv / towers scores; pairs.parquet, skill_<stratum>.csv
     analysis/                     ``geoflux analyze``: analysis.json, importance.csv, partial_dependence.csv
     budgets/budgets.json, .csv    ``geoflux budgets``: budgets per window, region and class
+    analysis/attribution_years.*  year-to-year budget attribution (table); analysis/attribution/*.tif maps
+    maps/scenarios/<name>/        scenario maps (same bands as maps/), ``geoflux project``
+    budgets/scenarios/<name>/     scenario budgets and projection.json
     report/index.html             the report
 """
 
@@ -48,6 +51,10 @@ ANALYSIS_JSON = "analysis/analysis.json"
 BUDGETS_JSON = "budgets/budgets.json"
 BUDGETS_CSV = "budgets/budgets.csv"
 REPORT = "report/index.html"
+ATTRIBUTION_YEARS = "analysis/attribution_years.json"
+ATTRIBUTION_MAPS = "analysis/attribution"
+SCENARIO_MAPS = "maps/scenarios"
+SCENARIO_BUDGETS = "budgets/scenarios"
 
 # which command writes each artefact (for "run ... first" messages)
 PRODUCERS = {
@@ -169,6 +176,14 @@ class RunLayout:
     ) -> dict[pd.Timestamp, Path]:
         """Map path per period start."""
         return {p: self.map_path(p, band, folder) for p in periods}
+
+    def scenario_maps(self, name: str) -> Path:
+        """``maps/scenarios/<name>/``: the maps of a scenario (``geoflux project``)."""
+        return self.path(SCENARIO_MAPS) / name
+
+    def scenario_budgets(self, name: str) -> Path:
+        """``budgets/scenarios/<name>/``: the budgets and ``projection.json`` of a scenario."""
+        return self.path(SCENARIO_BUDGETS) / name
 
 
 def layout(cfg: Any) -> RunLayout:

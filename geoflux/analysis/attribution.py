@@ -20,6 +20,7 @@ from sklearn.inspection import partial_dependence, permutation_importance
 from sklearn.model_selection import GroupKFold
 
 from geoflux.analysis.multiscale import _native_step
+from geoflux.atomic import atomic_path
 from geoflux.config import ModelSpec, RunConfig, VariableSpec
 from geoflux.errors import ModelError
 from geoflux.model import TrainedModel, cv_groups, make_estimator
@@ -397,3 +398,363 @@ def iav_attribution(
         "units": NEE_UNITS,
     }
     return table, info
+
+
+# --------------------------------------------------------------------------------------------------------
+# year-to-year budget attribution through the model, over the whole grid
+# --------------------------------------------------------------------------------------------------------
+
+COLLINEAR_R = 0.8
+BUDGET_UNITS = "gC m-2 yr-1"
+
+
+def step_of_year(periods: pd.DatetimeIndex) -> np.ndarray:
+    """Position of each period within its calendar year (0 = the first period starting in that year).
+
+    Periods at the same position in different years are "the same step" for a climatology: MODIS 8-day
+    periods (restarting on 1 January), months and days of the year all line up this way.
+    """
+    periods = pd.DatetimeIndex(periods)
+    return pd.Series(np.arange(len(periods))).groupby(periods.year.to_numpy()).cumcount().to_numpy()
+
+
+def collinear_drivers(
+    table: pd.DataFrame,
+    drivers: Sequence[str],
+    periods: pd.DatetimeIndex,
+    threshold: float = COLLINEAR_R,
+) -> dict[str, Any]:
+    """Correlation of the driver anomalies at the tower sites, and the drivers too collinear to separate.
+
+    The anomaly is what attribution moves: a driver's value minus its mean over years at the same site and
+    step of the year (with one year only: minus the site's mean, i.e. the seasonal cycle). Pairs with
+    \\|r\\| > ``threshold`` are flagged and joined into clusters (connected components): holding one member
+    of a cluster at its climatology while the other keeps its anomaly asks the model about combinations
+    the towers never saw, so such a driver's own contribution is not identifiable; the cluster's grouped
+    effect is.
+
+    Parameters
+    ----------
+    table : training table (``site``, ``time`` = period start, driver columns in physical units).
+    drivers : the dynamic drivers to check.
+    periods : the run's period starts (to find each row's step of the year).
+    threshold : \\|r\\| above which two drivers are reported as collinear.
+
+    Returns
+    -------
+    ``{"anomaly": "interannual" | "seasonal", "threshold", "r": {a: {b: r}}, "pairs": [[a, b, r], ...],
+    "groups": {"a+b": [a, b], ...}}``.
+    """
+    t = pd.to_datetime(table["time"])
+    pos = pd.Series(step_of_year(periods), index=pd.DatetimeIndex(periods))
+    key = pos.reindex(pd.DatetimeIndex(t)).to_numpy()
+    interannual = t.dt.year.nunique() >= 2 and not np.isnan(key).any()
+    by = [table["site"], key] if interannual else [table["site"]]
+    anom = table[list(drivers)] - table.groupby(by)[list(drivers)].transform("mean")
+    r = anom.corr()
+    pairs = [
+        [a, b, float(r.loc[a, b])]
+        for a, b in combinations(drivers, 2)
+        if np.isfinite(r.loc[a, b]) and abs(r.loc[a, b]) > threshold
+    ]
+    # clusters: connected components of the flagged pairs
+    parent = {d: d for d in drivers}
+
+    def root(d: str) -> str:
+        while parent[d] != d:
+            d = parent[d]
+        return d
+
+    for a, b, _ in pairs:
+        parent[root(b)] = root(a)
+    clusters: dict[str, list[str]] = {}
+    for d in drivers:
+        clusters.setdefault(root(d), []).append(d)
+    groups = {"+".join(m): m for m in clusters.values() if len(m) > 1}
+    return {
+        "anomaly": "interannual" if interannual else "seasonal",
+        "threshold": threshold,
+        "r": {a: {b: float(r.loc[a, b]) for b in drivers} for a in drivers},
+        "pairs": pairs,
+        "groups": groups,
+    }
+
+
+def _complete_years(cfg: RunConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The run's complete calendar years, and for the periods inside them: their index in the run, the
+    year each belongs to (0..n-1) and its length in days."""
+    from geoflux.analysis.budgets import overlap_days, year_windows
+
+    starts, ends = cfg.period_bounds()
+    names, idx, year_of, days = [], [], [], []
+    for win in year_windows(cfg):
+        w = overlap_days(starts, ends, win)
+        if abs(w.sum() - win.days) > 1e-9:
+            continue  # a year the map periods do not cover whole has no comparable budget
+        k = np.flatnonzero(w > 0)
+        if np.any(w[k] < (ends[k] - starts[k]) / pd.Timedelta(days=1) - 1e-9):
+            continue  # a period straddling the new year (continuous steps): not one year's alone
+        names.append(win.name)
+        idx.append(k)
+        year_of.append(np.full(len(k), len(names) - 1))
+        days.append(w[k])
+    if len(names) < 2:
+        raise ModelError(
+            f"time: {cfg.time.start}..{cfg.time.end} ({cfg.time.step}) holds {len(names)} complete calendar "
+            "year(s) of map periods (expected two or more for year-to-year attribution)"
+        )
+    return names, np.concatenate(idx), np.concatenate(year_of), np.concatenate(days)
+
+
+def _attribution_block(
+    *blocks: np.ndarray,
+    model: Any,
+    variables: Sequence[VariableSpec],
+    layers: Sequence[tuple[str, Sequence[int]]],
+    year_w: np.ndarray,
+    clim: np.ndarray,
+) -> np.ndarray:
+    """Per-pixel budget anomalies of one spatial chunk and their driver contributions.
+
+    ``blocks``: one per variable, (time, y, x) or static (y, x). ``layers``: (name, feature columns held at
+    climatology) per contribution. ``year_w`` (year, time): days of each period in each year. ``clim``
+    (time, time): the averaging matrix giving each period the mean over years of its step of the year.
+    Returns (year * (2 + len(layers)), y, x) float32: per year the anomaly, the contributions, then the
+    interaction (anomaly minus the single-driver contributions), gC m-2 yr-1; NaN where a driver is
+    missing in any period.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from geoflux.features import pixel_features
+    from geoflux.mapping.scheduler import Shared
+
+    if isinstance(model, Shared):
+        model = model.get()
+    shape = next(b.shape for b in blocks if b.ndim == 3)
+    values = {
+        v.name: (np.broadcast_to(b, shape) if b.ndim == 2 else b)
+        for v, b in zip(variables, blocks, strict=True)
+    }
+    feats = pixel_features(values, variables)  # (time, y, x, feature)
+    nt, ny, nx, nf = feats.shape
+    n_years, n_lay = year_w.shape[0], 2 + len(layers)
+    out = np.full((n_years, n_lay, ny, nx), np.nan, dtype=np.float32)
+    valid = np.isfinite(feats).all(axis=(0, 3))
+    if valid.any():
+        f = feats[:, valid].astype(np.float32)  # (time, pixel, feature)
+
+        def anomaly(x: np.ndarray) -> np.ndarray:
+            with threadpool_limits(1, user_api="openmp"):
+                nee = np.asarray(model.predict(x.reshape(-1, nf)), dtype=np.float64).reshape(nt, -1)
+            b = year_w @ nee  # (year, pixel) gC m-2 yr-1
+            return b - b.mean(axis=0)
+
+        a = anomaly(f)
+        out[:, 0, valid] = a
+        singles = np.zeros_like(a)
+        for k, (_, cols) in enumerate(layers):
+            held = f.copy()
+            for j in cols:
+                held[:, :, j] = (clim @ f[:, :, j].astype(np.float64)).astype(np.float32)
+            c = a - anomaly(held)
+            out[:, 1 + k, valid] = c
+            if len(cols) == 1:
+                singles += c
+        out[:, -1, valid] = a - singles
+    return out.reshape(n_years * n_lay, ny, nx)
+
+
+def _layer_means(stack: Any, labels: Any, codes: Sequence[int]) -> np.ndarray:
+    """(region, layer) means over the pixels valid in every layer; region 0 = all, then one per class."""
+    import dask
+    import dask.array as da
+
+    n_reg, n_lay = 1 + len(codes), stack.shape[0]
+
+    def sums(block: np.ndarray, lab: np.ndarray) -> np.ndarray:
+        valid = np.isfinite(block).all(axis=0)
+        out = np.zeros((n_reg, n_lay + 1))
+        for r, sel in enumerate([valid, *[valid & (lab == c) for c in codes]]):
+            out[r, 0] = sel.sum()
+            out[r, 1:] = block[:, sel].sum(axis=1)
+        return out[None, None]
+
+    per_chunk = da.map_blocks(
+        sums,
+        stack,
+        labels,
+        dtype="float64",
+        drop_axis=0,
+        new_axis=[2, 3],
+        chunks=((1,) * len(stack.chunks[1]), (1,) * len(stack.chunks[2]), (n_reg,), (n_lay + 1,)),
+    )
+    (total,) = dask.compute(per_chunk.sum(axis=(0, 1)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total[:, 1:] / total[:, :1]
+
+
+def year_attribution(
+    cfg: RunConfig,
+    *,
+    threshold: float = COLLINEAR_R,
+    write: bool = True,
+    overwrite: bool = False,
+    model: TrainedModel | None = None,
+) -> dict[str, Any]:
+    """Each year's budget anomaly decomposed into driver contributions through the model, over the grid.
+
+    For every dynamic continuous driver d (and every cluster of collinear drivers, see
+    :func:`collinear_drivers`), NEE is predicted for every pixel and period with d held at its
+    climatology — per pixel, the mean over the complete years of the same step of the year — and the
+    budgets are summed per year (NEE gC m-2 d-1 x days of each period). d's contribution to a year's
+    anomaly (budget minus the mean over years) is anomaly(NEE) − anomaly(NEE with d at climatology), in
+    gC m-2 yr-1, the generator's own definition (:func:`geoflux.demo.true_budgets`). The model is not
+    additive: ``interaction`` is the anomaly minus the sum of the single-driver contributions.
+
+    Lazy and chunk-wise: one dask task per spatial chunk holds all periods of its pixels, predicts them
+    with each driver held in turn, and returns that chunk's per-year maps; the model enters the graph once.
+
+    Parameters
+    ----------
+    cfg : the run configuration (two or more complete calendar years of periods; a trained model).
+    threshold : \\|r\\| between driver anomalies at the towers above which drivers are grouped (warned).
+    write : write ``analysis/attribution/<layer>_<year>.tif`` (COG, gC m-2 yr-1; layers ``anomaly``,
+        ``contrib-<driver>``, ``contrib-<a+b>`` for clusters, ``interaction``) and
+        ``analysis/attribution_years.json``/``.csv``.
+    overwrite : replace outputs that exist.
+    model : the fitted model (default: the run's).
+
+    Returns
+    -------
+    dict with ``years``, ``drivers``, ``groups``, ``collinearity``, ``warnings``, ``table`` (records: region,
+    year, anomaly, contrib_<layer>…, interaction, first_driver, first_grouped) and ``units``.
+    """
+    import dask
+    import dask.array as da
+
+    from geoflux.analysis.budgets import _class_labels, _open_stack
+    from geoflux.cog import RasterSpec, write_cogs
+    from geoflux.cube import cube_from_config, target_grid
+    from geoflux.features import feature_names
+    from geoflux.mapping.predict import single_threaded
+    from geoflux.model import load_model
+    from geoflux.run import ATTRIBUTION_MAPS, ATTRIBUTION_YEARS, MODEL, TRAINING, layout
+
+    run = layout(cfg)
+    years, idx, year_of, days = _complete_years(cfg)
+    if model is None:
+        model = load_model(run.require(MODEL))
+    features = feature_names(cfg.variables)
+    if list(model.features) != features:
+        raise ModelError(f"model features {model.features} differ from the configured drivers' {features}")
+    dynamic = [v.name for v in cfg.variables if not v.static and v.kind == "continuous"]
+    if not dynamic:
+        raise ModelError("variables: no time-varying continuous driver to attribute anomalies to")
+    periods = cfg.periods()
+    table = run.read_parquet(TRAINING)
+    col = collinear_drivers(table, dynamic, periods, threshold)
+    warnings = [
+        f"{a} and {b} are collinear at the tower sites (r = {r:+.2f} between their {col['anomaly']} "
+        f"anomalies): their separate contributions are not identifiable; see the grouped effect "
+        f"{next(g for g, m in col['groups'].items() if a in m)}"
+        for a, b, r in col["pairs"]
+    ]
+    for w in warnings:
+        log.warning("attribution: %s", w)
+    layers = [(d, [features.index(d)]) for d in dynamic]
+    layers += [(g, [features.index(d) for d in m]) for g, m in col["groups"].items()]
+    names = ["anomaly", *[f"contrib_{n}" for n, _ in layers], "interaction"]
+
+    n_years = len(years)
+    year_w = np.zeros((n_years, len(idx)))
+    year_w[year_of, np.arange(len(idx))] = days
+    pos = step_of_year(periods)[idx]
+    same = (pos[:, None] == pos[None, :]).astype(float)
+    clim = same / same.sum(axis=1, keepdims=True)
+
+    cube = cube_from_config(cfg)
+    geobox = target_grid(cfg.grid)
+    ref = next(cube[v.name].data for v in cfg.variables if cube[v.name].ndim == 3)
+    ychunks, xchunks = ref.chunks[1], ref.chunks[2]
+    args: list[Any] = []
+    for v in cfg.variables:
+        a = cube[v.name].data.astype(np.float32)
+        if a.ndim == 3:
+            args += [a[idx].rechunk((len(idx), ychunks, xchunks)), "tyx"]
+        else:
+            args += [a.rechunk((ychunks, xchunks)), "yx"]
+    res = da.blockwise(
+        _attribution_block,
+        "kyx",
+        *args,
+        new_axes={"k": n_years * len(names)},
+        concatenate=True,
+        dtype=np.float32,
+        model=dask.delayed(single_threaded(model), pure=True, traverse=False),
+        variables=list(cfg.variables),
+        layers=layers,
+        year_w=year_w,
+        clim=clim,
+        meta=np.empty((0, 0, 0), dtype=np.float32),
+    )
+    labels, codes, class_var = _class_labels(cfg, geobox, cfg.grid.chunk)
+    labels = labels.rechunk((ychunks, xchunks))
+    folder = run.path(ATTRIBUTION_MAPS)
+    paths = [folder / f"{n.replace('_', '-')}_{y}.tif" for y in years for n in names]
+    if write:
+        import geoflux
+
+        tags = {
+            "software": f"geoflux {geoflux.__version__}",
+            "quantity": "contribution to the year's NEE budget anomaly (positive = towards a source)",
+            "method": "model prediction with the driver(s) held at their per-pixel climatology",
+            "years": ",".join(years),
+        }
+        specs = [
+            RasterSpec(
+                p,
+                units=BUDGET_UNITS,
+                description=f"{n} {y}",
+                tags={**tags, "year": y, "layer": n},
+            )
+            for p, (y, n) in zip(paths, [(y, n) for y in years for n in names], strict=True)
+        ]
+        write_cogs([res[k] for k in range(len(paths))], geobox, specs, overwrite=overwrite)
+        # the table from the maps as written (cheap to read; predicting twice is not)
+        stack = _open_stack(paths, cfg.grid.chunk, geobox).rechunk((-1, ychunks, xchunks))
+    else:
+        stack = res
+    means = _layer_means(stack, labels, codes).reshape(1 + len(codes), n_years, len(names))
+    regions = ["region", *[f"{class_var}={c}" for c in codes]]
+    rows = []
+    for r, region in enumerate(regions):
+        for k, y in enumerate(years):
+            row: dict[str, Any] = {"region": region, "year": y}
+            row.update({n: float(means[r, k, j]) for j, n in enumerate(names)})
+            singles = {d: row[f"contrib_{d}"] for d in dynamic}
+            row["first_driver"] = max(singles, key=lambda d: abs(singles[d]))
+            grouped = {g: row[f"contrib_{g}"] for g in col["groups"]}
+            grouped |= {d: c for d, c in singles.items() if not any(d in m for m in col["groups"].values())}
+            row["first_grouped"] = max(grouped, key=lambda d: abs(grouped[d]))
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    out = {
+        "method": "per pixel and period, NEE predicted with the driver (group) held at its climatology (mean "
+        "over the complete years of the same step of the year); contribution = anomaly(budget) - "
+        "anomaly(budget with the driver at climatology); interaction = anomaly - sum of single-driver "
+        "contributions",
+        "units": f"{BUDGET_UNITS} (NEE budget anomaly against the mean over the complete years)",
+        "years": years,
+        "drivers": dynamic,
+        "groups": col["groups"],
+        "collinearity": col,
+        "warnings": warnings,
+        "maps": [str(p) for p in paths] if write else [],
+        "table": frame.to_dict(orient="records"),
+    }
+    if write:
+        run.write_json(ATTRIBUTION_YEARS, out)
+        csv = run.path(ATTRIBUTION_YEARS).with_suffix(".csv")
+        with atomic_path(csv) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.4f")
+    return out

@@ -232,6 +232,10 @@ def compute_budgets(
     correlation: str = "full",
     write: bool = True,
     overwrite: bool = True,
+    maps_dir: Path | None = None,
+    out_dir: Path | None = None,
+    truth: bool = True,
+    tags: dict[str, str] | None = None,
 ) -> dict:
     """Budgets per window (default: calendar years), per pixel, per land-cover class and for the region.
 
@@ -245,6 +249,10 @@ def compute_budgets(
         ``nee-q05_<window>.tif``, ``nee-q95_<window>.tif`` and, over complete years,
         ``nee-anomaly_<window>.tif`` (budget minus the mean over complete years), all gC m-2 over the
         window (gC m-2 yr-1 for years).
+    maps_dir : folder of the maps (default ``<output>/maps``; a scenario's ``maps/scenarios/<name>``).
+    out_dir : folder of the outputs (default ``<output>/budgets``).
+    truth : compare with the run's truth (a scenario's maps have none).
+    tags : extra provenance tags of the budget COGs (e.g. the scenario).
 
     Returns
     -------
@@ -261,13 +269,13 @@ def compute_budgets(
         raise GeofluxError(f"correlation: {correlation!r} (expected one of {', '.join(CORRELATIONS)})")
     starts, ends = cfg.period_bounds()
     windows = list(windows) if windows is not None else year_windows(cfg)
-    paths = {b: layout(cfg).map_paths(cfg.periods(), b) for b in MAP_BANDS}
+    paths = {b: layout(cfg).map_paths(cfg.periods(), b, maps_dir) for b in MAP_BANDS}
     for band, per in paths.items():
         missing = [p for p in per.values() if not p.exists()]
         if missing:
             hint = " (the model has no uncertainty band: model.uncertainty quantile)" if band != "NEE" else ""
             raise GeofluxError(f"{missing[0]}: map not found (run 'geoflux map' first){hint}")
-    truths = check_truth_alignment(cfg)
+    truths = check_truth_alignment(cfg) if truth else None
     geobox = target_grid(cfg.grid)
     chunk = cfg.grid.chunk
     labels, codes, class_var = _class_labels(cfg, geobox, chunk)
@@ -350,7 +358,20 @@ def compute_budgets(
     if truths is not None:
         out["truth_summary"] = _truth_summary(results, complete)
     if write:
-        _write_outputs(cfg, out, budget_maps, complete, geobox, overwrite, RasterSpec, write_cogs, band_stem)
+        folder = Path(out_dir) if out_dir is not None else cfg.out_dir / BUDGETS
+        _write_outputs(
+            cfg,
+            out,
+            budget_maps,
+            complete,
+            geobox,
+            overwrite,
+            RasterSpec,
+            write_cogs,
+            band_stem,
+            folder,
+            tags,
+        )
     return out
 
 
@@ -394,16 +415,16 @@ def _truth_summary(results: dict, complete: Sequence[Window]) -> dict:
 
 
 def _write_outputs(
-    cfg, out, budget_maps, complete, geobox, overwrite, RasterSpec, write_cogs, band_stem
+    cfg, out, budget_maps, complete, geobox, overwrite, RasterSpec, write_cogs, band_stem, folder, extra=None
 ) -> None:
     import geoflux
 
-    folder = cfg.out_dir / BUDGETS
     tags_base = {
         "software": f"geoflux {geoflux.__version__}",
         "quantity": "net ecosystem exchange budget (positive = CO2 source to the atmosphere)",
         "correlation": out["correlation"],
         "time_step": cfg.time.step,
+        **(extra or {}),
     }
     arrays, specs = [], []
     for name, (b, lo, hi) in budget_maps.items():
@@ -443,7 +464,7 @@ def _write_outputs(
                 )
             )
     write_cogs(arrays, geobox, specs, overwrite=overwrite)
-    with atomic_path(cfg.out_dir / BUDGETS_JSON) as tmp:
+    with atomic_path(folder / Path(BUDGETS_JSON).name) as tmp:
         tmp.write_text(json.dumps(out, indent=2))
     rows = []
     for name, win in out["windows"].items():
