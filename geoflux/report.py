@@ -840,6 +840,63 @@ def _budgets_section(run: _Run) -> str:
     return text + _table(df)
 
 
+def _years_section(run: _Run) -> str:
+    """Why budgets differ between years (``geoflux attribute``) and scenarios (``geoflux project``)."""
+    from geoflux.run import ATTRIBUTION_YEARS, SCENARIO_BUDGETS
+
+    parts = []
+    attr = run.layout.optional_json(ATTRIBUTION_YEARS)
+    table = run.layout.optional_csv(ATTRIBUTION_YEARS.replace(".json", ".csv"))
+    if attr is not None and table is not None:
+        region = table.loc[table["region"] == "region"].drop(columns="region")
+        groups = attr.get("groups") or {}
+        note = (
+            " Collinear drivers at the towers (|r| &gt; "
+            f"{html.escape(str((attr.get('collinearity') or {}).get('threshold', '')))}): "
+            + ", ".join(html.escape(g) for g in groups)
+            + " — their separate contributions are not identifiable; read the grouped column."
+            if groups
+            else ""
+        )
+        parts.append(
+            "<h3>Why the budget differs between years</h3><p>Each year's regional NEE anomaly "
+            f"({html.escape(str(attr.get('units', '')))}) split into driver contributions through the model "
+            "(the driver held at its climatology); <b>interaction</b> is what the single contributions "
+            f"do not explain.{note}</p>" + _table(region)
+        )
+    folder = run.layout.path(SCENARIO_BUDGETS)
+    rows = []
+    for proj in sorted(folder.glob("*/projection.json")) if folder.is_dir() else []:
+        d = json.loads(proj.read_text())
+        for year, b in (d.get("budgets") or {}).items():
+            rows.append(
+                {
+                    "scenario": d["scenario"]["name"],
+                    "year": year,
+                    "budget": b.get("nee"),
+                    "q05": (b.get("interval") or [None, None])[0],
+                    "q95": (b.get("interval") or [None, None])[1],
+                    "change": b.get("change"),
+                    "outside AOA": (d.get("aoa") or {}).get("outside_share"),
+                    "outside AOA (run)": (d.get("aoa") or {}).get("base_outside_share"),
+                }
+            )
+    if rows:
+        parts.append(
+            "<h3>Scenarios (geoflux project)</h3><p>Regional budget under each scenario and its change "
+            "against the run's own maps (gC m-2 yr-1; NEE &gt; 0 is a source), with the share of "
+            "pixel-periods outside the area of applicability. A scenario's change is the model's response "
+            "to the perturbed drivers: where drivers are collinear the model may share one driver's effect "
+            "with others, so read it as a sensitivity, not a projection.</p>" + _table(pd.DataFrame(rows))
+        )
+    if not parts:
+        return _note(
+            "no year-to-year attribution or scenarios (run 'geoflux attribute CONFIG' on a multi-year run, "
+            "'geoflux project CONFIG --scenario NAME')"
+        )
+    return "\n".join(parts)
+
+
 def site_skill_table(run: _Run) -> pd.DataFrame:
     """Per-site held-out skill (``validation/skill_site.csv``), worst ``nse`` first, with the in-sample nse.
 
@@ -1257,6 +1314,7 @@ def write_report(cfg: RunConfig, dates: Sequence[str] | None = None, n_sites: in
 
         _try(parts, "budget", budget_section)
         _try(parts, "budgets table", lambda: _budgets_section(run))
+        _try(parts, "year-to-year and scenarios", lambda: _years_section(run))
         parts.append("<h2>Driver analysis</h2>")
         _try(parts, "driver analysis", lambda: _analysis_section(run, tmp))
         parts.append("<h2>Run configuration and provenance</h2>")

@@ -207,10 +207,37 @@ def test_report_shows_analysis_and_budgets_when_present(tiny_run, tmp_path):
     pd.DataFrame({"window": ["2021"], "region": ["region"], "pixels": [2304.0], "nee": [-225.08]}).to_csv(
         dst / "budgets" / "budgets.csv", index=False
     )
+    attribution = {
+        "units": "gC m-2 yr-1",
+        "groups": {"ta+lst": ["ta", "lst"]},
+        "collinearity": {"threshold": 0.8},
+    }
+    (dst / "analysis" / "attribution_years.json").write_text(json.dumps(attribution))
+    pd.DataFrame(
+        {
+            "region": ["region", "landcover=1"],
+            "year": [2022, 2022],
+            "anomaly": [81.25, 3.0],
+            "first_driver": "sm",
+        }
+    ).to_csv(dst / "analysis" / "attribution_years.csv", index=False)
+    proj = dst / "budgets" / "scenarios" / "warming_2K"
+    proj.mkdir(parents=True)
+    projection = {
+        "scenario": {"name": "warming_2K"},
+        "aoa": {"outside_share": 0.073, "base_outside_share": 0.067},
+        "budgets": {"2022": {"nee": -10.0, "interval": [-50.0, 30.0], "change": 19.5}},
+    }
+    (proj / "projection.json").write_text(json.dumps(projection))
     index = write_report(load_config(dst / "config.yaml"))
     parser = check_report(index)
     names = {Path(s).name for s in parser.srcs}
     assert {"importance.png", "dependence.png", "analysis-pd2_ndvi__ta.png"} <= names
+    years = _cells(index.read_text(), "Why the budget differs between years")
+    assert years[1][:2] == ["2022", "81.250"] and len(years) == 2  # the region row only
+    assert "ta+lst" in index.read_text()  # collinear drivers named
+    scen = _cells(index.read_text(), "Scenarios (geoflux project)")
+    assert scen[1][scen[0].index("change")] == "19.500" and scen[1][scen[0].index("outside AOA")] == "0.073"
     html = index.read_text()
     assert "Driver analysis" in parser.headings and "not drawn" not in html
     assert _cells(html, "<h3>Interactions</h3>")[1] == ["ndvi × ta", "0.432"]
