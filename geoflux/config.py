@@ -311,9 +311,11 @@ class ModelSpec(_Strict):
     cv_block_km: float = Field(default=50.0, gt=0, description="spatial block edge, km")
     cv_block_days: int = Field(default=8, ge=1, description="temporal block length, days")
     cv_climate_var: str = Field(default="ta", description="feature whose site mean orders the climate split")
-    uncertainty: Literal["quantile", "none"] = Field(
+    uncertainty: Literal["quantile", "residual", "none"] = Field(
         default="quantile",
-        description="quantile: conformalized quantile regression band calibrated on the grouped CV",
+        description="quantile: conformalized quantile regression band from two quantile models (lower, "
+        "upper); residual: one model of the absolute residual's interval-quantile, band = NEE +- it (half "
+        "the band's prediction cost); both calibrated on the grouped CV",
     )
     interval: float = Field(default=0.9, gt=0.0, lt=1.0, description="nominal coverage of the band")
     aoa: bool = Field(default=True, description="dissimilarity index and area of applicability bands")

@@ -161,3 +161,32 @@ def test_missing_optional_regressor_is_named(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "xgboost" else real(n, *a))
     with pytest.raises(ModelError, match="xgboost is not installed"):
         make_estimator(ModelSpec(kind="xgboost"))
+
+
+SMALL_BOOST = {"max_iter": 40, "max_depth": 4, "learning_rate": 0.1}
+
+
+def test_residual_band_is_one_model_symmetric_and_covers(tmp_path):
+    from geoflux.model import cross_validate, load_model, save_model, train
+
+    table, _ = _sites_table(n_sites=15, n=60, seed=3)
+    spec = ModelSpec(
+        kind="hist_gradient_boosting", params=SMALL_BOOST, uncertainty="residual", cv_folds=5, aoa=False
+    )
+    pred, res = cross_validate(table, ["a", "b"], spec)
+    u = res["uncertainty"]
+    assert 0.8 <= u["coverage"] <= 0.95 and "residual" in u["method"]
+    # heteroscedastic noise (sd ∝ 1 + a): the one scale model widens the band where a is large
+    width = pred["hi"] - pred["lo"]
+    assert width[table["a"] > 0.8].mean() > 1.3 * width[table["a"] < 0.2].mean()
+    m, _, _ = train(table, ["a", "b"], {"a": "1", "b": "1"}, spec)
+    assert len(m.quantile_models) == 1 and m.bands == ("NEE", "NEE_q05", "NEE_q95")
+    x = table[["a", "b"]].to_numpy(np.float32)[:200]
+    bands = m.predict_bands(x).astype(np.float64)
+    # independent of raw_bounds: NEE -/+ (the scale model's non-negative prediction + the margin)
+    half = np.maximum(m.quantile_models[0].predict(x), 0) + m.conformal_margin
+    np.testing.assert_allclose(bands[:, 2] - bands[:, 0], half, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bands[:, 0] - bands[:, 1], half, rtol=1e-5, atol=1e-5)
+    again = load_model(save_model(m, tmp_path / "m.skops"))
+    assert len(again.quantile_models) == 1
+    np.testing.assert_allclose(again.predict_bands(x), bands.astype(np.float32), rtol=1e-6)
