@@ -78,6 +78,11 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         "params": {**HGB, "max_iter": 200, "max_depth": 6},
         "uncertainty": "residual",
     },
+    "hgb100-d6-res": {
+        "kind": "hist_gradient_boosting",
+        "params": {**HGB, "learning_rate": 0.2, "max_iter": 100, "max_depth": 6},
+        "uncertainty": "residual",
+    },
     "lgbm300": {
         "kind": "lightgbm",
         "params": {"n_estimators": 300, "learning_rate": 0.05, "num_leaves": 31, "max_depth": 8},

@@ -78,7 +78,7 @@ def test_grouped_importance_permutes_a_categorical_driver_jointly():
     groups = driver_groups(features, variables)
     assert groups == {"a": ["a"], "b": ["b"], "lc": ["lc_1", "lc_2", "lc_3"]}
     imp = grouped_permutation_importance(
-        df, features, ModelSpec(params={"n_estimators": 30}), groups, n_repeats=3
+        df, features, ModelSpec(kind="random_forest", params={"n_estimators": 30}), groups, n_repeats=3
     )
     assert list(imp["driver"]) == ["lc", "a", "b"]
     assert imp.set_index("driver").loc["b", "importance"] < 0.05 * imp["importance"].max()

@@ -109,7 +109,13 @@ def fitted():
     table, pixels = _world()
     out = {}
     for method in ("averaged", "pixel", "iterative"):
-        spec = ModelSpec(params={"n_estimators": 60, "min_samples_leaf": 2}, training=method, seed=1)
+        spec = ModelSpec(
+            kind="random_forest",
+            params={"n_estimators": 60, "min_samples_leaf": 2},
+            uncertainty="quantile",
+            training=method,
+            seed=1,
+        )
         tab = table.copy()
         if method == "averaged":  # what the pipeline does for averaged training: dominant class only
             hard = (tab["lc_1"] >= tab["lc_2"]).astype(float)
