@@ -6,12 +6,12 @@ Usage::
 
 Generates the demo world (``geoflux.demo.write_world``, default size: 256 x 256 pixels, 46 steps, 30
 towers) and runs the pipeline's ``towers``, ``extract`` and ``train`` stages with the demo's model config
-(``ModelSpec`` defaults: footprint-consistent ``iterative`` training, quantile band, AOA; the demo's
-``n_estimators: 200, min_samples_leaf: 2``), once per work dir (reused when the model exists). Then, on the
+(``ModelSpec`` defaults: footprint-consistent ``iterative`` training, histogram boosting with a
+residual-quantile band, AOA), once per work dir (reused when the model exists). Then, on the
 real drivers of ``--pixels`` map pixels (whole periods of the world's cube, mid-season first), it measures
 what one map task does (one thread, as :func:`geoflux.mapping.single_threaded` and one OpenMP thread):
 
-* per band: ``NEE`` (point model), ``q05+q95`` (two quantile models), ``DI`` (+AOA, KD-tree query) and
+* per band: ``NEE`` (point model), ``band`` (its quantile model(s)), ``DI`` (+AOA, KD-tree query) and
   ``all bands`` (:meth:`TrainedModel.predict_bands`) — seconds, kpix/s, peak RSS above the start;
 * ``all bands`` through each inference path (``library``; ``compiled`` with ``--compile``, its compile time
   reported, cached in the work dir; ``auto`` = :func:`geoflux.inference.prepare` ``auto`` and what it chose);
@@ -185,8 +185,9 @@ def main() -> None:
     print(f"{n} map pixels, {x.shape[1]} features; model bands {list(model.bands)}", flush=True)
 
     ests = {"NEE": one.estimator}
-    if one.quantile_models is not None:
-        ests.update({"q_lo": one.quantile_models[0], "q_hi": one.quantile_models[1]})
+    # the band: two quantile models (uncertainty: quantile) or one residual-quantile model (residual)
+    for k, q in enumerate(one.quantile_models or ()):
+        ests[f"band_{k}"] = q
     sample = x[np.random.default_rng(0).choice(n, min(2000, n), replace=False)]
     structure = {}
     for name, est in ests.items():
@@ -208,7 +209,7 @@ def main() -> None:
 
     measure("NEE (library)", lambda: one.predict(x))
     if one.quantile_models is not None:
-        measure("q05+q95 (library)", lambda: [q.predict(x) for q in one.quantile_models])
+        measure("band (library)", lambda: [q.predict(x) for q in one.quantile_models])
     if one.aoa is not None:
         one.aoa.di(x[:10])  # build the KD-tree outside the timing: once per model and process
         measure("DI+AOA", lambda: one.aoa.di(x) <= one.aoa.threshold)
@@ -223,7 +224,7 @@ def main() -> None:
         comp1 = single_threaded(comp)
         measure("NEE (compiled)", lambda: comp1.predict(x))
         if comp1.quantile_models is not None:
-            measure("q05+q95 (compiled)", lambda: [q.predict(x) for q in comp1.quantile_models])
+            measure("band (compiled)", lambda: [q.predict(x) for q in comp1.quantile_models])
         measure("all bands (compiled)", lambda: comp1.predict_bands(x))
     t0 = time.perf_counter()
     auto, how = inference.prepare(model, "auto", args.workdir / "compiled")

@@ -907,8 +907,6 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
         "time": {"start": f"{periods[0]:%Y-%m-%d}", "end": f"{end:%Y-%m-%d}", "step": spec.time_step},
         "footprint": {**FootprintSpec().model_dump(), "radius": spec.footprint_radius},
         "model": {
-            "kind": "random_forest",
-            "params": {"n_estimators": 200, "min_samples_leaf": 2},
             "cv_folds": 0,
             "seed": spec.seed,
         },

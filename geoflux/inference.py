@@ -272,7 +272,9 @@ def _estimators(model: TrainedModel) -> dict[str, Any]:
     """The model's tree estimators by the band they produce (the point model and each quantile model)."""
     out = {"NEE": model.estimator}
     quantiles = getattr(model, "quantile_models", None)
-    if quantiles is not None:
+    if quantiles is not None and len(quantiles) == 1:  # one residual-scale model gives both bounds
+        out["NEE_band"] = quantiles[0]
+    elif quantiles is not None:
         names = [b for b in model.bands if b.startswith("NEE_q")] or ["NEE_lo", "NEE_hi"]
         out.update({names[0]: quantiles[0], names[-1]: quantiles[1]})
     return out
@@ -349,7 +351,7 @@ def choose(
     ests = list(chosen.values())
     m.estimator = ests[0]
     if getattr(model, "quantile_models", None) is not None:
-        m.quantile_models = (ests[1], ests[2])
+        m.quantile_models = tuple(ests[1:])
     parts = []
     for band, r in record.items():
         speeds = f"library {r['library_kpix_s']:g}"

@@ -6,8 +6,10 @@ random-row splits leak a site's own data into its test fold and overstate skill.
 Besides NEE, a fitted model can give
 
 * an uncertainty band (``NEE_q05``/``NEE_q95`` for a 90 % band): conformalized quantile regression
-  (Romano et al. 2019) — two gradient-boosting quantile regressors, widened by a margin taken from the
-  grouped-CV held-out scores so that the band holds its nominal coverage on sites the model has not seen;
+  (Romano et al. 2019) — two gradient-boosting quantile regressors (``uncertainty: quantile``), or one
+  gradient-boosting model of the absolute residual's ``interval`` quantile around NEE (``residual``: a
+  symmetric band at half the prediction cost), widened by a margin taken from the grouped-CV held-out
+  scores so that the band holds its nominal coverage on sites the model has not seen;
 * the area of applicability (Meyer & Pebesma 2021): the dissimilarity index ``DI`` (distance to the nearest
   training sample in importance-weighted standardized predictor space, divided by the mean distance between
   training samples) and ``AOA`` (1 where DI is at most the threshold derived from the cross-validated
@@ -22,9 +24,12 @@ libraries (scikit-learn, numpy, LightGBM, XGBoost).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,7 +106,8 @@ class TrainedModel:
     provenance: dict = field(default_factory=dict)
 
     bands: tuple[str, ...] = ("NEE",)  # output bands of predict_bands, NEE first
-    quantile_models: tuple[RegressorMixin, RegressorMixin] | None = None  # lower, upper quantile
+    # (lower, upper) quantile models, or (scale,): one model of the absolute residual's interval quantile
+    quantile_models: tuple[RegressorMixin, ...] | None = None
     interval: float = 0.9  # nominal coverage of the band
     conformal_margin: float = 0.0  # gC m-2 d-1 added on both sides (from grouped-CV scores)
     aoa: AOA | None = None
@@ -116,7 +122,7 @@ class TrainedModel:
         if self.quantile_models is None:
             raise ModelError("model was trained without uncertainty (model.uncertainty: none)")
         nee = self.predict(x) if nee is None else nee
-        lo, hi = (m.predict(x) for m in self.quantile_models)
+        lo, hi = raw_bounds(self.quantile_models, x, nee)
         return _band(nee, lo, hi, self.conformal_margin)
 
     def predict_bands(self, x: np.ndarray) -> np.ndarray:
@@ -135,6 +141,21 @@ class TrainedModel:
             di = self.aoa.di(x)
             cols.extend([di, (di <= self.aoa.threshold).astype(np.float64)])
         return np.column_stack(cols).astype(np.float32)
+
+
+def raw_bounds(
+    models: tuple[RegressorMixin, ...], x: np.ndarray, nee: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Uncalibrated lower and upper bound (gC m-2 d-1) from the band's models, before the conformal margin.
+
+    Two models: their lower and upper quantile predictions. One model: it predicts the ``interval``
+    quantile of the absolute residual (gC m-2 d-1), and the band is ``nee`` -/+ that (a scale below 0, which
+    the pinball loss does not exclude, counts as 0).
+    """
+    if len(models) == 1:
+        s = np.maximum(models[0].predict(x), 0.0)
+        return nee - s, nee + s
+    return models[0].predict(x), models[1].predict(x)
 
 
 def _band(nee: np.ndarray, lo: np.ndarray, hi: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +179,21 @@ def band_names(spec: ModelSpec) -> tuple[str, ...]:
 
 def _quantile_levels(interval: float) -> tuple[float, float]:
     return (1 - interval) / 2, 1 - (1 - interval) / 2
+
+
+# The default model (README "Choosing the model", bench/bench_model_choice.py): 200 boosting iterations of
+# depth-6 trees plus one residual band model visit 2,086 nodes per pixel where the 200-tree fully grown
+# forest plus two quantile models visited 3,148 (mixed-landscape world), with truth NSE 0.921 vs 0.914
+# there. A fixed number of iterations
+# (no early stopping): early stopping would hold out random pixel draws, i.e. footprints of towers the
+# model also trains on, which says nothing about new sites.
+BOOSTING_DEFAULTS: dict[str, Any] = {
+    "max_iter": 200,
+    "max_depth": 6,
+    "max_leaf_nodes": 31,
+    "learning_rate": 0.1,
+    "early_stopping": False,
+}
 
 
 def make_estimator(spec: ModelSpec) -> RegressorMixin:
@@ -201,7 +237,7 @@ def _construct(spec: ModelSpec) -> RegressorMixin:
             return xgb.XGBRegressor(
                 **{"n_estimators": 300, "learning_rate": 0.05, "random_state": spec.seed, **params}
             )
-        return HistGradientBoostingRegressor(**{"random_state": spec.seed, **params})
+        return HistGradientBoostingRegressor(**{**BOOSTING_DEFAULTS, "random_state": spec.seed, **params})
     except TypeError as exc:
         raise ModelError(f"model.params: {exc}") from None
 
@@ -218,16 +254,46 @@ def _quantile_estimator(spec: ModelSpec, q: float) -> RegressorMixin:
     return HistGradientBoostingRegressor(loss="quantile", quantile=q, random_state=spec.seed)
 
 
-def _fit_quantiles(spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> tuple[RegressorMixin, RegressorMixin]:
-    """The lower and upper quantile regressors of the ``spec.interval`` band, fitted on (x, y)."""
+def _fit_band(
+    spec: ModelSpec, est: RegressorMixin, x: np.ndarray, y: np.ndarray
+) -> tuple[RegressorMixin, ...]:
+    """The models of the ``spec.interval`` band, fitted on (x, y): see :func:`raw_bounds`.
+
+    ``quantile``: the lower and upper quantile regressors. ``residual``: one regressor of the
+    ``interval`` quantile of ``|y - est(x)|`` (in-sample residuals of the point model ``est``: they
+    understate its error on new sites, which the conformal margin from the grouped CV makes up for).
+    """
     q_lo, q_hi = _quantile_levels(spec.interval)
     # One OpenMP thread: on small tables the thread start-up and spin-waiting cost more than they save,
     # many times over when other processes share the cores.
     with threadpool_limits(limits=1, user_api="openmp"):
+        if spec.uncertainty == "residual":
+            resid = np.abs(y - stable_predict(est, x))
+            return (_quantile_estimator(spec, spec.interval).fit(x, resid),)
         return (
             _quantile_estimator(spec, q_lo).fit(x, y),
             _quantile_estimator(spec, q_hi).fit(x, y),
         )
+
+
+# Below this many fitted rows, model fitting and prediction during training run on one OpenMP thread
+# (HistGradientBoosting, LightGBM): thread start-up and spin-waiting cost more than they save, many times
+# over when other processes share the cores (a 40-iteration boosting fit on 900 rows: 11 s on all threads
+# at load 16 on 2 cores, 0.44 s on one). Forests parallelize with joblib threads and are not affected.
+OPENMP_MIN_ROWS = 100_000
+
+
+def _omp_for_table(func: Callable) -> Callable:
+    """Run ``func(table, ...)`` on one OpenMP thread when the table gives fewer than OPENMP_MIN_ROWS fits."""
+
+    @functools.wraps(func)
+    def wrapper(table: pd.DataFrame, *args: Any, **kwargs: Any) -> Any:
+        fits = len(table) * (DRAWS_PER_ROW if kwargs.get("footprints") is not None else 1)
+        small = fits < OPENMP_MIN_ROWS
+        with threadpool_limits(limits=1, user_api="openmp") if small else nullcontext():
+            return func(table, *args, **kwargs)
+
+    return wrapper
 
 
 def _check_table(table: pd.DataFrame, features: list[str], spec: ModelSpec) -> None:
@@ -399,6 +465,7 @@ def hedge_footprints(table: pd.DataFrame, fr: FootprintRows, spec: ModelSpec) ->
     return fr.hedged(share), {"share": share, "inner_cv_nse": nse}
 
 
+@_omp_for_table
 def cross_validate(
     table: pd.DataFrame,
     features: list[str],
@@ -437,7 +504,6 @@ def cross_validate(
     fold_id = np.full(len(y), -1)
     with_unc = spec.uncertainty != "none"
     lo_raw, hi_raw = np.full(len(y), np.nan), np.full(len(y), np.nan)
-    q_lo, q_hi = _quantile_levels(spec.interval)
     fr = footprints
     rows_pred = np.full(len(y), np.nan)  # averaged training: prediction from the averaged row itself
     if fr is not None and with_unc:  # held-out per-pixel point and quantile predictions
@@ -452,15 +518,15 @@ def cross_validate(
             pred[test] = stable_predict(est, x[test])
         fold_id[test] = k
         if with_unc:
-            lo, hi = _fit_quantiles(spec, qx, qy)
+            band_models = _fit_band(spec, est, qx, qy)
             if fr is not None:
                 p = fr.pixels_of(test)
                 pix["pred"][p] = stable_predict(est, fr.x[p])
-                pix["lo"][p], pix["hi"][p] = lo.predict(fr.x[p]), hi.predict(fr.x[p])
+                pix["lo"][p], pix["hi"][p] = raw_bounds(band_models, fr.x[p], pix["pred"][p])
                 lo_raw[test] = fr.tower_sum(pix["lo"][p], p)[test]
                 hi_raw[test] = fr.tower_sum(pix["hi"][p], p)[test]
             else:
-                lo_raw[test], hi_raw[test] = lo.predict(x[test]), hi.predict(x[test])
+                lo_raw[test], hi_raw[test] = raw_bounds(band_models, x[test], pred[test])
     keys = [c for c in ("site", "time") if c in table.columns]
     out = table[keys].assign(obs=y, pred=pred, fold=fold_id)
     result: dict[str, Any] = summary(out)
@@ -505,10 +571,19 @@ def cross_validate(
         raw_lo, raw_hi = _band(pred, lo_raw, hi_raw, 0.0)
         result["uncertainty"]["coverage_uncalibrated"] = float(np.mean((y >= raw_lo) & (y <= raw_hi)))
         result["uncertainty"]["method"] = (
-            f"conformalized quantile regression (gradient-boosting q{q_lo:.2f}/q{q_hi:.2f}), margin from "
-            "the other folds' held-out scores"
+            f"{_band_method(spec)}, margin from the other folds' held-out scores"
         )
     return out, result
+
+
+def _band_method(spec: ModelSpec) -> str:
+    q_lo, q_hi = _quantile_levels(spec.interval)
+    if spec.uncertainty == "residual":
+        return (
+            "conformalized residual quantile (one gradient-boosting model of the |residual| "
+            f"q{spec.interval:.2f}, band NEE -/+ it)"
+        )
+    return f"conformalized quantile regression (gradient-boosting q{q_lo:.2f}/q{q_hi:.2f})"
 
 
 def interval_summary(df: pd.DataFrame, interval: float) -> dict[str, float]:
@@ -609,6 +684,7 @@ def _fit_aoa_pixels(
         return aoa, np.where(den > 0, num / den, np.nan)
 
 
+@_omp_for_table
 def fit(
     table: pd.DataFrame,
     features: list[str],
@@ -656,7 +732,7 @@ def fit(
     folds, scheme = cv_splits(table, spec, sites)
     prov["cv_scheme"] = scheme
     if spec.uncertainty != "none":
-        model.quantile_models = _fit_quantiles(spec, qx, qy)
+        model.quantile_models = _fit_band(spec, est, qx, qy)
         cv = cv_predictions
         if cv is None or len(cv) != len(table) or "lo_raw" not in cv:
             cv, _ = cross_validate(table, features, spec, sites, footprints=fr)
@@ -665,7 +741,11 @@ def fit(
         else:
             conf = np.maximum(cv["lo_raw"].to_numpy() - y, y - cv["hi_raw"].to_numpy())
             model.conformal_margin = _conformal_quantile(conf, spec.interval)
-        prov["uncertainty"] = {"interval": spec.interval, "conformal_margin": model.conformal_margin}
+        prov["uncertainty"] = {
+            "interval": spec.interval,
+            "conformal_margin": model.conformal_margin,
+            "method": _band_method(spec),
+        }
     if spec.aoa:
         if fr is None:
             model.aoa, train_di = fit_aoa(est, x, y, folds, spec.seed)
@@ -738,7 +818,10 @@ def _payload(model: TrainedModel) -> dict:
     # Everything prediction depends on goes into the hashed skops file; the card repeats it for humans.
     p: dict[str, Any] = {"format_version": _FORMAT_VERSION, "estimator": model.estimator}
     if model.quantile_models is not None:
-        p["quantile_lower"], p["quantile_upper"] = model.quantile_models
+        if len(model.quantile_models) == 1:
+            p["quantile_scale"] = model.quantile_models[0]
+        else:
+            p["quantile_lower"], p["quantile_upper"] = model.quantile_models
         p["conformal_margin"] = float(model.conformal_margin)
         p["interval"] = float(model.interval)
     if model.aoa is not None:
@@ -819,8 +902,9 @@ def load_model(path: str | Path) -> TrainedModel:
     if "estimator" not in obj:
         raise ModelError(f"{path}: skops file holds no estimator")
     model = TrainedModel(obj["estimator"], *meta, bands=tuple(obj.get("bands", ("NEE",))))
-    if "quantile_lower" in obj:
-        model.quantile_models = (obj["quantile_lower"], obj["quantile_upper"])
+    band_models = ("quantile_scale",) if "quantile_scale" in obj else ("quantile_lower", "quantile_upper")
+    if all(k in obj for k in band_models):
+        model.quantile_models = tuple(obj[k] for k in band_models)
         model.conformal_margin = float(obj["conformal_margin"])
         model.interval = float(obj["interval"])
     if "aoa" in obj:

@@ -78,7 +78,7 @@ def test_grouped_importance_permutes_a_categorical_driver_jointly():
     groups = driver_groups(features, variables)
     assert groups == {"a": ["a"], "b": ["b"], "lc": ["lc_1", "lc_2", "lc_3"]}
     imp = grouped_permutation_importance(
-        df, features, ModelSpec(params={"n_estimators": 30}), groups, n_repeats=3
+        df, features, ModelSpec(kind="random_forest", params={"n_estimators": 30}), groups, n_repeats=3
     )
     assert list(imp["driver"]) == ["lc", "a", "b"]
     assert imp.set_index("driver").loc["b", "importance"] < 0.05 * imp["importance"].max()
@@ -155,7 +155,13 @@ def demo_trained(tiny_world_pristine, tmp_path_factory):
     dst = tmp_path_factory.mktemp("demo_model") / "run"
     shutil.copytree(tiny_world_pristine, dst)
     cfg = load_config(dst / "config.yaml")
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"params": FEW_TREES, "cv_folds": 5})})
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(
+                update={"kind": "random_forest", "params": FEW_TREES, "cv_folds": 5}
+            )
+        }
+    )
     pipeline.stage_towers(cfg)
     table = pipeline.stage_extract(cfg)
     model, cv_pred, cv = train(

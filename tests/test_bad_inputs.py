@@ -259,7 +259,7 @@ CASES: list[Case] = [
     C("config", "unknown-footprint-method", RUN, cfg_set("footprint.method", "ellipse"), "footprint.method"),
     # --- model parameters (checked when the estimator is made, before any fit)
     C("model", "unknown-param", TRAIN, cfg_set("model.params", {"n_trees": 5}), "model.params"),
-    C("model", "param-bad-value", TRAIN, cfg_set("model.params", {"n_estimators": -5}), "n_estimators"),
+    C("model", "param-bad-value", TRAIN, cfg_set("model.params", {"max_iter": -5}), "max_iter"),
     C("model", "param-bad-type", TRAIN, cfg_set("model.params", {"max_features": "many"}), "max_features"),
     # --- tower files
     C("towers", "glob-matches-nothing", TOWERS, cfg_set("towers.files", "world/towers/FLX_NONE_*.csv"),

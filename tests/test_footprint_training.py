@@ -109,7 +109,13 @@ def fitted():
     table, pixels = _world()
     out = {}
     for method in ("averaged", "pixel", "iterative"):
-        spec = ModelSpec(params={"n_estimators": 60, "min_samples_leaf": 2}, training=method, seed=1)
+        spec = ModelSpec(
+            kind="random_forest",
+            params={"n_estimators": 60, "min_samples_leaf": 2},
+            uncertainty="quantile",
+            training=method,
+            seed=1,
+        )
         tab = table.copy()
         if method == "averaged":  # what the pipeline does for averaged training: dominant class only
             hard = (tab["lc_1"] >= tab["lc_2"]).astype(float)
@@ -283,7 +289,12 @@ def _box_skill(seed: int = 8) -> dict:
     """Map NSE (1 − SSE/SST over every pixel-step of the grid, against the per-pixel truth) of averaged,
     unhedged footprint-consistent and hedged footprint-consistent training on the box world."""
     table, pixels, gx, gt = _box_world(seed=seed)
-    base = {"params": {"n_estimators": 40, "min_samples_leaf": 2}, "seed": 1, "cv_folds": 3}
+    base = {
+        "kind": "random_forest",
+        "params": {"n_estimators": 40, "min_samples_leaf": 2},
+        "seed": 1,
+        "cv_folds": 3,
+    }
     base.update(uncertainty="none", aoa=False)
     nse = {}
     for name, extra in {

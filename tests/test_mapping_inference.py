@@ -222,3 +222,29 @@ def test_sample_pixels_are_the_training_pixels(band_model):
     # every sampled row is one of the training rows (standardization undone), to float32 rounding
     nearest = np.abs(s[:, None, :] - x[None, :, :].astype(np.float32)).max(axis=2).min(axis=1)
     assert nearest.max() < 1e-3
+
+
+def test_auto_compiles_a_one_model_residual_band(monkeypatch, cache):
+    """The ``residual`` band has one scale model: auto times it as one band and keeps the model's shape."""
+    pytest.importorskip("tl2cgen")
+    x, y = training()
+    names = feature_names(VARIABLES)
+    with threadpool_limits(1, user_api="openmp"):
+        point = HistGradientBoostingRegressor(max_iter=15, max_depth=4, random_state=0).fit(x, y)
+        scale = HistGradientBoostingRegressor(loss="quantile", quantile=0.9, max_iter=10, random_state=0)
+        scale.fit(x, np.abs(y - point.predict(x)))
+    model = TrainedModel(point, names, {})
+    model.bands, model.quantile_models, model.conformal_margin = ("NEE", "NEE_q05", "NEE_q95"), (scale,), 0.1
+    fast = dict.fromkeys(("HistGradientBoostingRegressor",), 0.01)
+    monkeypatch.setattr(inference, "time_predict", _compiled_timing(fast))
+    chosen, how = inference.prepare(model, "auto", cache)
+    assert "NEE compiled" in how and "NEE_band compiled" in how
+    assert len(chosen.quantile_models) == 1
+    assert isinstance(chosen.quantile_models[0], inference.CompiledEstimator)
+    xs = _features(5_000)
+    diff = np.abs(chosen.predict_bands(xs).astype(np.float64) - model.predict_bands(xs)).max()
+    assert diff <= 1e-5, diff  # float32 output bands
+    # the band is NEE -/+ (scale + margin), from the library's own scale model
+    half = np.maximum(scale.predict(xs), 0) + 0.1
+    b = model.predict_bands(xs).astype(np.float64)
+    np.testing.assert_allclose(b[:, 2] - b[:, 0], half, atol=1e-5)

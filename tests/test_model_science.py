@@ -73,7 +73,7 @@ def test_temporal_holdout_alternates_blocks_and_validates_one_site():
     from geoflux.model import cross_validate, cv_splits
 
     table, _ = _sites_table(n_sites=1, n=64, noise=0.05)
-    spec = ModelSpec(cv="temporal", cv_block_days=8, params=FEW_TREES, aoa=False)
+    spec = ModelSpec(cv="temporal", cv_block_days=8, kind="random_forest", params=FEW_TREES, aoa=False)
     folds, _ = cv_splits(table, spec)
     day = (table["time"] - table["time"].min()).dt.days.to_numpy()
     for train, test in folds:
@@ -81,14 +81,16 @@ def test_temporal_holdout_alternates_blocks_and_validates_one_site():
     pred, res = cross_validate(table, ["a", "b"], spec)
     assert np.isfinite(pred["pred"]).all() and res["nse"] > 0.5
     with pytest.raises(ModelError, match="fewer than 2 sites"):
-        cross_validate(table, ["a", "b"], ModelSpec(params=FEW_TREES))
+        cross_validate(table, ["a", "b"], ModelSpec(kind="random_forest", params=FEW_TREES))
 
 
 def test_band_covers_nominal_share_of_held_out_sites():
     from geoflux.model import cross_validate
 
     table, _ = _sites_table(n_sites=15, n=60, seed=3)
-    spec = ModelSpec(params=FEW_TREES, cv_folds=5, interval=0.9, aoa=False)
+    spec = ModelSpec(
+        kind="random_forest", params=FEW_TREES, uncertainty="quantile", cv_folds=5, interval=0.9, aoa=False
+    )
     pred, res = cross_validate(table, ["a", "b"], spec)
     u = res["uncertainty"]
     assert 0.8 <= u["coverage"] <= 0.95
@@ -103,7 +105,7 @@ def test_aoa_flags_extrapolation_and_roundtrips(tmp_path):
     from geoflux.model import load_model, save_model, train
 
     table, _ = _sites_table(n_sites=8, n=40, seed=1)
-    spec = ModelSpec(params=FEW_TREES, cv_folds=4)
+    spec = ModelSpec(kind="random_forest", params=FEW_TREES, cv_folds=4)
     m, _, cv = train(table, ["a", "b"], {"a": "1", "b": "1"}, spec)
     assert m.bands == ("NEE", "NEE_q05", "NEE_q95", "DI", "AOA")
     assert cv["aoa"]["fraction_inside"] > 0.9
@@ -130,7 +132,12 @@ def test_foreign_type_in_skops_file_refused(tmp_path):
     from geoflux.model import fit, load_model, save_model
 
     table, _ = _sites_table(n_sites=3, n=20)
-    m = fit(table, ["a", "b"], {}, ModelSpec(params={"n_estimators": 5}, uncertainty="none", aoa=False))
+    m = fit(
+        table,
+        ["a", "b"],
+        {},
+        ModelSpec(kind="random_forest", params={"n_estimators": 5}, uncertainty="none", aoa=False),
+    )
     path = save_model(m, tmp_path / "m.skops")
     card = json.loads((tmp_path / "m.json").read_text())
     blob = sio.dumps({"estimator": m.estimator, "extra": Fraction(1, 3)})
@@ -161,3 +168,48 @@ def test_missing_optional_regressor_is_named(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "xgboost" else real(n, *a))
     with pytest.raises(ModelError, match="xgboost is not installed"):
         make_estimator(ModelSpec(kind="xgboost"))
+
+
+DEFAULT_ESTIMATOR, DEFAULT_DEPTH = "HistGradientBoostingRegressor", 6  # README "Choosing the model"
+SMALL_BOOST = {"max_iter": 40, "max_depth": 4, "learning_rate": 0.1}
+
+
+def test_residual_band_is_one_model_symmetric_and_covers(tmp_path):
+    from geoflux.model import cross_validate, load_model, save_model, train
+
+    table, _ = _sites_table(n_sites=15, n=60, seed=3)
+    spec = ModelSpec(
+        kind="hist_gradient_boosting", params=SMALL_BOOST, uncertainty="residual", cv_folds=5, aoa=False
+    )
+    pred, res = cross_validate(table, ["a", "b"], spec)
+    u = res["uncertainty"]
+    assert 0.8 <= u["coverage"] <= 0.95 and "residual" in u["method"]
+    # heteroscedastic noise (sd ∝ 1 + a): the one scale model widens the band where a is large
+    width = pred["hi"] - pred["lo"]
+    assert width[table["a"] > 0.8].mean() > 1.3 * width[table["a"] < 0.2].mean()
+    m, _, _ = train(table, ["a", "b"], {"a": "1", "b": "1"}, spec)
+    assert len(m.quantile_models) == 1 and m.bands == ("NEE", "NEE_q05", "NEE_q95")
+    x = table[["a", "b"]].to_numpy(np.float32)[:200]
+    bands = m.predict_bands(x).astype(np.float64)
+    # independent of raw_bounds: NEE -/+ (the scale model's non-negative prediction + the margin)
+    half = np.maximum(m.quantile_models[0].predict(x), 0) + m.conformal_margin
+    np.testing.assert_allclose(bands[:, 2] - bands[:, 0], half, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bands[:, 0] - bands[:, 1], half, rtol=1e-5, atol=1e-5)
+    again = load_model(save_model(m, tmp_path / "m.skops"))
+    assert len(again.quantile_models) == 1
+    np.testing.assert_allclose(again.predict_bands(x), bands.astype(np.float32), rtol=1e-6)
+
+
+def test_default_model_recovers_the_signal_on_held_out_sites_and_its_band_covers():
+    """ModelSpec() as shipped (kind, params, band): skill against the noise-free signal, not the noisy obs."""
+    from geoflux.metrics import scores
+    from geoflux.model import cross_validate, make_estimator
+
+    spec = ModelSpec(cv_folds=5, aoa=False)
+    est = make_estimator(spec)
+    assert type(est).__name__ == DEFAULT_ESTIMATOR and est.get_params()["max_depth"] == DEFAULT_DEPTH
+    table, _ = _sites_table(n_sites=15, n=60, seed=3)
+    pred, res = cross_validate(table, ["a", "b"], spec)
+    signal = 2 * table["a"] - table["b"]  # what the generator computes before its noise
+    assert scores(signal, pred["pred"])["nse"] > 0.85
+    assert 0.8 <= res["uncertainty"]["coverage"] <= 0.97

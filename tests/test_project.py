@@ -37,7 +37,12 @@ def tiny_mapped(tiny_world_pristine: Path, tmp_path_factory) -> Path:
     shutil.copytree(tiny_world_pristine, dst)
     cfg = load_config(dst / "config.yaml")
     # a small, quickly validated forest: the test is about projection, not skill
-    small = {"params": {"n_estimators": 20, "min_samples_leaf": 3}, "cv_folds": 3, "training": "averaged"}
+    small = {
+        "kind": "random_forest",
+        "params": {"n_estimators": 20, "min_samples_leaf": 3},
+        "cv_folds": 3,
+        "training": "averaged",
+    }
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=small)})
     dump_config(cfg, dst / "config.yaml")
     cfg = load_config(dst / "config.yaml")

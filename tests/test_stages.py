@@ -148,7 +148,9 @@ def test_cv_is_grouped_by_site(monkeypatch):
 
     monkeypatch.setattr(model, "make_estimator", lambda spec: Spy(real(spec)))
     table = _toy_table()
-    pred, res = model.cross_validate(table, ["a", "b"], ModelSpec(params={"n_estimators": 20}))
+    pred, res = model.cross_validate(
+        table, ["a", "b"], ModelSpec(kind="random_forest", params={"n_estimators": 20})
+    )
     assert seen == [5 * 40] * 6  # each fold trains on exactly the other five sites
     assert res["n_sites"] == 6 and np.isfinite(pred["pred"]).all()
 
@@ -157,7 +159,9 @@ def test_model_roundtrip_and_tamper_refused(tmp_path):
     from geoflux.model import fit, load_model, save_model
 
     table = _toy_table()
-    m = fit(table, ["a", "b"], {"a": "u", "b": "u"}, ModelSpec(params={"n_estimators": 10}))
+    m = fit(
+        table, ["a", "b"], {"a": "u", "b": "u"}, ModelSpec(kind="random_forest", params={"n_estimators": 10})
+    )
     path = save_model(m, tmp_path / "m.skops")
     again = load_model(path)
     x = table[["a", "b"]].to_numpy(np.float32)
@@ -202,7 +206,7 @@ def test_mapping_one_task_per_chunk_model_once(cfg):
     table = pd.DataFrame(feats[ok][:500], columns=names).assign(
         site=np.arange(500) % 5, NEE=lambda d: d["ta"]
     )
-    m = fit(table, names, {}, ModelSpec(params={"n_estimators": 5}))
+    m = fit(table, names, {}, ModelSpec(kind="random_forest", params={"n_estimators": 5}))
     pred = predict_bands(cube, m, variables)  # the lazy path write_maps streams from
     graph = dict(pred.data.__dask_graph__())
     n_out = pred.data.npartitions
