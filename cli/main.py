@@ -148,6 +148,16 @@ OVERWRITE_HELP = "Replace outputs that exist (default: refuse with an error nami
 overwrite_opt = click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON on stdout.")
 config_arg = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+scheduler_opt = click.option(
+    "--scheduler",
+    default="threads",
+    show_default=True,
+    metavar="threads|processes|local|tcp://HOST:PORT",
+    help="Where chunks run: threads, processes, a local dask.distributed cluster, or an existing one.",
+)
+workers_opt = click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Threads/processes (default: all CPUs)."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -465,7 +475,7 @@ def towers_model(
     """
     from geoflux.towers import read_sites
     from geoflux.towers.modelling import check_out_dir, comparison_table, expand_files, model_towers
-    from geoflux.towers.report import write_outputs
+    from geoflux.towers.report import site_flag_columns, write_outputs
 
     check_out_dir(out, overwrite)
     t0 = time.perf_counter()
@@ -485,22 +495,8 @@ def towers_model(
     for scale in ("monthly", "seasonal_cycle", "annual_anomaly"):
         click.echo(f"{scale} (leave-one-site-out, gC m-2 d-1):")
         click.echo(comparison_table(result, scale).round(3).to_string(index=False))
-    cols = [
-        "site",
-        "IGBP",
-        "nse",
-        "nse_plain_forest",
-        "n_same_type_training",
-        "climate_di",
-        "climate_threshold",
-        "type_flag",
-        "climate_flag",
-        "flagged",
-    ]
-    if "chosen" in result.flags.columns:
-        cols.insert(4, "chosen")
     click.echo(f"per held-out site ({setup}):")
-    click.echo(result.flags[cols].round(3).to_string(index=False))
+    click.echo(result.flags[site_flag_columns(result.flags)].round(3).to_string(index=False))
     if result.info.get("selection"):
         click.echo(f"final model (ranked over all sites): {result.info['final_model']}")
     _info(f"written to {out} in {time.perf_counter() - t0:.1f} s")
@@ -589,16 +585,8 @@ def train(config: Path, overwrite: bool, as_json: bool) -> None:
     is_flag=True,
     help="Redo every map/tile (default: resume, keeping maps whose provenance equals this run's).",
 )
-@click.option(
-    "--scheduler",
-    default="threads",
-    show_default=True,
-    metavar="threads|processes|local|tcp://HOST:PORT",
-    help="Where chunks run: threads, processes, a local dask.distributed cluster, or an existing one.",
-)
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=None, help="Threads/processes (default: all CPUs)."
-)
+@scheduler_opt
+@workers_opt
 @click.option(
     "--tile",
     "tiles",
@@ -953,16 +941,8 @@ def attribute(config: Path, threshold: float, overwrite: bool) -> None:
     help="A built-in scenario (warming_2K, ta_plus_2K, drying_20pct) or a scenario YAML naming future "
     "driver rasters in a STAC catalog (see README 'Projection').",
 )
-@click.option(
-    "--scheduler",
-    default="threads",
-    show_default=True,
-    metavar="threads|processes|local|tcp://HOST:PORT",
-    help="Where chunks run (as for `geoflux map`).",
-)
-@click.option(
-    "--workers", type=click.IntRange(min=1), default=None, help="Threads/processes (default: all CPUs)."
-)
+@scheduler_opt
+@workers_opt
 @overwrite_opt
 @_fail_cleanly
 def project(config: Path, scenario: str, scheduler: str, workers: int | None, overwrite: bool) -> None:

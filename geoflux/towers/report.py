@@ -307,6 +307,28 @@ def _table_html(df: pd.DataFrame, digits: int = 3) -> str:
     return df.round(digits).to_html(index=False, border=0, classes="t", na_rep="–", escape=True)
 
 
+# The per-site table: held-out skill next to the extrapolation flags (columns a run lacks are skipped).
+SITE_FLAG_COLUMNS = (
+    "site",
+    "IGBP",
+    "nse",
+    "nse_plain_forest",
+    "chosen",
+    "n_same_type_training",
+    "climate_di",
+    "climate_threshold",
+    "type_flag",
+    "climate_flag",
+    "flagged",
+    "nearest_site",
+)
+
+
+def site_flag_columns(flags: pd.DataFrame) -> list[str]:
+    """The :data:`SITE_FLAG_COLUMNS` that ``flags`` has, in that order."""
+    return [c for c in SITE_FLAG_COLUMNS if c in flags.columns]
+
+
 def write_report(result: TowerModelResult, out: str | Path) -> dict[str, Path]:
     """Write ``report.html``, ``figures/*.png`` and the report tables into the run folder ``out``.
 
@@ -374,24 +396,7 @@ def write_report(result: TowerModelResult, out: str | Path) -> dict[str, Path]:
             "anomaly_z": "anomaly / unc.",
         }
     )
-    flag_cols = [
-        c
-        for c in (
-            "site",
-            "IGBP",
-            "nse",
-            "nse_plain_forest",
-            "chosen",
-            "n_same_type_training",
-            "climate_di",
-            "climate_threshold",
-            "type_flag",
-            "climate_flag",
-            "flagged",
-            "nearest_site",
-        )
-        if c in result.flags.columns
-    ]
+    flag_cols = site_flag_columns(result.flags)
     imp_wide = imp.pivot(index="site", columns="group", values="rmse_increase").reset_index()
     sel = result.info.get("selection") or {}
     esc = html.escape
