@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("index", nargs="?", type=Path, help="report/index.html")
     ap.add_argument("--demo", type=Path, help="run 'geoflux demo --size tiny' into this folder first")
     ap.add_argument(
-        "--screenshot", type=Path, default=Path("report-first-screen.png"), help="first screen PNG"
+        "--screenshot",
+        type=Path,
+        default=None,
+        help="first screen PNG (default: first-screen.png beside the report, never in the checkout)",
     )
     ap.add_argument("--full", type=Path, default=None, help="also a 1400 x 6000 px screenshot here")
     args = ap.parse_args(argv)
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {index}: report not found", file=sys.stderr)
         return 1
     problems = check_files(index)
-    browser, layout = browser_check(index, args.screenshot, args.full)
+    shot = args.screenshot or index.parent / "first-screen.png"
+    browser, layout = browser_check(index, shot, args.full)
     problems += browser
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ok: {index}: {n} images load in Chromium; held-out skill table ends at "
         f"{layout['table_bottom']:.0f} px "
         f"of the {layout['viewport']} px first screen, before any figure or in-sample section; "
-        f"screenshot {args.screenshot}"
+        f"screenshot {shot}"
     )
     return 0
 
