@@ -232,8 +232,8 @@ def stage_map(
     """
     from geoflux.cube import cube_from_config, target_grid
     from geoflux.inference import prepare
-    from geoflux.mapping import band_spec, redo_reason, write_maps
-    from geoflux.mapping.products import drop_catalog_maps, input_item_ids, publish_maps
+    from geoflux.mapping import redo_reason, write_maps
+    from geoflux.mapping.products import band_specs, drop_catalog_maps, publish_maps
     from geoflux.mapping.scheduler import open_scheduler
     from geoflux.mapping.tiles import TileScheme, tile_pixels
     from geoflux.model import load_model
@@ -254,24 +254,13 @@ def stage_map(
         "variables": ",".join(v.name for v in cfg.variables),
     }
     periods, period_end = cfg.period_bounds()
-    end_of = dict(zip(periods, period_end, strict=True))
     bands = tuple(model.bands)
 
     def outputs_for(folder: Path | None, cube) -> dict[int, list]:
         # input_items from the items this cube was loaded from (a tile's cube: the tile's items)
-        item_ids = input_item_ids(cube, periods, cfg.time.step)
-        per_band = {b: map_paths(cfg, b, folder) for b in bands}
-        out = {}
-        for i, p in enumerate(periods):
-            ptags = {
-                **tags,
-                "period_start": f"{p:%Y-%m-%d}",
-                "period_end": f"{end_of[p]:%Y-%m-%d}",
-                "period": cfg.time.step,
-                "input_items": item_ids[p],
-            }
-            out[i] = [band_spec(b, per_band[b][p], model.target_units, ptags) for b in bands]
-        return out
+        return band_specs(
+            run, cube, periods, period_end, cfg.time.step, bands, model.target_units, tags, folder
+        )
 
     tiled = tiles is not None or bbox is not None
     # Files are about to be replaced: a run that dies before the end leaves no catalog rather than one that

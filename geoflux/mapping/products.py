@@ -59,6 +59,35 @@ def input_item_ids(cube: xr.Dataset, periods: pd.DatetimeIndex, step: str) -> di
     return {p: ",".join(sorted(v)) for p, v in ids.items()}
 
 
+def band_specs(
+    run: RunLayout,
+    cube: xr.Dataset,
+    periods: pd.DatetimeIndex,
+    ends: pd.DatetimeIndex,
+    step: str,
+    bands: Sequence[str],
+    target_units: str,
+    tags: dict[str, str],
+    folder: Path | None = None,
+) -> dict[int, list]:
+    """The output file of every band and period (:class:`~geoflux.cog.RasterSpec`, keyed by period index),
+    tagged with the run's ``tags``, the period's start and end (``YYYY-MM-DD``), ``step`` and the ids of the
+    STAC items ``cube`` was loaded from for that period. ``folder`` replaces ``maps/`` (a tile's folder)."""
+    item_ids = input_item_ids(cube, periods, step)
+    per_band = {b: run.map_paths(periods, b, folder) for b in bands}
+    out = {}
+    for i, (p, end) in enumerate(zip(periods, ends, strict=True)):
+        ptags = {
+            **tags,
+            "period_start": f"{p:%Y-%m-%d}",
+            "period_end": f"{end:%Y-%m-%d}",
+            "period": step,
+            "input_items": item_ids[p],
+        }
+        out[i] = [band_spec(b, per_band[b][p], target_units, ptags) for b in bands]
+    return out
+
+
 # Map tags copied into each STAC item as ``geoflux:<tag>`` (lists for the comma-separated ones).
 _ITEM_TAGS = (
     "model_sha256",
