@@ -232,7 +232,7 @@ def stage_map(
     """
     from geoflux.cube import cube_from_config, target_grid
     from geoflux.inference import prepare
-    from geoflux.mapping import redo_reason, write_maps
+    from geoflux.mapping import write_maps, write_tiles
     from geoflux.mapping.products import band_specs, drop_catalog_maps, publish_maps
     from geoflux.mapping.scheduler import open_scheduler
     from geoflux.mapping.tiles import TileScheme, tile_pixels
@@ -287,27 +287,17 @@ def stage_map(
             chosen = [scheme.tile(x, y) for x, y in tiles or []]
             if bbox is not None:
                 chosen += [t for t in scheme.tiles_in_bbox(bbox) if t not in chosen]
-            written = []
-            for tile in chosen:
-                folder = cfg.out_dir / MAPS / scheme.folder / tile.id
-                cube = cube_from_config(cfg, geobox=tile.geobox)
-                outputs = outputs_for(folder, cube)
-                specs = [s for specs in outputs.values() for s in specs]
-                if not overwrite and all(redo_reason(s) is None for s in specs):
-                    written += [s.path for s in specs]
-                    continue
-                echo(f"map: tile {tile.id} ({tile.geobox.shape[1]} x {tile.geobox.shape[0]} px)")
-                written += write_maps(
-                    cube,
-                    model,
-                    cfg.variables,
-                    tile.geobox,
-                    outputs,
-                    sched,
-                    overwrite=overwrite,
-                    progress=progress,
-                    echo=echo,
-                )
+            written = write_tiles(
+                chosen,
+                lambda gb: cube_from_config(cfg, geobox=gb),
+                lambda tile, cube: outputs_for(cfg.out_dir / MAPS / scheme.folder / tile.id, cube),
+                model,
+                cfg.variables,
+                sched,
+                overwrite=overwrite,
+                progress=progress,
+                echo=echo,
+            )
     publish_maps(
         run,
         periods,

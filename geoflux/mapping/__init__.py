@@ -23,6 +23,7 @@ from geoflux.mapping.predict import (
     redo_reason,
     single_threaded,
     write_maps,
+    write_tiles,
 )
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "redo_reason",
     "single_threaded",
     "write_maps",
+    "write_tiles",
 ]

@@ -38,6 +38,7 @@ from geoflux.config import VariableSpec
 from geoflux.errors import GridError, ModelError
 from geoflux.features import feature_names, pixel_features
 from geoflux.mapping.scheduler import Scheduler, Shared, open_scheduler
+from geoflux.mapping.tiles import Tile
 from geoflux.model import TrainedModel
 from geoflux.run import band_stem  # noqa: F401 (file naming lives in the run layout; kept importable here)
 
@@ -390,3 +391,52 @@ def _progress(total: int, show: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="mapping", unit="chunk", file=sys.stderr, leave=False)
+
+
+def write_tiles(
+    tiles: Sequence[Tile],
+    make_cube: Callable[[GeoBox], xr.Dataset],
+    outputs_for: Callable[[Tile, xr.Dataset], Mapping[int, Sequence[RasterSpec]]],
+    model: TrainedModel,
+    variables: Sequence[VariableSpec],
+    scheduler: Scheduler,
+    overwrite: bool = False,
+    progress: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> list[Path]:
+    """:func:`write_maps` for each tile of a fixed tiling, one tile after the other on one scheduler.
+
+    Parameters
+    ----------
+    tiles : the tiles to map (:class:`geoflux.mapping.tiles.Tile`).
+    make_cube : the driver cube on a tile's grid (searches only that tile's extent).
+    outputs_for : a tile's output files per time index and band, given its cube (whose loaded items name
+        the tile's inputs).
+    model, variables, scheduler, overwrite, progress, echo : as for :func:`write_maps`.
+
+    Returns
+    -------
+    Every output file of the tiles: written, or kept because its provenance equals this run's.
+    """
+    say = echo or log.info
+    written: list[Path] = []
+    for tile in tiles:
+        cube = make_cube(tile.geobox)
+        outputs = outputs_for(tile, cube)
+        specs = [s for specs in outputs.values() for s in specs]
+        if not overwrite and all(redo_reason(s) is None for s in specs):
+            written += [s.path for s in specs]
+            continue
+        say(f"map: tile {tile.id} ({tile.geobox.shape[1]} x {tile.geobox.shape[0]} px)")
+        written += write_maps(
+            cube,
+            model,
+            variables,
+            tile.geobox,
+            outputs,
+            scheduler,
+            overwrite=overwrite,
+            progress=progress,
+            echo=echo,
+        )
+    return written
