@@ -22,7 +22,7 @@ from geoflux.errors import ModelError, TowerFormatError
 from geoflux.model import load_model
 from geoflux.towers import read_sites
 from geoflux.towers.features import add_features, daily_potential, monthly_potential, season_terms
-from geoflux.towers.modelling import expand_files, monthly_table, scores, site_flags
+from geoflux.towers.modelling import expand_files, monthly_table, relevel, scores, site_flags
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "towers"
 SITES = REAL / "FluxNET_sites.csv"
@@ -158,6 +158,139 @@ def test_site_flags_climate_outlier_and_lonely_type() -> None:
     assert f.loc["C", "type_flag"] and f.loc["D", "type_flag"] and not f.loc["A", "type_flag"]
     assert f.loc["E", "nearest_site"] in {"A", "B", "C", "D"}
     assert f.attrs["summary"]["negative_nse_flagged"] == 1
+
+
+def _inner_for(sites: dict[str, tuple[float, float, float]], n: int = 24) -> pd.DataFrame:
+    """Inner held-out predictions for every (outer, inner) pair: site -> (obs amplitude, error
+    amplitude, bias), obs = A sin, pred = obs + e cos + b (so NSE = 1 - (e²/2 + b²) / (A²/2))."""
+    k = np.arange(n)
+    rows = []
+    for outer in sites:
+        for site, (amp, err, bias) in sites.items():
+            if site == outer:
+                continue
+            obs = amp * np.sin(2 * np.pi * k / 12)
+            pred = obs + err * np.cos(2 * np.pi * k / 12) + bias
+            rows.append(pd.DataFrame({"outer": outer, "site": site, "obs": obs, "pred": pred}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _same_climate(ids: list[str], types: list[str]) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {
+            "MAT": 8 + rng.normal(0, 0.5, len(ids)),
+            "MAP": 800 + rng.normal(0, 20, len(ids)),
+            "AI": 1.2 + rng.normal(0, 0.02, len(ids)),
+            "TA_range": 18 + rng.normal(0, 0.5, len(ids)),
+            "IGBP": types,
+        },
+        index=pd.Index(ids, name="site"),
+    )
+
+
+def test_low_signal_flag_below_expected_error_and_not_well_above() -> None:
+    # Three sites with a large seasonal amplitude (inner NSE > 0), two nearly flat ones (NSE < 0); the
+    # model's error is the same everywhere (e cos, e = 1).
+    amp = {"A": 3.0, "B": 3.5, "C": 2.5, "Q": 0.3, "Q2": 0.4}
+    inner = _inner_for({s: (a, 1.0, 0.0) for s, a in amp.items()})
+    ids = list(amp)
+    clim = _same_climate(ids, ["DBF"] * 5)
+    # Outer predictions from drivers: the same shape as the inner ones.
+    t = np.arange(24)
+    wave = {s: a * np.sin(2 * np.pi * t / 12) + np.cos(2 * np.pi * t / 12) for s, a in amp.items()}
+    pred = pd.concat([pd.DataFrame({"site": s, "pred": wave[s]}) for s in ids])
+    nse = pd.Series({"A": 0.8, "B": 0.8, "C": 0.7, "Q": -5.0, "Q2": -4.0})
+    f = site_flags(clim, nse, pred=pred, inner=inner).set_index("site")
+    assert f.loc[["Q", "Q2"], "low_signal_flag"].all()
+    assert not f.loc[["A", "B", "C"], "low_signal_flag"].any()
+    # Independent numbers: the pooled inner RMSE of e cos is 1/sqrt 2, a site's predicted std is
+    # sqrt(a² + 1)/sqrt 2, so its ratio is sqrt(a² + 1). For outer Q the inner failure is Q2 and the
+    # lowest success C: the threshold is halfway between their ratios.
+    r = {s: np.sqrt(a**2 + 1) for s, a in amp.items()}
+    assert f.loc["Q", "expected_rmse"] == pytest.approx(1 / np.sqrt(2))
+    assert f.loc["Q", "signal_ratio"] == pytest.approx(r["Q"])
+    assert f.loc["Q", "signal_threshold"] == pytest.approx((r["Q2"] + r["C"]) / 2)
+    # Outer C: inner successes A, B, failures Q, Q2 -> halfway between Q2 and A; C is above it.
+    assert f.loc["C", "signal_threshold"] == pytest.approx((r["Q2"] + r["A"]) / 2)
+    # The flags never read the held-out site's NSE: changing it changes no flag.
+    f2 = site_flags(clim, -nse, pred=pred, inner=inner).set_index("site")
+    flag_cols = ["type_flag", "type_skill_flag", "low_signal_flag", "climate_flag", "flagged"]
+    assert f2[flag_cols].equals(f[flag_cols])
+    assert f.attrs["summary"]["negative_nse_flagged"] == 2
+    assert f.attrs["summary"]["low_signal_flag_hits"] == "2/2 negative, 0/3 above 0.3"
+
+
+def test_type_skill_flag_from_inner_nse_of_same_type_sites() -> None:
+    # E1/E2 (ENF) are predicted badly when held out in the inner loop (bias), D1/D2 (DBF) well;
+    # G (GRA) has no training site of its type.
+    spec = {
+        "E1": (1.0, 0.5, 1.5),
+        "E2": (1.0, 0.5, -1.5),
+        "D1": (3.0, 0.5, 0.0),
+        "D2": (3.0, 0.5, 0.2),
+        "G": (1.0, 0.5, 2.0),
+    }
+    inner = _inner_for(spec)
+    ids = list(spec)
+    clim = _same_climate(ids, ["ENF", "ENF", "DBF", "DBF", "GRA"])
+    f = site_flags(clim, pd.Series(0.0, index=ids), inner=inner).set_index("site")
+    # E1's same-type training site is E2: NSE = 1 - (0.125 + 2.25) / 0.5
+    assert f.loc["E1", "type_inner_nse"] == pytest.approx(1 - (0.125 + 2.25) / 0.5, rel=1e-6)
+    assert f.loc["D1", "type_inner_nse"] == pytest.approx(1 - (0.125 + 0.04) / 4.5, rel=1e-6)
+    assert f.loc["E1", "type_skill_flag"] and f.loc["E2", "type_skill_flag"]
+    assert not f.loc["D1", "type_skill_flag"] and not f.loc["D2", "type_skill_flag"]
+    assert np.isnan(f.loc["G", "type_inner_nse"]) and f.loc["G", "type_flag"]
+    assert f.loc[["E1", "E2", "G"], "flagged"].all()
+
+
+def test_climate_threshold_is_largest_di_of_inner_successes() -> None:
+    clim = pd.DataFrame(
+        {
+            "MAT": [8.0, 9.0, 7.5, 8.5, 26.0],
+            "MAP": [800.0, 900.0, 750.0, 850.0, 1500.0],
+            "AI": [1.2, 1.3, 1.1, 1.25, 0.6],
+            "TA_range": [18.0, 19.0, 17.0, 18.5, 4.0],
+            "IGBP": ["DBF"] * 5,
+        },
+        index=pd.Index(["A", "B", "C", "D", "E"], name="site"),
+    )
+    # Every inner site predicted with skill except D.
+    spec = {s: (3.0, 0.5, 0.0) for s in "ABCE"} | {"D": (1.0, 0.5, 2.0)}
+    inner = _inner_for(spec)
+    f = site_flags(clim, pd.Series(0.0, index=list("ABCDE")), inner=inner).set_index("site")
+    no_inner = site_flags(clim, pd.Series(0.0, index=list("ABCDE"))).set_index("site")
+    # Same DI either way. With the inner loop the threshold for outer A separates D (inner failure) from
+    # B, C, E (successes): halfway between D's DI and the nearest success DI on the side of the
+    # fewest errors (computed independently below); without it the max over all training sites.
+    x = clim[["MAT", "MAP", "AI", "TA_range"]].to_numpy().copy()
+    x[:, 1:3] = np.log(x[:, 1:3])
+    tr = x[1:]
+    z = (tr - tr.mean(axis=0)) / tr.std(axis=0)
+    d = np.sqrt(((z[:, None] - z[None]) ** 2).sum(axis=2))
+    dbar = d[~np.eye(4, dtype=bool)].mean()
+    np.fill_diagonal(d, np.inf)
+    di_train = d.min(axis=1) / dbar  # B, C, D, E
+    good = di_train[[0, 1, 3]]
+    d_fail = di_train[2]
+    # Flag above the threshold: with D above every success, halfway between the largest success and D;
+    # otherwise a flagging threshold at or below D misclassifies a success, so the best keeps D inside.
+    if d_fail > good.max():
+        assert f.loc["A", "climate_threshold"] == pytest.approx((good.max() + d_fail) / 2)
+    else:
+        assert f.loc["A", "climate_threshold"] >= d_fail
+    assert no_inner.loc["A", "climate_threshold"] == pytest.approx(di_train.max())
+    assert f.loc["A", "climate_di"] == pytest.approx(no_inner.loc["A", "climate_di"])
+
+
+def test_relevel_swaps_predicted_mean_for_training_sites_mean() -> None:
+    pred = pd.DataFrame({"site": ["A", "A", "B", "B", "C"], "pred": [1.0, 3.0, -2.0, 0.0, 5.0]})
+    site_mean = pd.Series({"A": -1.0, "B": 2.0, "C": 0.5, "D": 4.0})
+    out = relevel(pred, site_mean)
+    # A: pred - 2 + mean(B, C, D); B: pred + 1 + mean(A, C, D); C: 0 + mean(A, B, D)
+    assert out == pytest.approx([-1 + 6.5 / 3, 1 + 6.5 / 3, -1 + 3.5 / 3, 1 + 3.5 / 3, 5.0 / 3])
+    ex = relevel(pred, site_mean, exclude="D")
+    assert ex[:2] == pytest.approx([-1 + 1.25, 1 + 1.25])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,17 +497,23 @@ def test_nested_selection_equals_naive_loop_and_never_sees_the_outer_site() -> N
     ]
     spec = ModelSpec(kind="random_forest", seed=0, params={"n_estimators": 8})
     scored = (df["qc"] >= 0.8).to_numpy()
-    chosen, inner = nested_selection(df, scored, cands, ["x1", "x2"], spec, 0.8)
+    chosen, inner, held = nested_selection(df, scored, cands, ["x1", "x2"], spec, 0.8)
     naive = _naive_nested(df, cands, 8, 0.8)
     assert inner.to_numpy() == pytest.approx(naive.loc[inner.index, inner.columns].to_numpy())
     assert chosen == naive.idxmax(axis=1).to_dict()
     # Rewriting the outer site's NEE changes nothing about its own choice or inner scores.
     changed = df.copy()
     changed.loc[changed["site"] == "S0", "NEE"] *= -5.0
-    chosen2, inner2 = nested_selection(changed, scored, cands, ["x1", "x2"], spec, 0.8)
+    chosen2, inner2, held2 = nested_selection(changed, scored, cands, ["x1", "x2"], spec, 0.8)
     assert chosen2["S0"] == chosen["S0"]
     assert inner2.loc["S0"].to_numpy() == pytest.approx(inner.loc["S0"].to_numpy())
     assert not np.allclose(inner2.loc["S1"].to_numpy(), inner.loc["S1"].to_numpy())
+    # The inner held-out predictions (what the flags are calibrated on) never include the outer site,
+    # and are identical when only the outer site's NEE changes.
+    assert not (held["site"] == held["outer"]).any()
+    a, b = held[held["outer"] == "S0"], held2[held2["outer"] == "S0"]
+    assert a["pred"].to_numpy() == pytest.approx(b["pred"].to_numpy())
+    assert set(held["candidate"]) == {c.name for c in cands}
 
 
 # --------------------------------------------------------------------------------------------------

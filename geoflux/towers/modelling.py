@@ -114,6 +114,8 @@ class TowerModelResult:
     # held-out site -> the setup's model that never saw it (for the report's importance and dependence)
     fold_models: dict[str, Any] = field(default_factory=dict)
     min_qc: float = 0.8
+    # nested selection's inner held-out predictions (outer, candidate, site, row, obs, pred); None if fixed
+    inner: pd.DataFrame | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,6 +289,10 @@ def multiscale(pred: pd.DataFrame, qc: pd.DataFrame) -> dict[str, dict[str, floa
 
 # --------------------------------------------------------------------------------------------------
 # Site-level extrapolation flags.
+# A held-out site is ``flagged`` when any of these is True (see :func:`site_flags`).
+FLAG_COLUMNS = ("type_flag", "type_skill_flag", "low_signal_flag", "climate_flag")
+
+
 def _climate_matrix(clim: pd.DataFrame) -> np.ndarray:
     x = clim[list(SITE_CLIMATE)].to_numpy(dtype=float).copy()
     # Precipitation and aridity act multiplicatively (500 vs 1000 mm matters more than 2000 vs 2500).
@@ -307,35 +313,113 @@ def _distances(z: np.ndarray, types: np.ndarray, a: np.ndarray, b: np.ndarray) -
     return np.sqrt(sq)
 
 
+def inner_site_stats(inner: pd.DataFrame) -> pd.DataFrame:
+    """Per (outer site, inner held-out site): the inner loop's ``nse``, ``rmse`` and predicted std.
+
+    Parameters
+    ----------
+    inner : inner held-out predictions of *one* candidate per outer site (``outer``, ``site``, ``obs``,
+        ``pred`` in gC m-2 d-1), as :func:`nested_selection` returns them (filtered to the chosen one).
+
+    Returns
+    -------
+    Rows indexed by (``outer``, ``site``): ``nse``, ``rmse`` and ``pred_std`` (std of the predicted monthly
+    NEE, gC m-2 d-1), plus ``rmse_pooled`` (RMSE of all the outer fold's inner held-out months).
+    """
+
+    def one(g: pd.DataFrame) -> pd.Series:
+        s = skill(g["obs"], g["pred"])
+        return pd.Series({"nse": s["nse"], "rmse": s["rmse"], "pred_std": float(g["pred"].std(ddof=0))})
+
+    out = inner.groupby(["outer", "site"]).apply(one, include_groups=False)
+    err2 = (inner["pred"] - inner["obs"]) ** 2
+    pooled = np.sqrt(err2.groupby(inner["outer"]).mean())
+    out["rmse_pooled"] = out.index.get_level_values("outer").map(pooled).to_numpy(dtype=float)
+    return out
+
+
+def _success_threshold(values: np.ndarray, nse: np.ndarray, low: bool) -> float:
+    """The inner loop's calibration: the threshold on ``values`` that best separates the training sites
+    predicted with inner NSE < 0 from those with NSE >= 0 (fewest misclassified; ties: the middle of the
+    tied range), flagging values below it (``low``) or above it. NaN if no site was predicted with
+    NSE >= 0 (nothing is known to be safe); -inf/+inf (flag nothing) if none had NSE < 0."""
+    ok = np.isfinite(values) & np.isfinite(nse)
+    v, good = values[ok], nse[ok] >= 0
+    if not good.any():
+        return np.nan
+    if good.all():
+        return -np.inf if low else np.inf
+    u = np.unique(v)
+    cands = np.concatenate([[u[0] - 1.0], (u[:-1] + u[1:]) / 2, [u[-1] + 1.0]])
+    if low:  # flag below: errors are failures at or above, successes below
+        err = np.array([np.sum(~good & (v >= c)) + np.sum(good & (v < c)) for c in cands])
+    else:
+        err = np.array([np.sum(~good & (v <= c)) + np.sum(good & (v > c)) for c in cands])
+    best = np.flatnonzero(err == err.min())
+    return float(cands[best[len(best) // 2]])
+
+
 def site_flags(
-    clim: pd.DataFrame, nse: pd.Series, *, min_type_sites: int = 1, nse_good: float = 0.3
+    clim: pd.DataFrame,
+    nse: pd.Series,
+    *,
+    min_type_sites: int = 1,
+    nse_good: float = 0.3,
+    pred: pd.DataFrame | None = None,
+    inner: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Per held-out site: climate dissimilarity index, its fold threshold, and the two flags.
+    """Per held-out site: extrapolation and low-signal flags, each next to its inputs.
+
+    No flag uses the held-out site's NEE: only its drivers (through the model's predictions), its site
+    climate and type, and the NEE of the *training* sites (through the inner leave-site-out loop of
+    :func:`nested_selection`). Thresholds come from that inner loop, never from the outer sites.
 
     Parameters
     ----------
     clim : per-site climate (``MAT`` degC, ``MAP`` mm yr-1, ``AI``, ``TA_range`` K, ``IGBP``), index site.
     nse : held-out monthly NSE per site (reported next to the flags; not used to set them).
-    min_type_sites : flag a site whose IGBP class has fewer than this many *training* sites.
+    min_type_sites : ``type_flag`` a site whose IGBP class has fewer than this many training sites.
     nse_good : only used for the ``summary`` attribute (how many sites above it are flagged).
+    pred : held-out predictions (``site``, ``pred`` gC m-2 d-1) of the setup: predicted variability.
+    inner : inner held-out predictions of the candidate chosen for each outer site (``outer``, ``site``,
+        ``obs``, ``pred``); without it (a fixed setup has no inner loop) ``climate_threshold`` falls back
+        to the max-pairwise rule and ``type_skill_flag``/``low_signal_flag`` are False with NaN inputs.
 
     Returns
     -------
-    One row per site: ``nse``, ``IGBP``, ``n_same_type_training``, ``type_flag``, ``climate_di``,
-    ``climate_threshold``, ``climate_flag``, ``flagged`` (either), ``nearest_site``.
+    One row per site: ``nse``, ``IGBP``, ``n_same_type_training``, ``type_flag``, ``type_inner_nse``,
+    ``type_skill_flag``, ``pred_std``, ``expected_rmse``, ``signal_ratio``, ``signal_threshold``,
+    ``low_signal_flag``, ``climate_di``, ``climate_threshold``, ``climate_flag``, ``nearest_site``,
+    ``flagged`` (any flag). ``attrs["summary"]`` counts negative-NSE sites flagged and sites with NSE above
+    ``nse_good`` flagged.
 
     Notes
     -----
-    For held-out site s the training sites T are the others. Climate variables are standardized with
-    T's mean and standard deviation (MAP and AI on a log scale); DI(s) = distance to the nearest site of
-    T divided by the mean distance between T's sites. The threshold is calibrated by leave-one-site-out
-    *inside T*: each training site's DI to the rest of T, and the threshold is their maximum (the
-    upper whisker of CAST's AOA, which with a handful of sites is the maximum). So a held-out site is
-    flagged when it is farther from the training sites than any training site is from the others.
+    For held-out site s the training sites T are the others; the inner loop held out each t in T and
+    predicted it with a model fitted on T \\ {t}.
+
+    * ``type_flag``: fewer than ``min_type_sites`` sites of T share s's IGBP class.
+    * ``type_skill_flag``: ``type_inner_nse``, the median inner NSE of the sites of T that share s's class,
+      is below 0: the model could not transfer this ecosystem type between sites inside the training set.
+      (The inner site had one same-type site fewer in training than s has, so this errs on the side of
+      flagging.)
+    * ``low_signal_flag``: NSE < 0 when a site's NEE varies less than the model's error. ``pred_std`` is
+      the std of s's predicted monthly NEE (drivers only); ``expected_rmse`` the pooled RMSE of the inner
+      held-out months; ``signal_ratio`` = pred_std / expected_rmse. Each t in T gets the same ratio from
+      its inner prediction; ``signal_threshold`` is the ratio that best separates the t predicted with
+      inner NSE < 0 from those with NSE >= 0 (fewest misclassified), and s is flagged below it (or when
+      no t was predicted with NSE >= 0).
+    * ``climate_flag``: DI(s) = distance to the nearest site of T in standardized site-climate space
+      (T's mean and std; MAP and AI on a log scale) plus 1 unit for a different IGBP class, divided by the
+      mean distance between T's sites. Each t in T gets the same DI with respect to T \\ {t};
+      ``climate_threshold`` is the largest DI among the t predicted with inner NSE >= 0, and s is flagged
+      above it (or when no t was). Without ``inner``: the largest DI of any t (CAST's AOA threshold).
     """
     ids = clim.index.to_numpy()
     x = _climate_matrix(clim)
     types = clim["IGBP"].astype(str).to_numpy()
+    stats = inner_site_stats(inner) if inner is not None and len(inner) else None
+    pstd = pred.groupby("site")["pred"].std(ddof=0) if pred is not None else pd.Series(dtype=float)
     rows = []
     for i, site in enumerate(ids):
         train = np.array([j for j in range(len(ids)) if j != i])
@@ -349,29 +433,69 @@ def site_flags(
         d_st = _distances(z, types, np.array([i]), train)[0]
         di = float(d_st.min() / dbar) if dbar > 0 else np.nan
         np.fill_diagonal(d_tt, np.inf)
-        thr = float(d_tt.min(axis=1).max() / dbar) if n_t > 1 and dbar > 0 else np.nan
-        n_same = int((types[train] == types[i]).sum())
-        rows.append(
-            {
-                "site": site,
-                "nse": float(nse.get(site, np.nan)),
-                "IGBP": types[i],
-                "n_same_type_training": n_same,
-                "type_flag": n_same < min_type_sites,
-                "climate_di": di,
-                "climate_threshold": thr,
-                "climate_flag": bool(di > thr) if np.isfinite(di) and np.isfinite(thr) else True,
-                "nearest_site": str(ids[train][int(np.argmin(d_st))]),
+        di_train = d_tt.min(axis=1) / dbar if n_t > 1 and dbar > 0 else np.full(n_t, np.nan)
+        same = types[train] == types[i]
+        row: dict[str, Any] = {
+            "site": site,
+            "nse": float(nse.get(site, np.nan)),
+            "IGBP": types[i],
+            "n_same_type_training": int(same.sum()),
+            "type_flag": bool(same.sum() < min_type_sites),
+        }
+        ps = float(pstd.get(site, np.nan))
+        if stats is not None and site in stats.index.get_level_values("outer"):
+            st = stats.loc[site].reindex(ids[train])
+            inner_nse = st["nse"].to_numpy(dtype=float)
+            e_rmse = float(st["rmse_pooled"].dropna().iloc[0]) if st["rmse_pooled"].notna().any() else np.nan
+            type_nse = float(np.nanmedian(inner_nse[same])) if np.isfinite(inner_nse[same]).any() else np.nan
+            ratio_train = st["pred_std"].to_numpy(dtype=float) / e_rmse
+            sig_thr = _success_threshold(ratio_train, inner_nse, low=True)
+            clim_thr = _success_threshold(di_train, inner_nse, low=False)
+            ratio = ps / e_rmse if e_rmse > 0 else np.nan
+            row |= {
+                "type_inner_nse": type_nse,
+                "type_skill_flag": bool(type_nse < 0),
+                "pred_std": ps,
+                "expected_rmse": e_rmse,
+                "signal_ratio": ratio,
+                "signal_threshold": sig_thr,
+                # NaN threshold: no training site was predicted with skill inside, so nothing is safe
+                "low_signal_flag": bool(not ratio >= sig_thr),
             }
-        )
+        else:
+            clim_thr = float(np.nanmax(di_train)) if np.isfinite(di_train).any() else np.nan
+            row |= {
+                "type_inner_nse": np.nan,
+                "type_skill_flag": False,
+                "pred_std": ps,
+                "expected_rmse": np.nan,
+                "signal_ratio": np.nan,
+                "signal_threshold": np.nan,
+                "low_signal_flag": False,
+            }
+        row |= {
+            "climate_di": di,
+            "climate_threshold": clim_thr,
+            "climate_flag": bool(not di <= clim_thr),
+            "nearest_site": str(ids[train][int(np.argmin(d_st))]),
+        }
+        rows.append(row)
     out = pd.DataFrame(rows)
-    out["flagged"] = out["type_flag"] | out["climate_flag"]
+    out["flagged"] = out[list(FLAG_COLUMNS)].any(axis=1)
     bad = out["nse"] < 0
+    good = out["nse"] > nse_good
     out.attrs["summary"] = {
         "negative_nse_sites": int(bad.sum()),
         "negative_nse_flagged": int((bad & out["flagged"]).sum()),
-        f"nse_above_{nse_good}_flagged": int(((out["nse"] > nse_good) & out["flagged"]).sum()),
+        f"nse_above_{nse_good}_sites": int(good.sum()),
+        f"nse_above_{nse_good}_flagged": int((good & out["flagged"]).sum()),
         "min_type_sites": min_type_sites,
+        "calibration": "inner leave-site-out" if stats is not None else "max-pairwise (no inner loop)",
+        **{
+            f"{c}_hits": f"{int((bad & out[c]).sum())}/{int(bad.sum())} negative, "
+            f"{int((good & out[c]).sum())}/{int(good.sum())} above {nse_good}"
+            for c in FLAG_COLUMNS
+        },
     }
     return out
 
@@ -499,7 +623,9 @@ def nested_selection(
 
     Returns
     -------
-    ``{outer site: chosen candidate name}`` and the inner scores (rows outer site, columns candidate).
+    ``{outer site: chosen candidate name}``, the inner scores (rows outer site, columns candidate) and
+    the inner held-out predictions (``outer``, ``candidate``, ``site`` = inner held-out site, ``row`` of
+    ``labelled``, ``obs``, ``pred`` in gC m-2 d-1) that the site-level flags are calibrated on.
 
     Notes
     -----
@@ -513,6 +639,7 @@ def nested_selection(
     site_arr = labelled["site"].to_numpy()
     cache: dict[tuple[str, frozenset[str]], pd.Series] = {}
     table = {}
+    inner_rows = []
     for outer in sites:
         others = [s for s in sites if s != outer]
         row = {}
@@ -529,15 +656,54 @@ def nested_selection(
                 rows = pred.index[np.isin(site_arr[pred.index], group)]
                 parts.append(
                     pd.DataFrame(
-                        {"site": site_arr[rows], "obs": labelled["NEE"].to_numpy()[rows], "pred": pred[rows]}
+                        {
+                            "site": site_arr[rows],
+                            "row": rows,
+                            "obs": labelled["NEE"].to_numpy()[rows],
+                            "pred": pred[rows].to_numpy(),
+                        }
                     )
                 )
-            row[cand.name] = _criterion(pd.concat(parts, ignore_index=True), select_by)
+            held = pd.concat(parts, ignore_index=True)
+            row[cand.name] = _criterion(held, select_by)
+            inner_rows.append(held.assign(outer=outer, candidate=cand.name))
         table[outer] = row
         say(f"  inner loop without {outer}: {max(row, key=row.__getitem__)}")
     scores_ = pd.DataFrame.from_dict(table, orient="index")[[c.name for c in candidates]]
+    inner = pd.concat(inner_rows, ignore_index=True)[["outer", "candidate", "site", "row", "obs", "pred"]]
     # idxmax takes the first maximum: ties go to the earlier candidate of the grid
-    return scores_.idxmax(axis=1).to_dict(), scores_
+    return scores_.idxmax(axis=1).to_dict(), scores_, inner
+
+
+LEVEL = "+site_level"
+
+
+def relevel(pred: pd.DataFrame, site_mean: pd.Series, exclude: str | None = None) -> np.ndarray:
+    """Held-out predictions with each site's predicted mean level replaced by its training sites' mean.
+
+    Parameters
+    ----------
+    pred : ``site`` and ``pred`` (gC m-2 d-1), each site's held-out months.
+    site_mean : mean observed NEE (gC m-2 d-1) of every site's scored months.
+    exclude : a further site left out of every level (the outer site, in the inner loop).
+
+    Returns
+    -------
+    pred − mean(pred over the site's rows) + mean of ``site_mean`` over the sites other than the row's
+    site (and ``exclude``). The held-out site's NEE is never used: its predicted mean comes from drivers.
+    """
+    site = pred["site"]
+    level = site.map(lambda s: site_mean.drop([s, exclude], errors="ignore").mean())
+    return (pred["pred"] - pred.groupby("site")["pred"].transform("mean") + level).to_numpy(dtype=float)
+
+
+def level_choice(inner: pd.DataFrame, site_mean: pd.Series, select_by: str) -> dict[str, bool]:
+    """Per outer site: does its inner loop score better (``select_by``) with :func:`relevel`?"""
+    out = {}
+    for outer, g in inner.groupby("outer"):
+        alt = g.assign(pred=relevel(g[["site", "pred"]], site_mean, exclude=str(outer)))
+        out[str(outer)] = _criterion(alt, select_by) > _criterion(g, select_by)
+    return out
 
 
 def model_towers(
@@ -684,7 +850,7 @@ def model_towers(
         inner_spec = spec.model_copy(update={"params": {**spec.params, "n_estimators": n_inner}})
         if kind == "hist_gradient_boosting":
             inner_spec = spec
-        chosen, inner_scores = nested_selection(
+        chosen, inner_scores, inner_pred = nested_selection(
             labelled, sc, cands, features, inner_spec, min_qc, select_by=select_by, say=say
         )
         nested = pd.Series(np.nan, index=preds.index)
@@ -693,6 +859,19 @@ def model_towers(
             nested[rows] = preds.loc[rows, f"pred_{cand}"]
         preds[f"pred_{AUTO}"] = nested
         preds["chosen"] = preds["site"].map(chosen)
+        inner_chosen = inner_pred[inner_pred["candidate"] == inner_pred["outer"].map(chosen)]
+        # The same nested predictions with each site's predicted mean level swapped for the training
+        # sites' mean NEE, where the inner loop prefers that (a documented experiment, not the setup).
+        site_mean = labelled.loc[scored].groupby("site")["NEE"].mean()
+        use_level = level_choice(inner_chosen, site_mean, select_by)
+        preds[f"pred_{AUTO}{LEVEL}"] = np.where(
+            preds["site"].map(use_level).to_numpy(dtype=bool),
+            relevel(preds[["site"]].assign(pred=nested), site_mean),
+            nested,
+        )
+        preds[f"pred_plain_forest{LEVEL}"] = relevel(
+            preds[["site"]].assign(pred=preds["pred_plain_forest"]), site_mean
+        )
         # The saved model: the candidate that wins the same ranking over all sites (its LOSO score).
         loso = {
             c.name: _criterion(preds[["site", "obs"]].assign(pred=preds[f"pred_{c.name}"]), select_by)
@@ -725,14 +904,21 @@ def model_towers(
         ]
     preds = preds.reset_index(drop=True)
     qc_all = df[["site", "time", "qc"]].fillna({"qc": 0.0})
-    names = [r.name for r in runs] + ([AUTO] if auto else [])
+    names = [r.name for r in runs] + ([AUTO, f"{AUTO}{LEVEL}", f"plain_forest{LEVEL}"] if auto else [])
     skill_out: dict[str, dict[str, Any]] = {}
     for name in names:
         pv = preds[["site", "time", "obs"]].assign(pred=preds[f"pred_{name}"])
         skill_out[name] = multiscale(pv, qc_all)
     setup_pred = preds[["site", "time", "obs"]].assign(pred=preds[f"pred_{setup_name}"])
     nse = _per_site_nse(setup_pred)
-    flags = site_flags(clim.loc[sorted(nse.index)], nse, min_type_sites=min_type_sites)
+    # The flags' inner calibration uses the candidate each outer site was actually predicted by.
+    flags = site_flags(
+        clim.loc[sorted(nse.index)],
+        nse,
+        min_type_sites=min_type_sites,
+        pred=setup_pred,
+        inner=inner_chosen if auto else None,
+    )
     flags.insert(
         2,
         "nse_plain_forest",
@@ -785,6 +971,9 @@ def model_towers(
         )
     if auto:
         labels[AUTO] = "nested selection (honest)"
+        labels[f"{AUTO}{LEVEL}"] = "experiment: auto, site level from training sites if inner loop prefers"
+        labels[f"plain_forest{LEVEL}"] = "experiment: plain forest, site level from training sites"
+        selection["site_level_per_outer_site"] = {k: bool(v) for k, v in use_level.items()}
     info = {
         "sites": used,
         "n_scored_months": int(scored.sum()),
@@ -802,9 +991,11 @@ def model_towers(
         "final_model": final_run.name,
     }
     by_site = {site: model for site, (_, model) in zip(fold_site, fold_models, strict=True)}
-    return TowerModelResult(
+    result = TowerModelResult(
         df, features, preds, skill_out, flags, annual, setup_name, models, clim, info, by_site, min_qc
     )
+    result.inner = inner_pred if auto else None
+    return result
 
 
 def _annual_with_attribution(

@@ -315,9 +315,16 @@ SITE_FLAG_COLUMNS = (
     "nse_plain_forest",
     "chosen",
     "n_same_type_training",
+    "type_flag",
+    "type_inner_nse",
+    "type_skill_flag",
+    "pred_std",
+    "expected_rmse",
+    "signal_ratio",
+    "signal_threshold",
+    "low_signal_flag",
     "climate_di",
     "climate_threshold",
-    "type_flag",
     "climate_flag",
     "flagged",
     "nearest_site",
@@ -427,12 +434,20 @@ def write_report(result: TowerModelResult, out: str | Path) -> dict[str, Path]:
         "<h2>Skill (leave-one-site-out, monthly, gC m-2 d-1)</h2>",
         _table_html(comparison_table(result, "monthly")),
         "<h3>Per held-out site</h3>",
-        "<p>Flags: <code>type_flag</code> — ecosystem type with fewer than "
-        f"{summary.get('min_type_sites', '?')} training site(s); <code>climate_flag</code> — site climate "
-        "(MAT, MAP, aridity, TA range + ecosystem type) farther from the training sites than any training "
-        "site is from the others. Sites with NSE &lt; 0: "
-        f"{summary.get('negative_nse_sites', '?')}, flagged: {summary.get('negative_nse_flagged', '?')}; "
-        f"sites with NSE &gt; 0.3 flagged: {summary.get('nse_above_0.3_flagged', '?')}.</p>",
+        "<p>A site is <code>flagged</code> when any flag is set. No flag uses the held-out site's NEE; "
+        "thresholds come from the inner leave-site-out loop over the training sites (calibration: "
+        f"{esc(str(summary.get('calibration', '?')))}). <code>type_flag</code> — ecosystem type with "
+        f"fewer than {summary.get('min_type_sites', '?')} training site(s); <code>type_skill_flag</code> — "
+        "the training sites of the same type, held out in the inner loop, have median NSE "
+        "(<code>type_inner_nse</code>) below 0; <code>low_signal_flag</code> — the std of the site's "
+        "predicted monthly NEE over the inner loop's RMSE (<code>signal_ratio</code>) is below the "
+        "lowest ratio of any training site the inner loop predicted with NSE ≥ 0; "
+        "<code>climate_flag</code> — dissimilarity in site climate (MAT, MAP, aridity, TA range) + "
+        "ecosystem type above the largest of any training site the inner loop predicted with NSE ≥ 0. "
+        f"Sites with NSE &lt; 0: {summary.get('negative_nse_sites', '?')}, flagged: "
+        f"{summary.get('negative_nse_flagged', '?')}; sites with NSE &gt; 0.3: "
+        f"{summary.get('nse_above_0.3_sites', '?')}, flagged: "
+        f"{summary.get('nse_above_0.3_flagged', '?')}.</p>",
         _table_html(result.flags[flag_cols]),
         img("skill.png", "per-site NSE"),
         "<h2>Site-year NEE budgets (gC m-2 yr-1)</h2>",
