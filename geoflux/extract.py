@@ -15,7 +15,7 @@ from odc.geo.geobox import GeoBox
 
 from geoflux.config import FootprintSpec, VariableSpec
 from geoflux.errors import FootprintError
-from geoflux.features import feature_names, pixel_features
+from geoflux.features import class_groups, feature_names, harden_class_fractions, pixel_features
 from geoflux.footprint import FootprintWeights, tower_footprint
 from geoflux.footprint.sites import DISPLACEMENT_FRACTION, footprint_records
 
@@ -318,23 +318,6 @@ def training_table(drivers: pd.DataFrame, observations: pd.DataFrame) -> pd.Data
 
 
 def harden_classes(table: pd.DataFrame, variables: Sequence[VariableSpec]) -> pd.DataFrame:
-    """Footprint class fractions → one-hot of the footprint's dominant class (a copy).
-
-    A map pixel has exact 0/1 class features; footprint fractions (FFP tails give every row small non-zero
-    fractions of every class) have a distribution no pixel can have, and trees split on those tails. The
-    dominant class's share is kept as ``<name>_dominant_share`` (information, not a feature).
-    """
-    out = table.copy()
-    for v in variables:
-        if v.kind != "categorical" or not v.classes:
-            continue
-        cols = [f"{v.name}_{c}" for c in v.classes]
-        frac = out[cols].to_numpy(np.float64)
-        known = ~np.isnan(frac).any(axis=1)
-        top = np.argmax(np.nan_to_num(frac, nan=-1.0), axis=1)
-        hard = np.zeros_like(frac)
-        hard[np.arange(len(frac)), top] = 1.0
-        hard[~known] = np.nan
-        out[f"{v.name}_dominant_share"] = np.where(known, frac.max(axis=1, initial=0.0), np.nan)
-        out[cols] = hard
-    return out
+    """Footprint class fractions → one-hot of the footprint's dominant class (a copy); see
+    :func:`geoflux.features.harden_class_fractions`."""
+    return harden_class_fractions(table, class_groups(variables))

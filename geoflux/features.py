@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from geoflux.config import VariableSpec
 
@@ -23,6 +24,34 @@ def feature_names(variables: Sequence[VariableSpec]) -> list[str]:
         else:
             names.append(v.name)
     return names
+
+
+def class_groups(variables: Sequence[VariableSpec]) -> list[list[str]]:
+    """The class-fraction feature columns of each categorical driver (one list per driver)."""
+    return [[f"{v.name}_{c}" for c in v.classes] for v in variables if v.kind == "categorical" and v.classes]
+
+
+def harden_class_fractions(table: pd.DataFrame, groups: Sequence[Sequence[str]]) -> pd.DataFrame:
+    """Class fractions → one-hot of the dominant class, per group of columns (a copy).
+
+    A map pixel has exact 0/1 class features; footprint fractions (FFP tails give every row small non-zero
+    fractions of every class) have a distribution no pixel can have, and trees split on those tails. The
+    dominant class's share is kept as ``<first column's driver>_dominant_share`` (information, not a
+    feature). Rows with a missing fraction stay missing.
+    """
+    out = table.copy()
+    for cols in groups:
+        cols = list(cols)
+        frac = out[cols].to_numpy(np.float64)
+        known = ~np.isnan(frac).any(axis=1)
+        top = np.argmax(np.nan_to_num(frac, nan=-1.0), axis=1)
+        hard = np.zeros_like(frac)
+        hard[np.arange(len(frac)), top] = 1.0
+        hard[~known] = np.nan
+        driver = cols[0].rsplit("_", 1)[0]
+        out[f"{driver}_dominant_share"] = np.where(known, frac.max(axis=1, initial=0.0), np.nan)
+        out[cols] = hard
+    return out
 
 
 def feature_units(variables: Sequence[VariableSpec]) -> dict[str, str]:
