@@ -21,6 +21,11 @@ what one map task does (one thread, as :func:`geoflux.mapping.single_threaded` a
 Times are the best of ``--repeats`` runs in CPU seconds of the process (``time.process_time``; one thread)
 and in wall seconds: on shared cores wall time mostly measures the other processes, CPU time the work.
 
+``--kinds`` adds, per supported model kind (``random_forest``, ``hist_gradient_boosting``, and
+``lightgbm``/``xgboost`` when installed; ``geoflux.model.make_estimator`` defaults, fitted on the demo's
+training table), the library's and ``auto``'s NEE predict on the same map pixels (CPU time, one thread) and
+what ``auto`` chose: ``auto`` must never be slower than the library.
+
 ``--e2e 1024 4096 [8192]`` adds the production band set END TO END with the same model: per size N, a
 stack of N x N float32 GeoTIFFs of the model's drivers (one mid-season step of the demo cube, tiled;
 tiled DEFLATE files described by in-memory STAC items) -> ``geoflux.cube.load_cube`` -> ``write_maps``
@@ -183,6 +188,7 @@ def main() -> None:
     ap.add_argument("--pixels", type=int, default=65_536)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also compile with treelite/tl2cgen (cached)")
+    ap.add_argument("--kinds", action="store_true", help="library vs auto per supported model kind")
     ap.add_argument("--e2e", type=int, nargs="*", default=[], help="end-to-end map sizes (pixels per side)")
     ap.add_argument("--e2e-inference", nargs="+", default=["auto"], choices=list(inference.MODES))
     ap.add_argument("--chunk", type=int, default=512, help="map chunk edge (px) of the end-to-end runs")
@@ -282,6 +288,7 @@ def main() -> None:
             f"| {label} | {r['seconds']:.3f} | {r['kpix_s']:.0f} | {r['cpu_us_per_pixel']:.2f} "
             f"| {r['kpix_per_cpu_s']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
+    kinds = [] if not args.kinds else kind_table(cfg, model, x, args)
     e2e = [] if not args.e2e else end_to_end(cfg, model, args)
     print(
         json.dumps(
@@ -294,10 +301,67 @@ def main() -> None:
                 "auto_decide_s": auto_s,
                 "load_before": load0,
                 "load_after": load1,
+                "kinds": kinds,
                 "e2e": e2e,
             }
         )
     )
+
+
+def kind_table(cfg: Any, model: Any, x: np.ndarray, args: Any) -> list[dict[str, Any]]:
+    """Library vs ``auto`` NEE predict per supported model kind, on the map pixels ``x`` (CPU s, 1 thread)."""
+    import importlib.util
+
+    import pandas as pd
+
+    from geoflux.config import ModelSpec
+    from geoflux.mapping import single_threaded
+    from geoflux.model import TrainedModel, make_estimator
+
+    table = pd.read_parquet(cfg.out_dir / "training" / "training.parquet")
+    feats = list(model.features)
+    kinds = ["random_forest", "hist_gradient_boosting"]
+    kinds += [k for k in ("lightgbm", "xgboost") if importlib.util.find_spec(k) is not None]
+    out = []
+    for kind in kinds:
+        est = make_estimator(ModelSpec(kind=kind)).fit(table[feats].to_numpy(np.float32), table["NEE"])
+        m = TrainedModel(est, feats, {})
+        m.aoa = model.aoa  # auto times on the model's own training pixels, as in a run
+        t0 = time.perf_counter()
+        auto, how = inference.prepare(m, "auto", args.workdir / "compiled")
+        decide = time.perf_counter() - t0
+        lib1, auto1 = single_threaded(m), single_threaded(auto)
+        ref = lib1.predict(x)
+        diff = float(np.abs(np.asarray(auto1.predict(x)) - ref).max())
+        _, c_lib, _ = timed(lambda lib1=lib1: lib1.predict(x), args.repeats)
+        _, c_auto, _ = timed(lambda auto1=auto1: auto1.predict(x), args.repeats)
+        r = {
+            "kind": kind,
+            "estimator": type(est).__name__,
+            "nodes": inference.node_count(est),
+            "library_kpix_cpu_s": len(x) / c_lib / 1e3,
+            "auto_kpix_cpu_s": len(x) / c_auto / 1e3,
+            "auto": how,
+            "decide_s": decide,
+            "max_abs_diff": diff,
+        }
+        out.append(r)
+        print(
+            f"  {kind}: library {r['library_kpix_cpu_s']:.0f}, auto {r['auto_kpix_cpu_s']:.0f} kpix/CPU-s",
+            flush=True,
+        )
+    print(
+        f"\n| kind (NEE, {len(x):,} map pixels, kpix per CPU-s) | nodes | library | auto | auto / library "
+        "| auto chose | max abs diff |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
+    for r in out:
+        chose = "compiled" if "NEE compiled" in r["auto"] else "library"
+        print(
+            f"| {r['kind']} | {r['nodes']:,} | {r['library_kpix_cpu_s']:.0f} | {r['auto_kpix_cpu_s']:.0f} "
+            f"| {r['auto_kpix_cpu_s'] / r['library_kpix_cpu_s']:.2f} | {chose} | {r['max_abs_diff']:.1e} |"
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -15,11 +15,12 @@ order but in its own precision (see ``tests/test_mapping_inference.py`` for the 
 
 Compiled is not always faster: a forest of deep trees compiles to megabytes of branches that thrash the
 instruction cache: on the demo's 200-tree forest (202k nodes) it was 2.9x slower than scikit-learn, while
-the two 100-iteration quantile models ran 3.5-5x faster (``bench/bench_production.py``). So ``auto``
-never assumes: per estimator (point model, each quantile model) it times the library's and the compiled
-predict on a sample of the model's own training pixels, as a map task runs them (one thread), and keeps
-the compiled one only if it agrees with the library within :data:`AGREEMENT_ATOL` and is at least
-:data:`MIN_SPEEDUP` times faster. It compiles only when the estimated compile time (from the node count)
+the default model's shallow boosting trees (compiled with ``quantize``, :data:`TL2CGEN_PARAMS`) run 5x
+faster per CPU second (``bench/bench_production.py``). So ``auto`` never assumes: per estimator (point
+model, each quantile model) it times the library's and the compiled predict (CPU seconds) on a sample of
+the model's own training pixels, as a map task runs them (one thread), and keeps the compiled one only
+if it agrees with the library within :data:`AGREEMENT_ATOL` and is at least :data:`MIN_SPEEDUP` times
+faster. It compiles only when the estimated compile time (from the node count)
 fits the budget or the library is already cached, and records the timings and the choice in
 ``<cache_dir>/auto.json``.
 """
