@@ -18,6 +18,21 @@ what one map task does (one thread, as :func:`geoflux.mapping.single_threaded` a
 * the traversal estimate: mean nodes visited per pixel per tree and per model (sklearn ``decision_path``
   for forests, a walk of the fitted nodes for HistGradientBoosting) on a 2,000-pixel sample.
 
+Times are the best of ``--repeats`` runs in CPU seconds of the process (``time.process_time``; one thread)
+and in wall seconds: on shared cores wall time mostly measures the other processes, CPU time the work.
+
+``--kinds`` adds, per supported model kind (``random_forest``, ``hist_gradient_boosting``, and
+``lightgbm``/``xgboost`` when installed; ``geoflux.model.make_estimator`` defaults, fitted on the demo's
+training table), the library's and ``auto``'s NEE predict on the same map pixels (CPU time, one thread) and
+what ``auto`` chose: ``auto`` must never be slower than the library.
+
+``--e2e 1024 4096 [8192]`` adds the production band set END TO END with the same model: per size N, a
+stack of N x N float32 GeoTIFFs of the model's drivers (one mid-season step of the demo cube, tiled;
+tiled DEFLATE files described by in-memory STAC items) -> ``geoflux.cube.load_cube`` -> ``write_maps``
+(threads, all CPUs) -> one COG per band (NEE, NEE_q05, NEE_q95, DI, AOA), per ``--e2e-inference`` mode,
+each run in its own subprocess: wall and CPU seconds, Mpix/s (N² / wall), peak RSS of the process tree
+(psutil, every 50 ms) and the load at start and end of each run.
+
 The machine load (``/proc/loadavg``) is printed before and after: other processes share the cores, so
 figures are for this machine at that load, not a wall-clock claim. The last line is one JSON object.
 """
@@ -118,17 +133,18 @@ class PeakRSS:
         self.mb = (self.peak - self.base) / 2**20
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """Best-of-``repeats`` seconds of ``fn()`` (the least disturbed by other processes) and peak RSS MB."""
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float, float]:
+    """Best-of-``repeats`` wall and CPU seconds of ``fn()`` (the least disturbed runs) and peak RSS MB."""
     from threadpoolctl import threadpool_limits
 
-    best = np.inf
+    best = cpu = np.inf
     with PeakRSS() as mem, threadpool_limits(1, user_api="openmp"):
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             best = min(best, time.perf_counter() - t0)
-    return best, mem.mb
+            cpu = min(cpu, time.process_time() - c0)
+    return best, cpu, mem.mb
 
 
 def nodes_visited(est: Any, x: np.ndarray) -> tuple[int, float]:
@@ -172,7 +188,17 @@ def main() -> None:
     ap.add_argument("--pixels", type=int, default=65_536)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also compile with treelite/tl2cgen (cached)")
+    ap.add_argument("--kinds", action="store_true", help="library vs auto per supported model kind")
+    ap.add_argument("--e2e", type=int, nargs="*", default=[], help="end-to-end map sizes (pixels per side)")
+    ap.add_argument("--e2e-inference", nargs="+", default=["auto"], choices=list(inference.MODES))
+    ap.add_argument("--chunk", type=int, default=512, help="map chunk edge (px) of the end-to-end runs")
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one end-to-end run (size)
+    ap.add_argument("--mode", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print(json.dumps(e2e_child(args)))
+        return
     load0 = loadavg()
     print(f"load average before: {load0}; {os.cpu_count()} CPUs", flush=True)
     cfg = prepare_run(args.workdir, args.size)
@@ -203,9 +229,19 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
 
     def measure(label: str, fn: Callable[[], Any]) -> None:
-        s, mb = timed(fn, args.repeats)
-        rows[label] = {"seconds": s, "kpix_s": n / s / 1e3, "peak_rss_mb": mb}
-        print(f"  {label:<28} {s:8.3f} s {n / s / 1e3:9.1f} kpix/s  +{mb:7.1f} MB", flush=True)
+        s, cpu, mb = timed(fn, args.repeats)
+        rows[label] = {
+            "seconds": s,
+            "kpix_s": n / s / 1e3,
+            "cpu_us_per_pixel": cpu / n * 1e6,
+            "kpix_per_cpu_s": n / cpu / 1e3,
+            "peak_rss_mb": mb,
+        }
+        print(
+            f"  {label:<28} {s:8.3f} s {n / s / 1e3:9.1f} kpix/s  CPU {cpu / n * 1e6:6.2f} us/pix"
+            f" ({n / cpu / 1e3:6.1f} kpix per CPU-s)  +{mb:7.1f} MB",
+            flush=True,
+        )
 
     measure("NEE (library)", lambda: one.predict(x))
     if one.quantile_models is not None:
@@ -242,13 +278,18 @@ def main() -> None:
             f"| {name} | {s['kind']} | {s['trees']} | {s['nodes']:,} | {s['visited_per_pixel']:.0f} "
             f"| {s['visited_per_tree']:.1f} |"
         )
-    print(f"\n| band set ({n:,} pixels, 1 thread) | s | kpix/s | Mpix/s | peak RSS (+MB) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(
+        f"\n| band set ({n:,} pixels, 1 thread) | wall s | kpix/s (wall) | CPU us/pixel | kpix per CPU-s "
+        "| peak RSS (+MB) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label, r in rows.items():
         print(
-            f"| {label} | {r['seconds']:.3f} | {r['kpix_s']:.0f} | {r['kpix_s'] / 1e3:.3f} "
-            f"| {r['peak_rss_mb']:.0f} |"
+            f"| {label} | {r['seconds']:.3f} | {r['kpix_s']:.0f} | {r['cpu_us_per_pixel']:.2f} "
+            f"| {r['kpix_per_cpu_s']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
+    kinds = [] if not args.kinds else kind_table(cfg, model, x, args)
+    e2e = [] if not args.e2e else end_to_end(cfg, model, args)
     print(
         json.dumps(
             {
@@ -260,9 +301,228 @@ def main() -> None:
                 "auto_decide_s": auto_s,
                 "load_before": load0,
                 "load_after": load1,
+                "kinds": kinds,
+                "e2e": e2e,
             }
         )
     )
+
+
+def kind_table(cfg: Any, model: Any, x: np.ndarray, args: Any) -> list[dict[str, Any]]:
+    """Library vs ``auto`` NEE predict per supported model kind, on the map pixels ``x`` (CPU s, 1 thread)."""
+    import importlib.util
+
+    import pandas as pd
+
+    from geoflux.config import ModelSpec
+    from geoflux.mapping import single_threaded
+    from geoflux.model import TrainedModel, make_estimator
+
+    table = pd.read_parquet(cfg.out_dir / "training" / "training.parquet")
+    feats = list(model.features)
+    kinds = ["random_forest", "hist_gradient_boosting"]
+    kinds += [k for k in ("lightgbm", "xgboost") if importlib.util.find_spec(k) is not None]
+    out = []
+    for kind in kinds:
+        est = make_estimator(ModelSpec(kind=kind)).fit(table[feats].to_numpy(np.float32), table["NEE"])
+        m = TrainedModel(est, feats, {})
+        m.aoa = model.aoa  # auto times on the model's own training pixels, as in a run
+        t0 = time.perf_counter()
+        auto, how = inference.prepare(m, "auto", args.workdir / "compiled")
+        decide = time.perf_counter() - t0
+        lib1, auto1 = single_threaded(m), single_threaded(auto)
+        ref = lib1.predict(x)
+        diff = float(np.abs(np.asarray(auto1.predict(x)) - ref).max())
+        _, c_lib, _ = timed(lambda lib1=lib1: lib1.predict(x), args.repeats)
+        _, c_auto, _ = timed(lambda auto1=auto1: auto1.predict(x), args.repeats)
+        r = {
+            "kind": kind,
+            "estimator": type(est).__name__,
+            "nodes": inference.node_count(est),
+            "library_kpix_cpu_s": len(x) / c_lib / 1e3,
+            "auto_kpix_cpu_s": len(x) / c_auto / 1e3,
+            "auto": how,
+            "decide_s": decide,
+            "max_abs_diff": diff,
+        }
+        out.append(r)
+        print(
+            f"  {kind}: library {r['library_kpix_cpu_s']:.0f}, auto {r['auto_kpix_cpu_s']:.0f} kpix/CPU-s",
+            flush=True,
+        )
+    print(
+        f"\n| kind (NEE, {len(x):,} map pixels, kpix per CPU-s) | nodes | library | auto | auto / library "
+        "| auto chose | max abs diff |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
+    for r in out:
+        chose = "compiled" if "NEE compiled" in r["auto"] else "library"
+        print(
+            f"| {r['kind']} | {r['nodes']:,} | {r['library_kpix_cpu_s']:.0f} | {r['auto_kpix_cpu_s']:.0f} "
+            f"| {r['auto_kpix_cpu_s'] / r['library_kpix_cpu_s']:.2f} | {chose} | {r['max_abs_diff']:.1e} |"
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------ end to end
+E2E_BLOCK = 256
+E2E_DATE = "2021-06-01"
+
+
+def e2e_variables(cfg: Any) -> list[Any]:
+    """The model's drivers as plain float32 rasters (physical values: no scale, offset or QA)."""
+    plain = {"asset": "data", "scale": 1.0, "offset": 0.0, "nodata": -9999.0, "catalog": None}
+    plain.update(signing=None, query=None, filter=None, qa_asset=None, qa_mask=None, qa_keep=None)
+    return [v.model_copy(update={"collection": f"e2e-{v.name}", **plain}) for v in cfg.variables]
+
+
+def e2e_geobox(cfg: Any, n: int) -> Any:
+    from odc.geo.geobox import GeoBox
+
+    x0, _, _, y1 = cfg.grid.bbox
+    res = cfg.grid.resolution
+    return GeoBox.from_bbox((x0, y1 - n * res, x0 + n * res, y1), cfg.grid.crs, resolution=res)
+
+
+def e2e_stack(cfg: Any, n: int, folder: Path) -> dict[str, Path]:
+    """One N x N float32 GeoTIFF per driver: a mid-season step of the demo cube, tiled (written once)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from geoflux.cube import cube_from_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {v.name: folder / f"{v.name}.tif" for v in cfg.variables}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    cube = cube_from_config(cfg)
+    mid = cube.sizes["time"] // 2
+    gb = e2e_geobox(cfg, n)
+    for v in cfg.variables:
+        a = cube[v.name]
+        a = (a.isel(time=mid) if "time" in a.dims else a).values.astype(np.float32)
+        a = np.where(np.isnan(a), np.float32(-9999.0), a)
+        th, tw = a.shape
+        prof = {
+            "driver": "GTiff", "width": n, "height": n, "count": 1, "dtype": "float32", "crs": cfg.grid.crs,
+            "transform": gb.affine, "tiled": True, "blockxsize": E2E_BLOCK, "blockysize": E2E_BLOCK,
+            "compress": "deflate", "nodata": -9999.0,
+        }  # fmt: skip
+        part = paths[v.name].with_suffix(".part.tif")
+        with rasterio.open(part, "w", **prof) as dst:
+            for r0 in range(0, n, th):
+                for c0 in range(0, n, tw):
+                    h, w = min(th, n - r0), min(tw, n - c0)
+                    dst.write(a[:h, :w], 1, window=Window(c0, r0, w, h))
+        os.replace(part, paths[v.name])
+    return paths
+
+
+def e2e_items(cfg: Any, paths: dict[str, Path], n: int) -> dict[str, list[Any]]:
+    """One STAC item per driver (projection extension), as a static catalog would hold them."""
+    import datetime as dt
+
+    import pystac
+    from pystac.extensions.projection import ProjectionExtension
+
+    gb = e2e_geobox(cfg, n)
+    lon0, lat0, lon1, lat1 = gb.extent.to_crs("EPSG:4326").boundingbox
+    geom = gb.extent.to_crs("EPSG:4326").json
+    out = {}
+    for name, p in paths.items():
+        item = pystac.Item(
+            id=f"{name}-{n}", geometry=geom, bbox=[lon0, lat0, lon1, lat1],
+            datetime=dt.datetime.fromisoformat(E2E_DATE).replace(tzinfo=dt.timezone.utc), properties={},
+        )  # fmt: skip
+        item.add_asset("data", pystac.Asset(href=str(p), media_type=pystac.MediaType.GEOTIFF, roles=["data"]))
+        proj = ProjectionExtension.ext(item, add_if_missing=True)
+        proj.code = str(gb.crs)
+        proj.shape = [n, n]
+        proj.transform = list(gb.affine)[:6]
+        out[name] = [item]
+    return out
+
+
+def e2e_child(args: Any) -> dict[str, Any]:
+    """One end-to-end run in this (child) process: cube read -> all bands -> COGs."""
+    import pandas as pd
+
+    from geoflux.cube import load_cube
+    from geoflux.mapping import band_spec, write_maps
+
+    cfg = load_config(args.workdir / "config.yaml")
+    model = load_model(cfg.out_dir / pipeline.MODEL)
+    model, how = inference.prepare(model, args.mode, args.workdir / "compiled")
+    n = args.child
+    paths = e2e_stack(cfg, n, args.workdir / "e2e" / f"stack-{n}")
+    out = args.workdir / "e2e" / f"out-{n}-{args.mode}"
+    out.mkdir(parents=True, exist_ok=True)
+    gb = e2e_geobox(cfg, n)
+    variables = e2e_variables(cfg)
+    specs = [band_spec(b, out / f"{b}.tif", model.target_units, {"software": "bench"}) for b in model.bands]
+    t0, c0 = time.perf_counter(), time.process_time()
+    cube = load_cube(e2e_items(cfg, paths, n), variables, gb, pd.DatetimeIndex([E2E_DATE]), "1D", args.chunk)
+    write_maps(cube, model, variables, gb, {0: specs}, "threads", overwrite=True, workers=args.workers)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    for spec in specs:
+        spec.path.unlink()
+    return {"seconds": wall, "cpu_seconds": cpu, "inference": how, "bands": list(model.bands)}
+
+
+def end_to_end(cfg: Any, model: Any, args: Any) -> list[dict[str, Any]]:
+    """Each (size, inference mode) in its own subprocess; peak RSS summed over its process tree."""
+    import subprocess
+
+    import psutil
+
+    results = []
+    for n in args.e2e:
+        e2e_stack(cfg, n, args.workdir / "e2e" / f"stack-{n}")  # inputs written outside the timing
+        for mode in args.e2e_inference:
+            if mode != "library":  # compile (cached) outside the timed child
+                inference.prepare(model, mode, args.workdir / "compiled")
+            cmd = [
+                sys.executable, __file__, "--workdir", str(args.workdir), "--child", str(n), "--mode", mode,
+                "--chunk", str(args.chunk), "--workers", str(args.workers),
+            ]  # fmt: skip
+            load0 = loadavg()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            ps = psutil.Process(proc.pid)
+            peak = 0
+            while proc.poll() is None:
+                try:
+                    rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+                    peak = max(peak, rss)
+                except psutil.Error:
+                    pass
+                time.sleep(0.05)
+            stdout = proc.stdout.read() if proc.stdout else ""
+            if proc.returncode != 0:
+                raise RuntimeError(f"end-to-end {n} {mode} failed with status {proc.returncode}")
+            r = json.loads(stdout.strip().splitlines()[-1])
+            r.update(size=n, mode=mode, peak_rss_mb=round(peak / 2**20, 1), load_before=load0)
+            r.update(load_after=loadavg(), mpix_s=n * n / r["seconds"] / 1e6)
+            r["mpix_per_cpu_s"] = n * n / r["cpu_seconds"] / 1e6
+            results.append(r)
+            print(
+                f"  e2e {n}² {mode}: {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, "
+                f"{r['mpix_s']:.3f} Mpix/s, peak RSS {r['peak_rss_mb']:.0f} MB, load {load0} -> "
+                f"{r['load_after']} ({r['inference']})",
+                flush=True,
+            )
+    if results:
+        print(
+            f"\n| size | inference | bands | wall s | CPU s | Mpix/s (wall, {args.workers} workers) "
+            "| Mpix per CPU-s | peak RSS MB | load before → after |"
+        )
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        for r in results:
+            print(
+                f"| {r['size']}² | {r['mode']} | {len(r['bands'])} | {r['seconds']:.1f} "
+                f"| {r['cpu_seconds']:.1f} | {r['mpix_s']:.3f} | {r['mpix_per_cpu_s']:.3f} "
+                f"| {r['peak_rss_mb']:.0f} | {r['load_before']} → {r['load_after']} |"
+            )
+    return results
 
 
 if __name__ == "__main__":

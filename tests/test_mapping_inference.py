@@ -248,3 +248,101 @@ def test_auto_compiles_a_one_model_residual_band(monkeypatch, cache):
     half = np.maximum(scale.predict(xs), 0) + 0.1
     b = model.predict_bands(xs).astype(np.float64)
     np.testing.assert_allclose(b[:, 2] - b[:, 0], half, atol=1e-5)
+
+
+# --- the fast paths keep the library's answers ------------------------------------------------------------
+
+
+def _thresholds(est) -> list[tuple[int, float]]:
+    """(feature, threshold) of every split of a scikit-learn forest or HistGradientBoosting model."""
+    if hasattr(est, "estimators_"):
+        return [
+            (int(f), float(t))
+            for tree in est.estimators_
+            for f, t in zip(tree.tree_.feature, tree.tree_.threshold, strict=True)
+            if f >= 0
+        ]
+    return [
+        (int(nd["feature_idx"]), float(nd["num_threshold"]))
+        for it in est._predictors
+        for p in it
+        for nd in p.nodes
+        if not nd["is_leaf"]
+    ]
+
+
+@pytest.mark.parametrize("kind", sorted(ESTIMATORS))
+def test_quantized_compiled_trees_agree_at_the_split_values(kind, tmp_path):
+    """tl2cgen's ``quantize`` maps inputs to threshold indices: rows exactly at (float32-rounded) split
+    values, where ``x <= threshold`` is decided by the last bit, must still follow the library's branch."""
+    pytest.importorskip("tl2cgen")
+    assert inference.TL2CGEN_PARAMS.get("quantize") == 1
+    model = _model(ESTIMATORS[kind]())
+    compiled, _ = inference.prepare(model, "compiled", tmp_path)
+    x = _features(4_000)
+    rng = np.random.default_rng(3)
+    splits = _thresholds(model.estimator)
+    for row, k in zip(x, rng.integers(0, len(splits), len(x)), strict=True):
+        f, t = splits[k]
+        row[f] = np.float32(t)  # on the split value, to float32 rounding (maps are float32)
+        row[(f + 1) % len(row)] = np.nextafter(np.float32(t), np.float32(np.inf))
+    diff = np.abs(compiled.predict(x) - model.predict(x)).max()
+    assert diff <= MAX_ABS_DIFF, diff
+
+
+def test_compiled_cache_is_keyed_by_the_code_generation_options(monkeypatch, tmp_path):
+    """A library built with other tl2cgen options (e.g. before ``quantize``) is never reused."""
+    pytest.importorskip("tl2cgen")
+    est = _model(HistGradientBoostingRegressor(max_iter=5, random_state=0)).estimator
+    _, with_params = inference._converted(est, tmp_path)
+    monkeypatch.setattr(inference, "TL2CGEN_PARAMS", {})
+    _, without = inference._converted(est, tmp_path)
+    assert with_params != without
+
+
+def test_di_is_the_exact_nearest_training_distance():
+    """DI from the KD-tree equals a brute-force nearest-neighbour distance over all training points."""
+    from scipy.spatial.distance import cdist
+
+    from geoflux.model import AOA
+
+    rng = np.random.default_rng(5)
+    # clustered training points (like pixels of a few towers) and queries inside and far outside them
+    centers = rng.normal(0, 3, (12, 11))
+    pts = centers[rng.integers(0, 12, 3_000)] + rng.normal(0, 0.2, (3_000, 11))
+    q = np.vstack(
+        [centers[rng.integers(0, 12, 1_500)] + rng.normal(0, 0.3, (1_500, 11)), rng.normal(0, 6, (500, 11))]
+    )
+    center, scale, weights = pts.mean(0), pts.std(0), rng.uniform(0.01, 1.0, 11)
+    aoa = AOA(center, scale, weights, (pts - center) / scale * weights, dbar=0.7, threshold=0.5)
+    z = (q - center) / scale * weights
+    exact = cdist(z, aoa.points).min(axis=1) / 0.7
+    np.testing.assert_allclose(aoa.di(q), exact, rtol=1e-12, atol=0)
+
+
+def test_predict_bands_columns_are_the_models_own_predictions():
+    """predict_bands fills float32 columns from each part: NEE, the band, DI and AOA = DI <= threshold."""
+    from geoflux.model import AOA
+
+    x, y = training()
+    names = feature_names(VARIABLES)
+    with threadpool_limits(1, user_api="openmp"):
+        point = HistGradientBoostingRegressor(max_iter=15, random_state=0).fit(x, y)
+        scale = HistGradientBoostingRegressor(loss="quantile", quantile=0.9, max_iter=10, random_state=0)
+        scale.fit(x, np.abs(y - point.predict(x)))
+    model = TrainedModel(point, names, {}, bands=("NEE", "NEE_q05", "NEE_q95", "DI", "AOA"))
+    model.quantile_models, model.conformal_margin = (scale,), 0.2
+    center, sd = x.mean(0), x.std(0) + 1e-6
+    w = np.ones(x.shape[1])
+    model.aoa = AOA(center, sd, w, (x - center) / sd * w, dbar=1.0, threshold=0.3)
+    xs = _features(3_000)
+    b = model.predict_bands(xs)
+    assert b.dtype == np.float32 and b.shape == (3_000, 5)
+    nee = point.predict(xs)
+    s = np.maximum(scale.predict(xs), 0)  # NEE -/+ (scale + margin), in the order the band adds them
+    np.testing.assert_array_equal(b[:, 0], nee.astype(np.float32))
+    np.testing.assert_array_equal(b[:, 1], ((nee - s) - 0.2).astype(np.float32))
+    np.testing.assert_array_equal(b[:, 2], ((nee + s) + 0.2).astype(np.float32))
+    di = model.aoa.di(xs)
+    np.testing.assert_array_equal(b[:, 3], di.astype(np.float32))
+    np.testing.assert_array_equal(b[:, 4], (di <= 0.3).astype(np.float32))
