@@ -115,6 +115,7 @@ def run_world(
     methods: list[str],
     footprint: str,
     hedge_shares: list[float] | None = None,
+    averaged_share: float | None = None,
 ) -> list[dict]:
     base = root / f"{name}-{footprint}"
     cfg_path = write_world(base, spec)
@@ -133,7 +134,11 @@ def run_world(
             update={
                 "output": str(run),
                 "model": cfg.model.model_copy(
-                    update={"training": method, **({"hedge_shares": hedge_shares} if hedge_shares else {})}
+                    update={
+                        "training": method,
+                        **({"hedge_shares": hedge_shares} if hedge_shares else {}),
+                        **({"averaged_share": averaged_share} if averaged_share is not None else {}),
+                    }
                 ),
             }
         )
@@ -165,6 +170,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--footprints", nargs="+", default=["ffp"], choices=["ffp", "disk"])
     ap.add_argument("--hedge-shares", nargs="+", type=float, default=None, help="override model.hedge_shares")
+    ap.add_argument("--averaged-share", type=float, default=None, help="override model.averaged_share")
     ap.add_argument("--keep", type=Path, default=None, help="keep the worlds and runs in this folder")
     args = ap.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="geoflux-fptrain-"))
@@ -173,7 +179,9 @@ def main() -> None:
     try:
         for fp in args.footprints:
             for w in args.worlds:
-                rows += run_world(w, WORLDS[w], root, args.methods, fp, args.hedge_shares)
+                rows += run_world(
+                    w, WORLDS[w], root, args.methods, fp, args.hedge_shares, args.averaged_share
+                )
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

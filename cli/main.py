@@ -611,9 +611,11 @@ def train(config: Path, overwrite: bool, as_json: bool) -> None:
 @click.option(
     "--inference",
     type=click.Choice(["library", "compiled", "auto"]),
-    default="library",
+    default="auto",
     show_default=True,
-    help="Model predict, or tree ensembles compiled with treelite/tl2cgen (auto: when installed).",
+    help="library: the model's own predict; compiled: tree ensembles compiled with treelite/tl2cgen; "
+    "auto: per tree model, the compiled predict only where it agrees with the library and was measured "
+    "faster on a sample chunk (the library otherwise, e.g. without a C compiler).",
 )
 @click.option("--mosaic-cog", is_flag=True, help="With tiles: also write complete mosaics as COGs.")
 @_fail_cleanly

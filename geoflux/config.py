@@ -353,6 +353,15 @@ class ModelSpec(_Strict):
         "site-grouped CV through the map path chooses one ([0] = always the modelled footprint)",
     )
 
+    averaged_share: float = Field(
+        default=0.25,
+        ge=0.0,
+        le=1.0,
+        description="footprint-consistent training: share of an averaged-driver model's per-pixel "
+        "prediction blended into the per-pixel targets, a hedge against a mis-modelled footprint that "
+        "tower NEE cannot reveal (README 'Hedging the footprint'); 0 = none",
+    )
+
     @field_validator("hedge_shares")
     @classmethod
     def _shares(cls, v: list[float]) -> list[float]:

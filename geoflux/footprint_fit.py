@@ -213,6 +213,7 @@ def fit_pixels(
     method: str,
     iterations: int = 2,
     seed: int = 0,
+    blend: tuple[np.ndarray, float] | None = None,
 ) -> tuple[RegressorMixin, np.ndarray, np.ndarray]:
     """Fit a per-pixel model on the footprints of the given table rows.
 
@@ -226,6 +227,9 @@ def fit_pixels(
     method : ``pixel`` or ``iterative`` (see module docstring).
     iterations : refits of the iterative method.
     seed : draws and site halves.
+    blend : ``(x_rows, share)``: one row of footprint-averaged drivers per table row, and the share of an
+        averaged-driver model's per-pixel prediction blended into the per-pixel targets (a hedge against a
+        mis-modelled footprint, which the towers cannot reveal; README "Hedging the footprint").
 
     Returns
     -------
@@ -236,7 +240,7 @@ def fit_pixels(
     n_rows = len(rows)
     draws = fr.draw(rows, DRAWS_PER_ROW, rng)
     if method == "pixel":
-        target = y[fr.owner[draws]]
+        target = _blended(make, fr, y, rows, draws, y[fr.owner[draws]], blend)
         return _fit(make, fr.x[draws], target, n_rows), draws, target
     if method != "iterative":
         raise ValueError(f"training method {method!r} (expected pixel or iterative)")
@@ -263,8 +267,25 @@ def fit_pixels(
             pix = fr.pixels_of(rows)
             resid = y - fr.tower_sum(f[pix], pix)  # per table row
             t[pix] = f[pix] + resid[fr.owner[pix]]
-    target = t[draws]
+    target = _blended(make, fr, y, rows, draws, t[draws], blend)
     return _fit(make, fr.x[draws], target, n_rows), draws, target
+
+
+def _blended(
+    make: Callable[[], RegressorMixin],
+    fr: FootprintRows,
+    y: np.ndarray,
+    rows: np.ndarray,
+    draws: np.ndarray,
+    target: np.ndarray,
+    blend: tuple[np.ndarray, float] | None,
+) -> np.ndarray:
+    """Per-pixel targets shrunk towards an averaged-driver model of the same table rows."""
+    if blend is None or blend[1] <= 0:
+        return target
+    x_rows, share = blend
+    g = make().fit(x_rows[rows], y[rows])
+    return (1.0 - share) * target + share * stable_predict(g, fr.x[draws])
 
 
 def predict_towers(est: RegressorMixin, fr: FootprintRows, rows: np.ndarray) -> np.ndarray:

@@ -27,16 +27,20 @@ fits the budget or the library is already cached, and records the timings and th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
+import shutil
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +70,33 @@ COMPILE_CPU_S_PER_NODE = 1e-3
 SAMPLE_ROWS = 16_384  # one 128 x 128 map chunk
 
 _LOADED: dict[str, Any] = {}  # library hash → tl2cgen.Predictor, once per process
+_BUILT: dict[str, Path] = {}  # library file name (model hash) → where this process compiled it
 _LOAD_LOCK = threading.Lock()
+
+
+_QUIET_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet(what: str) -> Iterator[None]:
+    """tl2cgen's C++ side writes log lines to stderr and its Python side build steps to stdout: send both
+    to the debug log instead, so a run's output stays what geoflux says."""
+    with _QUIET_LOCK, tempfile.TemporaryFile(mode="w+b") as err:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        buf = io.StringIO()
+        try:
+            os.dup2(err.fileno(), 2)
+            with contextlib.redirect_stdout(buf):
+                yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            err.seek(0)
+            text = buf.getvalue() + err.read().decode("utf-8", "replace")
+            for line in text.splitlines():
+                log.debug("%s: %s", what, line)
 
 
 def _installed(*names: str) -> bool:
@@ -131,7 +161,8 @@ class CompiledEstimator:
                     if not path.exists():
                         path.write_bytes(self.lib)
                     # One thread per call: dask runs one chunk per core.
-                    pred = tl2cgen.Predictor(str(path), nthread=1)
+                    with _quiet("loading a compiled library"):
+                        pred = tl2cgen.Predictor(str(path), nthread=1)
                     _LOADED[self.digest] = pred
         return pred
 
@@ -224,9 +255,15 @@ def compile_estimator(est: Any, cache_dir: str | Path | None = None, nthread: in
     if conv is None:
         return None
     tl_model, lib = conv
+    built = _BUILT.get(lib.name)
+    if not lib.exists() and built is not None and built.exists():
+        # the same model (same hash) was compiled earlier in this process for another run folder: copy
+        part = lib.with_name(lib.name + f".{os.getpid()}.part.so")
+        shutil.copyfile(built, part)
+        os.replace(part, lib)
     if not lib.exists():
         n = nthread or os.cpu_count() or 1
-        log.warning(
+        log.info(
             "compiling %s (%d trees) with tl2cgen, once; cached in %s",
             type(est).__name__,
             tl_model.num_tree,
@@ -236,8 +273,10 @@ def compile_estimator(est: Any, cache_dir: str | Path | None = None, nthread: in
         # Split big ensembles into several C files so the compiler runs in parallel and each file stays
         # small enough for gcc to optimize quickly.
         params = {**TL2CGEN_PARAMS, "parallel_comp": max(n, min(64, tl_model.num_tree // 25))}
-        tl2cgen.export_lib(tl_model, toolchain="gcc", libpath=str(part), params=params, nthread=n)
+        with _quiet("tl2cgen"):
+            tl2cgen.export_lib(tl_model, toolchain="gcc", libpath=str(part), params=params, nthread=n)
         os.replace(part, lib)
+        _BUILT[lib.name] = lib
     return CompiledEstimator(lib.read_bytes(), tl_model.num_feature, type(est).__name__)
 
 
@@ -310,13 +349,18 @@ def _choose_one(
         return est, rec
     est_s = estimate_compile_seconds(est)
     rec["compile_estimate_s"] = None if est_s is None else round(est_s, 1)
-    if not conv[1].exists() and (est_s is None or est_s > budget_s):
+    cached = conv[1].exists() or conv[1].name in _BUILT
+    if not cached and (est_s is None or est_s > budget_s):
         rec["choice"] = "library"
         guess = "unknown" if est_s is None else f"{est_s:.0f} s"
         rec["why"] = f"compile estimate {guess} over budget {budget_s:g} s"
         return est, rec
     t0 = time.perf_counter()
-    comp = compile_estimator(est, cache)
+    try:
+        comp = compile_estimator(est, cache)
+    except Exception as exc:  # no C compiler, a tl2cgen build error: auto must still map, with the library
+        rec["choice"], rec["why"] = "library", f"compilation failed: {str(exc).splitlines()[0][:200]}"
+        return est, rec
     rec["compile_s"] = round(time.perf_counter() - t0, 1)
     diff = float(np.max(np.abs(np.asarray(comp.predict(x), dtype=np.float64) - ref))) if len(x) else 0.0
     t_comp = time_predict(comp.predict, x)

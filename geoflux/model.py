@@ -49,6 +49,7 @@ import geoflux
 from geoflux.atomic import atomic_path
 from geoflux.config import ModelSpec
 from geoflux.errors import ModelError
+from geoflux.features import harden_class_fractions
 from geoflux.footprint_fit import (
     DRAWS_PER_ROW,
     QUANTILE_DRAWS,
@@ -295,7 +296,8 @@ def _omp_for_table(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(table: pd.DataFrame, *args: Any, **kwargs: Any) -> Any:
-        fits = len(table) * (DRAWS_PER_ROW if kwargs.get("footprints") is not None else 1)
+        pixel_rows = kwargs.get("footprints") is not None or kwargs.get("pixels") is not None
+        fits = len(table) * (DRAWS_PER_ROW if pixel_rows else 1)
         small = fits < OPENMP_MIN_ROWS
         with threadpool_limits(limits=1, user_api="openmp") if small else nullcontext():
             return func(table, *args, **kwargs)
@@ -418,11 +420,16 @@ def _fit_point(
     rows: np.ndarray,
     table: pd.DataFrame,
     seed: int,
+    x_rows: np.ndarray | None = None,
 ) -> tuple[RegressorMixin, np.ndarray, np.ndarray]:
-    """The point model fitted on ``rows`` of the table, and the (x, target) rows it learned from."""
+    """The point model fitted on ``rows`` of the table, and the (x, target) rows it learned from.
+
+    ``x_rows``: averaged-driver rows for ``spec.averaged_share`` (class fractions hardened; default ``x``).
+    """
     rows = np.asarray(rows)
     if _method(spec, fr) == "averaged":
         return make_estimator(spec).fit(x[rows], y[rows]), x[rows], y[rows]
+    blend = (x if x_rows is None else x_rows, spec.averaged_share) if spec.averaged_share > 0 else None
     est, draws, target = fit_pixels(
         lambda: make_estimator(spec),
         fr,
@@ -432,6 +439,7 @@ def _fit_point(
         method=spec.training,
         iterations=spec.refit_iterations,
         seed=seed,
+        blend=blend,
     )
     # the band's quantile models learn from the first QUANTILE_DRAWS draws of every tower-step
     sub = np.arange(len(draws)).reshape(-1, DRAWS_PER_ROW)[:, :QUANTILE_DRAWS].ravel()
@@ -479,6 +487,7 @@ def cross_validate(
     spec: ModelSpec,
     sites: pd.DataFrame | None = None,
     footprints: FootprintRows | None = None,
+    averaged_rows: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Grouped cross-validation (by site unless ``spec.cv`` says otherwise).
 
@@ -492,6 +501,8 @@ def cross_validate(
         With them, models are fitted as ``spec.training`` says and every held-out prediction goes through
         the map's own path: the footprint-weighted sum of per-pixel predictions (band bounds likewise);
         without them, models are fitted on and predict the table's (averaged) rows.
+    averaged_rows : (n_rows, n_features) averaged-driver rows with class fractions hardened, for
+        ``spec.averaged_share`` (default: the table's features).
 
     Returns
     -------
@@ -516,7 +527,7 @@ def cross_validate(
     if fr is not None and with_unc:  # held-out per-pixel point and quantile predictions
         pix = {k: np.full(len(fr.weight), np.nan) for k in ("pred", "lo", "hi")}
     for k, (train, test) in enumerate(folds):
-        est, qx, qy = _fit_point(spec, x, y, fr, train, table, seed=spec.seed + k)
+        est, qx, qy = _fit_point(spec, x, y, fr, train, table, seed=spec.seed + k, x_rows=averaged_rows)
         if fr is not None:
             pred[test] = predict_towers(est, fr, test)[test]
             if _method(spec, fr) == "averaged":
@@ -702,6 +713,7 @@ def fit(
     cv_predictions: pd.DataFrame | None = None,
     sites: pd.DataFrame | None = None,
     footprints: FootprintRows | None = None,
+    averaged_rows: np.ndarray | None = None,
 ) -> TrainedModel:
     """Fit the configured regressor on all rows of the training table, plus uncertainty and AOA.
 
@@ -715,12 +727,13 @@ def fit(
     footprints : footprint pixels of the table's rows; with them the model is a per-pixel model fitted as
         ``spec.training`` says, and the area of applicability is built from per-pixel features (what the
         map sees).
+    averaged_rows : as for :func:`cross_validate`.
     """
     _check_table(table, features, spec)
     x = table[features].to_numpy(np.float32)
     y = table["NEE"].to_numpy(np.float64)
     fr = footprints
-    est, qx, qy = _fit_point(spec, x, y, fr, np.arange(len(y)), table, seed=spec.seed)
+    est, qx, qy = _fit_point(spec, x, y, fr, np.arange(len(y)), table, seed=spec.seed, x_rows=averaged_rows)
     domain = {f: [float(np.nanmin(table[f])), float(np.nanmax(table[f]))] for f in features}
     prov: dict[str, Any] = {
         "geoflux_version": geoflux.__version__,
@@ -742,7 +755,7 @@ def fit(
         model.quantile_models = _fit_band(spec, est, qx, qy)
         cv = cv_predictions
         if cv is None or len(cv) != len(table) or "lo_raw" not in cv:
-            cv, _ = cross_validate(table, features, spec, sites, footprints=fr)
+            cv, _ = cross_validate(table, features, spec, sites, footprints=fr, averaged_rows=averaged_rows)
         if "conformal_margin" in cv.attrs:  # from cross_validate (pixel support with footprints)
             model.conformal_margin = float(cv.attrs["conformal_margin"])
         else:
@@ -768,6 +781,7 @@ def fit(
     return model
 
 
+@_omp_for_table
 def train(
     table: pd.DataFrame,
     features: list[str],
@@ -776,12 +790,15 @@ def train(
     provenance: dict | None = None,
     sites: pd.DataFrame | None = None,
     pixels: pd.DataFrame | None = None,
+    class_groups: list[list[str]] | None = None,
 ) -> tuple[TrainedModel, pd.DataFrame, dict]:
     """Grouped CV, then the fit on all rows; what ``geoflux train`` runs.
 
     ``pixels`` is the extraction stage's pixel table (footprint pixels of every tower-step with their
     weights and per-pixel features); with it, training follows ``spec.training`` and the CV, band and AOA
-    go through the map's per-pixel path. Rows without footprint pixels are left out.
+    go through the map's per-pixel path. Rows without footprint pixels are left out. ``class_groups``
+    (the class-fraction columns of each categorical driver, :func:`geoflux.features.class_groups`) are
+    hardened to the dominant class in the averaged-driver rows that ``spec.averaged_share`` blends in.
 
     Returns
     -------
@@ -791,15 +808,26 @@ def train(
     """
     table, fr = align_footprints(table, pixels, features)
     hedge = None
+    x_rows = None
     if fr is not None:
         fr, hedge = hedge_footprints(table, fr, spec)
-    cv_pred, cv = cross_validate(table, features, spec, sites, footprints=fr)
+        hard = harden_class_fractions(table, class_groups) if class_groups else table
+        x_rows = hard[features].to_numpy(np.float32)
+    cv_pred, cv = cross_validate(table, features, spec, sites, footprints=fr, averaged_rows=x_rows)
     if hedge is not None:
         cv["footprint_hedge"] = hedge
     if hedge is not None:  # the model card says which footprint the model was fitted with
         provenance = {**(provenance or {}), "footprint_hedge": hedge}
     model = fit(
-        table, features, feature_units, spec, provenance, cv_predictions=cv_pred, sites=sites, footprints=fr
+        table,
+        features,
+        feature_units,
+        spec,
+        provenance,
+        cv_predictions=cv_pred,
+        sites=sites,
+        footprints=fr,
+        averaged_rows=x_rows,
     )
     if model.aoa is not None:
         di = model.train_di

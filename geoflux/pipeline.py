@@ -148,6 +148,7 @@ def stage_train(cfg: RunConfig) -> dict:
     """Site-grouped cross-validation, then a fit on all sites (with the uncertainty band calibrated on the
     grouped CV and the area of applicability); writes model, CV predictions and metrics."""
     from geoflux.extract import harden_classes
+    from geoflux.features import class_groups
     from geoflux.model import save_model, train
 
     table = layout(cfg).read_parquet(TRAINING)
@@ -163,6 +164,7 @@ def stage_train(cfg: RunConfig) -> dict:
         provenance={"catalog": cfg.catalog, "towers": cfg.towers.files},
         sites=load_sites(cfg),
         pixels=pixels,
+        class_groups=class_groups(cfg.variables),
     )
     layout(cfg).write_parquet(CV_PREDICTIONS, cv_pred)
     layout(cfg).write_json(CV_METRICS, cv)
@@ -201,7 +203,7 @@ def stage_map(
     tiles: list[tuple[int, int]] | None = None,
     bbox: tuple[float, float, float, float] | None = None,
     tile_size: int | None = None,
-    inference: str = "library",
+    inference: str = "auto",
     mosaic_cog: bool = False,
     echo: Callable[[str], None] = log.info,
 ) -> list[Path]:
@@ -410,13 +412,19 @@ def stage_report(cfg: RunConfig, dates: list[str] | None = None) -> Path:
 
 
 def run(
-    cfg: RunConfig, overwrite: bool = False, progress: bool = True, echo: Callable[[str], None] = log.info
+    cfg: RunConfig,
+    overwrite: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] = log.info,
+    inference: str = "auto",
 ) -> dict:
     """Run every stage in order and return the validation metrics.
 
     The towers stage checks its inputs (tower files, site table, towers inside the grid) before it writes
     anything, so a bad input leaves no partial output. Each stage's wall time (s) is echoed when it ends and
     returned under ``stage_seconds`` (not written to metrics.json, which describes the maps).
+    ``inference`` is the map stage's (default ``auto``: compiled trees only where they agree with the
+    library and were measured faster; see :mod:`geoflux.inference`).
     """
     # cheap checks of inputs that only later stages read, so a mismatch stops the run before any work
     check_truth_alignment(cfg)
@@ -433,7 +441,9 @@ def run(
     timed("extract", "footprint-weighted drivers at towers", lambda: stage_extract(cfg))
     timed("train", "site-grouped cross-validation and fit", lambda: stage_train(cfg))
     timed(
-        "map", "chunk-wise prediction to COGs", lambda: stage_map(cfg, overwrite=overwrite, progress=progress)
+        "map",
+        "chunk-wise prediction to COGs",
+        lambda: stage_map(cfg, overwrite=overwrite, progress=progress, inference=inference, echo=echo),
     )
     metrics = timed("validate", "maps vs truth and towers", lambda: stage_validate(cfg))
     report = timed("report", "figures and report/index.html", lambda: stage_report(cfg))

@@ -346,3 +346,38 @@ def test_predict_bands_columns_are_the_models_own_predictions():
     di = model.aoa.di(xs)
     np.testing.assert_array_equal(b[:, 3], di.astype(np.float32))
     np.testing.assert_array_equal(b[:, 4], (di <= 0.3).astype(np.float32))
+
+
+def test_auto_maps_with_the_library_when_compilation_fails(monkeypatch, band_model, tmp_path):
+    """No C compiler (or any build error): auto still maps, with the library, and says why."""
+    pytest.importorskip("tl2cgen")
+
+    def broken(est, cache_dir=None, nthread=None):
+        raise RuntimeError("gcc: command not found\nmore detail")
+
+    monkeypatch.setattr(inference, "compile_estimator", broken)
+    chosen, how = inference.prepare(band_model, "auto", tmp_path)
+    assert chosen is band_model
+    assert how.count("compilation failed: gcc: command not found") == 3, how
+
+
+def test_a_model_compiled_once_is_reused_by_another_run_folder(band_model, tmp_path):
+    """The same model (same hash) compiled for one run folder is copied, not rebuilt, for another."""
+    pytest.importorskip("tl2cgen")
+    est = band_model.quantile_models[0]
+    first = inference.compile_estimator(est, tmp_path / "run1")
+    lib = next((tmp_path / "run1").glob("*.so"))
+    assert lib.name in inference._BUILT
+    calls = []
+    import tl2cgen
+
+    def no_build(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("rebuilt")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tl2cgen, "export_lib", no_build)
+        second = inference.compile_estimator(est, tmp_path / "run2")
+    assert not calls and (tmp_path / "run2" / lib.name).read_bytes() == lib.read_bytes()
+    x = _features(500)[:, : est.n_features_in_]
+    np.testing.assert_array_equal(first.predict(x), second.predict(x))
