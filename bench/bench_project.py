@@ -73,6 +73,69 @@ def _generator_group_effect(world, fields, members: list[str]) -> dict[str, floa
     return {str(y): a[y] - h[y] for y in a}
 
 
+def _diagnose(cfg, world, fields, changes) -> None:
+    """Where the mapped scenario change falls short: per channel (each change alone) and for pixel-periods
+    the change pushes beyond the training table's range (model.domain) against the rest, mapped vs truth
+    function, over every pixel and period (the run's own model; region means, gC m-2 yr-1 averaged over
+    the years)."""
+    from geoflux.analysis.attribution import _features, sample_drivers
+    from geoflux.analysis.scenarios import Scenario
+    from geoflux.demo import TRUTH_DRIVERS, _esat, _stored_drivers, true_fluxes
+    from geoflux.features import feature_names
+    from geoflux.model import load_model
+    from geoflux.run import MODEL, layout
+
+    model = load_model(layout(cfg).require(MODEL))
+    features = feature_names(cfg.variables)
+    s = sample_drivers(cfg, n_pixels=world.nx * world.ny)
+    nt, npix = len(world.periods), world.nx * world.ny
+    if not s["valid"].all() or len(s) != nt * npix:
+        print("diagnosis skipped: drivers missing at some pixels")
+        return
+    x0 = _features(s, cfg.variables).astype(np.float32)
+    rows, cols = s["row"].to_numpy()[:npix], s["col"].to_numpy()[:npix]
+    days = world.period_days.astype(float)
+    n_years = len(np.unique(world.periods.year))
+    drivers = {k: v[:, rows, cols] for k, v in _stored_drivers(fields).items()}
+    lc = fields.landcover[None, rows, cols]
+
+    def truth(chs) -> np.ndarray:
+        held = dict(drivers)
+        for var, op, val in chs:
+            if var in held:
+                if op == "add":
+                    held[var] = held[var] + val
+                elif op == "scale":
+                    held[var] = held[var] * val
+                else:
+                    held[var] = held[var] * _esat(drivers["ta"] + val) / _esat(drivers["ta"])
+        gpp, reco = true_fluxes(lc, *(held[k] for k in TRUTH_DRIVERS))
+        return reco - gpp
+
+    def budget(d: np.ndarray, mask: np.ndarray | None = None) -> float:  # mean annual region change
+        d = d if mask is None else np.where(mask, d, 0.0)
+        return float((d.mean(axis=1) * days).sum() / n_years)
+
+    p0, t0 = model.predict(x0).reshape(nt, npix), truth(())
+    print("\nwhere the mapped change falls short (gC m-2 yr-1, mean over years): mapped | truth function")
+    for name, chs in [("all", changes), *[(c[0], (c,)) for c in changes]]:
+        x1 = Scenario(name, "", tuple(chs)).apply_features(x0, features)
+        d_m, d_t = model.predict(x1).reshape(nt, npix) - p0, truth(chs) - t0
+        line = f"  {name:>5}: {budget(d_m):+6.1f} | {budget(d_t):+6.1f}"
+        if name == "all":
+            beyond = np.zeros(len(x1), bool)
+            for f, (lo, hi) in model.domain.items():
+                j = features.index(f)
+                beyond |= ((x1[:, j] > hi) | (x1[:, j] < lo)) & (x0[:, j] <= hi) & (x0[:, j] >= lo)
+            b = beyond.reshape(nt, npix)
+            line += (
+                f"; pushed beyond the training range: {b.mean():.1%} of pixel-periods, "
+                f"{budget(d_m, b):+.1f} | {budget(d_t, b):+.1f}; the rest {budget(d_m, ~b):+.1f} | "
+                f"{budget(d_t, ~b):+.1f}"
+            )
+        print(line)
+
+
 def _map_truth_nse(cfg) -> float:
     """NSE of the run's NEE maps against the true NEE rasters, pooled over every pixel and period."""
     import glob
@@ -197,6 +260,7 @@ def main() -> None:
         f"outside the AOA: {a['outside_share']:.1%} of pixel-periods under {args.scenario} "
         f"(run: {a.get('base_outside_share', float('nan')):.1%})"
     )
+    _diagnose(cfg, world, fields, spec.perturbation.changes)
     truth_nse = _map_truth_nse(cfg)
     print(f"truth NSE of the run's NEE maps (all pixels and periods): {truth_nse:.4f}")
     print(f"\ntimings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
