@@ -11,6 +11,11 @@ Uses a run folder of a multi-year world (generated and run through towers, extra
 
     PYTHONPATH=$PWD python bench/bench_project.py --size tiny-multiyear --out /tmp/bench-project --reuse
 
+``--monotonic sw:-1,ndvi:-1,vpd:1`` and ``--param max_features=0.5`` set ``model.monotonic`` and
+``model.params`` of a new world's configuration (README 'Projection': the sign-constrained option).
+The truth NSE of the run's own NEE maps (every pixel and period) is printed beside the projection, so an
+option that projects better at the cost of the ordinary maps shows it.
+
 Done-when (issue #16): first drivers agree in every year; the +2 K change within 25 % of the truth's.
 """
 
@@ -22,6 +27,137 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
+
+
+def _set_model(cfg_path: Path, monotonic: str, params: list[str]) -> None:
+    """Write model.monotonic / model.params into a fresh world's configuration."""
+    import yaml
+
+    data = yaml.safe_load(cfg_path.read_text())
+    model = data.setdefault("model", {})
+    if monotonic:
+        model["monotonic"] = {k: int(v) for k, v in (t.split(":") for t in monotonic.split(","))}
+    for p in params:
+        k, v = p.split("=")
+        model.setdefault("params", {})[k] = yaml.safe_load(v)
+    cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _generator_group_effect(world, fields, members: list[str]) -> dict[str, float]:
+    """The generator's own contribution of a group of drivers to each year's regional budget anomaly
+    (gC m-2 yr-1): the truth function with every member it depends on held at its per-pixel climatology
+    together, as :func:`geoflux.demo.true_budgets` does for one driver (members it ignores, e.g. lst,
+    contribute nothing)."""
+    from geoflux.demo import TRUTH_DRIVERS, _budget_by_year, _stored_drivers, true_fluxes
+
+    years = world.periods.year.to_numpy()
+    days = world.period_days.astype(float)
+    n_years = len(np.unique(years))
+    drivers = _stored_drivers(fields)
+    held = dict(drivers)
+    for d in members:
+        if d in drivers:
+            x = drivers[d]
+            clim = x.reshape(n_years, -1, *x.shape[1:]).mean(axis=0)
+            held[d] = np.tile(clim, (n_years, 1, 1))
+    region = np.ones(fields.landcover.shape, bool)
+
+    def anomaly(values: dict[str, np.ndarray]) -> dict[int, float]:
+        gpp, reco = true_fluxes(fields.landcover[None], *(values[k] for k in TRUTH_DRIVERS))
+        b = _budget_by_year(reco - gpp, years, days, region)
+        mean = float(np.mean(list(b.values())))
+        return {y: v - mean for y, v in b.items()}
+
+    a, h = anomaly(drivers), anomaly(held)
+    return {str(y): a[y] - h[y] for y in a}
+
+
+def _diagnose(cfg, world, fields, changes) -> None:
+    """Where the mapped scenario change falls short: per channel (each change alone) and for pixel-periods
+    the change pushes beyond the training table's range (model.domain) against the rest, mapped vs truth
+    function, over every pixel and period (the run's own model; region means, gC m-2 yr-1 averaged over
+    the years)."""
+    from geoflux.analysis.attribution import _features, sample_drivers
+    from geoflux.analysis.scenarios import Scenario
+    from geoflux.demo import TRUTH_DRIVERS, _esat, _stored_drivers, true_fluxes
+    from geoflux.features import feature_names
+    from geoflux.model import load_model
+    from geoflux.run import MODEL, layout
+
+    model = load_model(layout(cfg).require(MODEL))
+    features = feature_names(cfg.variables)
+    s = sample_drivers(cfg, n_pixels=world.nx * world.ny)
+    nt, npix = len(world.periods), world.nx * world.ny
+    if not s["valid"].all() or len(s) != nt * npix:
+        print("diagnosis skipped: drivers missing at some pixels")
+        return
+    x0 = _features(s, cfg.variables).astype(np.float32)
+    rows, cols = s["row"].to_numpy()[:npix], s["col"].to_numpy()[:npix]
+    days = world.period_days.astype(float)
+    n_years = len(np.unique(world.periods.year))
+    drivers = {k: v[:, rows, cols] for k, v in _stored_drivers(fields).items()}
+    lc = fields.landcover[None, rows, cols]
+
+    def truth(chs) -> np.ndarray:
+        held = dict(drivers)
+        for var, op, val in chs:
+            if var in held:
+                if op == "add":
+                    held[var] = held[var] + val
+                elif op == "scale":
+                    held[var] = held[var] * val
+                else:
+                    held[var] = held[var] * _esat(drivers["ta"] + val) / _esat(drivers["ta"])
+        gpp, reco = true_fluxes(lc, *(held[k] for k in TRUTH_DRIVERS))
+        return reco - gpp
+
+    def budget(d: np.ndarray, mask: np.ndarray | None = None) -> float:  # mean annual region change
+        d = d if mask is None else np.where(mask, d, 0.0)
+        return float((d.mean(axis=1) * days).sum() / n_years)
+
+    p0, t0 = model.predict(x0).reshape(nt, npix), truth(())
+    print("\nwhere the mapped change falls short (gC m-2 yr-1, mean over years): mapped | truth function")
+    for name, chs in [("all", changes), *[(c[0], (c,)) for c in changes]]:
+        x1 = Scenario(name, "", tuple(chs)).apply_features(x0, features)
+        d_m, d_t = model.predict(x1).reshape(nt, npix) - p0, truth(chs) - t0
+        line = f"  {name:>5}: {budget(d_m):+6.1f} | {budget(d_t):+6.1f}"
+        if name == "all":
+            beyond = np.zeros(len(x1), bool)
+            for f, (lo, hi) in model.domain.items():
+                j = features.index(f)
+                beyond |= ((x1[:, j] > hi) | (x1[:, j] < lo)) & (x0[:, j] <= hi) & (x0[:, j] >= lo)
+            b = beyond.reshape(nt, npix)
+            line += (
+                f"; pushed beyond the training range: {b.mean():.1%} of pixel-periods, "
+                f"{budget(d_m, b):+.1f} | {budget(d_t, b):+.1f}; the rest {budget(d_m, ~b):+.1f} | "
+                f"{budget(d_t, ~b):+.1f}"
+            )
+        print(line)
+
+
+def _map_truth_nse(cfg) -> float:
+    """NSE of the run's NEE maps against the true NEE rasters, pooled over every pixel and period."""
+    import glob
+
+    import rasterio
+
+    from geoflux import pipeline
+    from geoflux.metrics import scores
+
+    maps = pipeline.map_paths(cfg)
+    truth = sorted(glob.glob(str(cfg.path(cfg.truth))))
+    if len(truth) != len(maps):
+        return float("nan")
+    obs, pred = [], []
+    for t, m in zip(truth, maps.values(), strict=True):
+        with rasterio.open(t) as a, rasterio.open(m) as b:
+            obs.append(a.read(1, masked=True).filled(float("nan")).ravel())
+            pred.append(b.read(1, masked=True).filled(float("nan")).ravel())
+    o, p = np.concatenate(obs), np.concatenate(pred)
+    ok = np.isfinite(o) & np.isfinite(p)
+    return float(scores(o[ok], p[ok])["nse"])
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,6 +166,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep an existing world and finished stages")
     ap.add_argument("--scenario", default="warming_2K")
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--monotonic", default="", help="feature:sign,... for model.monotonic (new worlds)")
+    ap.add_argument("--param", action="append", default=[], help="name=value for model.params (new worlds)")
     args = ap.parse_args()
 
     from geoflux import pipeline
@@ -44,6 +182,8 @@ def main() -> None:
     t = time.perf_counter()
     if not (args.reuse and cfg_path.exists()):
         write_world(args.out, args.size)
+        if args.monotonic or args.param:
+            _set_model(cfg_path, args.monotonic, args.param)
     timings["world"] = time.perf_counter() - t
     cfg = load_config(cfg_path)
     done = {
@@ -72,6 +212,9 @@ def main() -> None:
     timings["attribute"] = time.perf_counter() - t
     for w in att["warnings"]:
         print(f"warning: {w}")
+    world = WORLD_SIZES[args.size]
+    fields = generate_fields(world)
+    grouped_truth = {name: _generator_group_effect(world, fields, m) for name, m in att["groups"].items()}
     print("\nattribution of each year's regional budget anomaly (gC m-2 yr-1): model | generator")
     agree = 0
     rows = [r for r in att["table"] if r["region"] == "region"]
@@ -80,8 +223,8 @@ def main() -> None:
         gc = {k[8:]: v for k, v in g.items() if k.startswith("contrib_")}
         gfirst = max(gc, key=lambda k: abs(gc[k]))
         agree += r["first_driver"] == gfirst
-        # the generator's grouped effect approximated by the sum of its members' single effects
-        gg = {name: sum(gc.get(d, 0.0) for d in m) for name, m in att["groups"].items()}
+        # the generator's grouped effects: the group's truth drivers held at climatology together
+        gg = {name: grouped_truth[name][r["year"]] for name in att["groups"]}
         gg |= {d: v for d, v in gc.items() if not any(d in m for m in att["groups"].values())}
         gfirst_grouped = max(gg, key=lambda k: abs(gg[k]))
         model = ", ".join(f"{k[8:]} {v:+.1f}" for k, v in r.items() if k.startswith("contrib_"))
@@ -102,8 +245,7 @@ def main() -> None:
     t = time.perf_counter()
     proj = project(cfg, args.scenario, overwrite=True, workers=args.workers)
     timings["project"] = time.perf_counter() - t
-    world = WORLD_SIZES[args.size]
-    truth = perturbed_truth_budgets(world, generate_fields(world), spec.perturbation.changes)
+    truth = perturbed_truth_budgets(world, fields, spec.perturbation.changes)
     print(f"\n{args.scenario}: change of the regional budget (gC m-2 yr-1), mapped vs truth function")
     ratios = []
     for y, b in proj["budgets"].items():
@@ -118,6 +260,9 @@ def main() -> None:
         f"outside the AOA: {a['outside_share']:.1%} of pixel-periods under {args.scenario} "
         f"(run: {a.get('base_outside_share', float('nan')):.1%})"
     )
+    _diagnose(cfg, world, fields, spec.perturbation.changes)
+    truth_nse = _map_truth_nse(cfg)
+    print(f"truth NSE of the run's NEE maps (all pixels and periods): {truth_nse:.4f}")
     print(f"\ntimings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
     print(f"load average at end: {os.getloadavg()}")
     summary = {
@@ -127,6 +272,8 @@ def main() -> None:
         "change_ratio_per_year": ratios,
         "change_mean": {"mapped": mean_m, "true": mean_t},
         "aoa": a,
+        "model": {"kind": cfg.model.kind, "params": cfg.model.params, "monotonic": cfg.model.monotonic},
+        "map_truth_nse": truth_nse,
         "timings": timings,
     }
     (args.out / "bench_project.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -314,6 +314,13 @@ class ModelSpec(_Strict):
     params: dict[str, int | float | str | bool | None] = Field(
         default_factory=dict, description="estimator parameters, overriding geoflux's defaults for the kind"
     )
+    monotonic: dict[str, Literal[-1, 0, 1]] = Field(
+        default_factory=dict,
+        description="optional sign constraints of the point model, feature -> +1 (NEE never falls as it "
+        "rises), -1 (never rises) or 0; e.g. {sw: -1, ndvi: -1, vpd: 1} (more light and greenness, more "
+        "uptake; drier air, less). Collinear drivers then cannot cancel each other's effects, which a "
+        "scenario moving one of them relies on (README 'Projection')",
+    )
     cv_folds: int = Field(
         default=0, ge=0, description="0 = leave-one-group-out; k > 1 = GroupKFold(k) over the cv groups"
     )

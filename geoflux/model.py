@@ -28,7 +28,7 @@ import functools
 import hashlib
 import importlib.util
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,13 +204,15 @@ BOOSTING_DEFAULTS: dict[str, Any] = {
 }
 
 
-def make_estimator(spec: ModelSpec) -> RegressorMixin:
+def make_estimator(spec: ModelSpec, features: Sequence[str] | None = None) -> RegressorMixin:
     """The configured regressor; ``spec.params`` override the defaults.
+
+    ``features`` (the columns the estimator will be fitted on, in order) resolves ``spec.monotonic``.
 
     LightGBM and XGBoost are optional extras (``pip install geoflux[boost]``); a clear error says so when the
     configured one is not installed.
     """
-    est = _construct(spec)
+    est = _construct(spec, _monotonic(spec, features))
     # scikit-learn checks parameter values only in fit; check them now so a bad value is a config error
     # (LightGBM/XGBoost wrappers inherit the method without scikit-learn's parameter constraints)
     check = getattr(est, "_validate_params", None)
@@ -222,8 +224,27 @@ def make_estimator(spec: ModelSpec) -> RegressorMixin:
     return est
 
 
-def _construct(spec: ModelSpec) -> RegressorMixin:
+def _monotonic(spec: ModelSpec, features: Sequence[str] | None) -> list[int] | None:
+    """``spec.monotonic`` as one sign per feature column, or None when there is no constraint."""
+    if not any(spec.monotonic.values()):
+        return None
+    if features is None:
+        raise ModelError("model.monotonic: the estimator was built without its feature names")
+    bad = sorted(set(spec.monotonic) - set(features))
+    if bad:
+        raise ModelError(
+            f"model.monotonic: unknown feature(s) {bad} (expected some of {', '.join(features)})"
+        )
+    return [int(spec.monotonic.get(f, 0)) for f in features]
+
+
+def _construct(spec: ModelSpec, mono: list[int] | None = None) -> RegressorMixin:
     params = dict(spec.params)
+    if mono is not None:  # each library's own name for the sign constraints
+        if spec.kind in ("lightgbm", "xgboost"):
+            params["monotone_constraints"] = tuple(mono) if spec.kind == "xgboost" else mono
+        else:
+            params["monotonic_cst"] = mono
     try:
         if spec.kind == "random_forest":
             return RandomForestRegressor(
@@ -421,6 +442,7 @@ def _fit_point(
     table: pd.DataFrame,
     seed: int,
     x_rows: np.ndarray | None = None,
+    features: Sequence[str] | None = None,
 ) -> tuple[RegressorMixin, np.ndarray, np.ndarray]:
     """The point model fitted on ``rows`` of the table, and the (x, target) rows it learned from.
 
@@ -428,10 +450,10 @@ def _fit_point(
     """
     rows = np.asarray(rows)
     if _method(spec, fr) == "averaged":
-        return make_estimator(spec).fit(x[rows], y[rows]), x[rows], y[rows]
+        return make_estimator(spec, features).fit(x[rows], y[rows]), x[rows], y[rows]
     blend = (x if x_rows is None else x_rows, spec.averaged_share) if spec.averaged_share > 0 else None
     est, draws, target = fit_pixels(
-        lambda: make_estimator(spec),
+        lambda: make_estimator(spec, features),
         fr,
         y,
         rows,
@@ -461,7 +483,9 @@ def align_footprints(
     return table, footprint_rows(table, pixels, features)
 
 
-def hedge_footprints(table: pd.DataFrame, fr: FootprintRows, spec: ModelSpec) -> tuple[FootprintRows, dict]:
+def hedge_footprints(
+    table: pd.DataFrame, fr: FootprintRows, spec: ModelSpec, features: Sequence[str] | None = None
+) -> tuple[FootprintRows, dict]:
     """The footprint the towers are fitted and predicted with: the modelled one blended with its broadened
     version by the share an inner site CV through the map path chooses (:func:`choose_hedge`); averaged
     training keeps the modelled footprint. Returns the footprint rows and a summary for the CV metrics."""
@@ -469,7 +493,7 @@ def hedge_footprints(table: pd.DataFrame, fr: FootprintRows, spec: ModelSpec) ->
     if method == "averaged" or not fr.can_hedge:
         return fr.hedged(0.0), {"share": 0.0, "inner_cv_nse": {}}
     share, nse = choose_hedge(
-        lambda: make_estimator(spec),
+        lambda: make_estimator(spec, features),
         fr,
         table["NEE"].to_numpy(np.float64),
         table["site"].astype(str).to_numpy(),
@@ -527,7 +551,9 @@ def cross_validate(
     if fr is not None and with_unc:  # held-out per-pixel point and quantile predictions
         pix = {k: np.full(len(fr.weight), np.nan) for k in ("pred", "lo", "hi")}
     for k, (train, test) in enumerate(folds):
-        est, qx, qy = _fit_point(spec, x, y, fr, train, table, seed=spec.seed + k, x_rows=averaged_rows)
+        est, qx, qy = _fit_point(
+            spec, x, y, fr, train, table, seed=spec.seed + k, x_rows=averaged_rows, features=features
+        )
         if fr is not None:
             pred[test] = predict_towers(est, fr, test)[test]
             if _method(spec, fr) == "averaged":
@@ -733,12 +759,15 @@ def fit(
     x = table[features].to_numpy(np.float32)
     y = table["NEE"].to_numpy(np.float64)
     fr = footprints
-    est, qx, qy = _fit_point(spec, x, y, fr, np.arange(len(y)), table, seed=spec.seed, x_rows=averaged_rows)
+    est, qx, qy = _fit_point(
+        spec, x, y, fr, np.arange(len(y)), table, seed=spec.seed, x_rows=averaged_rows, features=features
+    )
     domain = {f: [float(np.nanmin(table[f])), float(np.nanmax(table[f]))] for f in features}
     prov: dict[str, Any] = {
         "geoflux_version": geoflux.__version__,
         "kind": spec.kind,
         "params": dict(spec.params),
+        **({"monotonic": dict(spec.monotonic)} if spec.monotonic else {}),
         "n_samples": len(table),
         "sites": sorted(map(str, table["site"].unique())),
         "training": _method(spec, fr),
@@ -810,7 +839,7 @@ def train(
     hedge = None
     x_rows = None
     if fr is not None:
-        fr, hedge = hedge_footprints(table, fr, spec)
+        fr, hedge = hedge_footprints(table, fr, spec, features)
         hard = harden_class_fractions(table, class_groups) if class_groups else table
         x_rows = hard[features].to_numpy(np.float32)
     cv_pred, cv = cross_validate(table, features, spec, sites, footprints=fr, averaged_rows=x_rows)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.linear_model import LinearRegression
+from threadpoolctl import threadpool_limits
 
 from geoflux.config import ModelSpec, VariableSpec, load_config
 
@@ -210,3 +211,69 @@ def test_demo_analyze_writes_tables_and_plots(demo_analysis):
     sc = pd.read_csv(out / "scenarios.csv")
     assert {"warming_2K", "drying_20pct"} <= set(sc["scenario"]) and sc["left_aoa"].between(0, 1).all()
     assert res["multiscale"]["scales"]["native"]["n_sites"] == 25
+
+
+def _sign_table(n_sites: int = 6, n: int = 60, seed: int = 0) -> pd.DataFrame:
+    """Towers where NEE falls with ``a`` at fixed ``b`` although the two rise together across samples:
+    y = 2 b - a with a = b + noise: an unconstrained model learns NEE falling with ``a``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_sites):
+        b = rng.uniform(0, 10, n)
+        a = b + rng.normal(0, 1.5, n)
+        rows.append(pd.DataFrame({"site": f"S{s}", "time": np.arange(n), "b": b, "a": a, "NEE": 2 * b - a}))
+    return pd.concat(rows, ignore_index=True)
+
+
+@pytest.mark.parametrize("kind", ["hist_gradient_boosting", "random_forest", "lightgbm"])
+def test_monotonic_constraint_holds_on_the_named_feature(kind):
+    from geoflux.model import make_estimator
+
+    if kind == "lightgbm":
+        pytest.importorskip("lightgbm")
+    table = _sign_table()
+    features = ["b", "a"]  # the constraint is by name: "a" is the second column
+    x, y = table[features].to_numpy(), table["NEE"].to_numpy()
+    params = {"n_estimators": 30} if kind != "hist_gradient_boosting" else {"max_iter": 30}
+    grid = np.column_stack([np.full(50, 5.0), np.linspace(0, 10, 50)])  # b fixed, a swept
+    # one OpenMP thread: on 360 rows threads only spin (as model.py's OPENMP_MIN_ROWS says)
+    with threadpool_limits(1, user_api="openmp"):
+        for sign in (1, -1):
+            spec = ModelSpec(kind=kind, params=params, monotonic={"a": sign})
+            pred = make_estimator(spec, features).fit(x, y).predict(grid)
+            assert np.all(sign * np.diff(pred) >= -1e-9), (kind, sign)
+        free = make_estimator(ModelSpec(kind=kind, params=params), features).fit(x, y).predict(grid)
+    assert free[-1] - free[0] < -1.0  # the unconstrained model does see the fall: the test can fail
+
+
+def test_monotonic_constraint_is_checked():
+    from pydantic import ValidationError
+
+    from geoflux.errors import ModelError
+    from geoflux.model import make_estimator
+
+    with pytest.raises(ValidationError):
+        ModelSpec(monotonic={"a": 2})
+    spec = ModelSpec(monotonic={"zz": 1})
+    with pytest.raises(ModelError, match=r"model.monotonic: unknown feature\(s\) \['zz'\]"):
+        make_estimator(spec, ["a", "b"])
+    with pytest.raises(ModelError, match="without its feature names"):
+        make_estimator(spec)
+    # no constraint (or only zeros): no feature names needed, estimator as before
+    assert make_estimator(ModelSpec(monotonic={"a": 0})).get_params()["monotonic_cst"] is None
+
+
+def test_train_threads_the_monotonic_constraint_through_cv_and_the_card(tmp_path):
+    from geoflux.model import load_model, save_model, train
+
+    table = _sign_table()
+    spec = ModelSpec(params={"max_iter": 30}, monotonic={"a": 1}, cv_folds=3, uncertainty="none", aoa=False)
+    model, _, cv = train(table, ["b", "a"], {"a": "", "b": ""}, spec)
+    grid = np.column_stack([np.full(50, 5.0), np.linspace(0, 10, 50)])
+    assert np.all(np.diff(model.predict(grid)) >= -1e-9)
+    assert model.provenance["monotonic"] == {"a": 1}
+    # the held-out models were constrained too: their error is that of a model that cannot follow -a
+    _, _, cv_free = train(table, ["b", "a"], {"a": "", "b": ""}, spec.model_copy(update={"monotonic": {}}))
+    assert cv["rmse"] > cv_free["rmse"]
+    save_model(model, tmp_path / "m.skops")
+    assert load_model(tmp_path / "m.skops").provenance["monotonic"] == {"a": 1}

@@ -120,7 +120,7 @@ def grouped_permutation_importance(
         raise ModelError("importance needs at least two CV groups")
     per_fold, weights = [], []
     for f, (train, test) in enumerate(GroupKFold(n_splits=k).split(x, y, labels)):
-        est = make_estimator(spec).fit(x[train], y[train])
+        est = make_estimator(spec, list(features)).fit(x[train], y[train])
         view = _DriverView(est, x[test], cols)
         rows = np.repeat(np.arange(len(test))[:, None], len(cols), axis=1)
         r = permutation_importance(
