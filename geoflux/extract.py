@@ -5,7 +5,7 @@ The table this stage writes (``training.parquet``) is what the model stage train
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import dask
 import numpy as np
@@ -126,26 +126,47 @@ def check_footprint_methods(
     return table
 
 
-def _footprint_features(
-    cube: xr.Dataset, footprints: Mapping[str, FootprintWeights], variables: Sequence[VariableSpec]
-) -> Iterator[tuple[str, FootprintWeights, np.ndarray]]:
-    """Per site, the per-pixel features of its footprint window: (site, footprint, (time, r, c, f) array).
+def _union_window(*windows: tuple[slice, slice]) -> tuple[slice, slice]:
+    """Smallest (row, column) window holding every non-empty given window (the first if all are empty)."""
+    full = [w for w in windows if w[0].stop > w[0].start and w[1].stop > w[1].start] or windows[:1]
+    rows = slice(min(w[0].start for w in full), max(w[0].stop for w in full))
+    cols = slice(min(w[1].start for w in full), max(w[1].stop for w in full))
+    return rows, cols
 
-    Only the footprint windows are read (one dask computation for all sites). Features come from
-    :func:`geoflux.features.pixel_features`, the function mapping applies to every map pixel.
+
+def _read_windows(
+    cube: xr.Dataset, windows: Mapping[str, tuple[slice, slice]], variables: Sequence[VariableSpec]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per site and driver, the driver values of a grid window ((time, rows, cols); static: (rows, cols)).
+
+    Only the windows are read, in one dask computation for all sites (a chunk several windows share is
+    read once).
     """
-    times = cube.sizes["time"]
-    windows = {
-        site: {v.name: cube[v.name].isel(y=fw.window[0], x=fw.window[1]).data for v in variables}
-        for site, fw in footprints.items()
+    lazy = {
+        site: {v.name: cube[v.name].isel(y=win[0], x=win[1]).data for v in variables}
+        for site, win in windows.items()
     }
-    (computed,) = dask.compute(windows)
-    for site, fw in footprints.items():
-        vals = {}
-        for v in variables:
-            a = computed[site][v.name]
-            vals[v.name] = np.broadcast_to(a, (times, *fw.weights.shape)) if a.ndim == 2 else a
-        yield site, fw, pixel_features(vals, variables)
+    (computed,) = dask.compute(lazy)
+    return computed
+
+
+def _window_features(
+    values: Mapping[str, np.ndarray],
+    read: tuple[slice, slice],
+    fw: FootprintWeights,
+    variables: Sequence[VariableSpec],
+    times: int,
+) -> np.ndarray:
+    """Per-pixel features (time, r, c, f) of footprint ``fw``'s window, cut from driver values read over
+    the window ``read`` that holds it. Features come from :func:`geoflux.features.pixel_features`, the
+    function mapping applies to every map pixel."""
+    (rows, cols), (nr, nc) = fw.window, fw.weights.shape
+    r0, c0 = rows.start - read[0].start, cols.start - read[1].start
+    vals = {}
+    for v in variables:
+        a = values[v.name][..., r0 : r0 + nr, c0 : c0 + nc]
+        vals[v.name] = np.broadcast_to(a, (times, nr, nc)) if a.ndim == 2 else a
+    return pixel_features(vals, variables)
 
 
 def extract_drivers(
@@ -199,8 +220,17 @@ def extract_drivers(
             for site, fw in footprints.items()
         }
     times = pd.DatetimeIndex(cube["time"].to_numpy())
+    # One read per site covering both kernels (the broadened window holds the footprint's): the drivers
+    # are read once, not once per kernel.
+    reads = {
+        site: _union_window(fw.window, *([broad[site].window] if site in broad else []))
+        for site, fw in footprints.items()
+    }
+    values = _read_windows(cube, reads, variables)
+    nt = len(times)
     frames, pixel_frames = [], []
-    for site, fw, feats in _footprint_features(cube, footprints, variables):
+    for site, fw in footprints.items():
+        feats = _window_features(values[site], reads[site], fw, variables, nt)
         ok = ~np.isnan(feats).any(axis=-1)
         w = np.where(ok, fw.weights[None], 0.0)
         wsum = w.sum(axis=(1, 2))
@@ -215,7 +245,8 @@ def extract_drivers(
         frames.append(df.loc[wsum > 0])
         keep = _heaviest(fw.weights.ravel(), pixel_mass, max_pixels)
         pixel_frames.append(_kept_pixels(site, fw, feats, ok, times, names, keep, fw.weights.ravel()[keep]))
-    for k, (site, bw, feats) in enumerate(_footprint_features(cube, broad, variables)):
+    for k, (site, bw) in enumerate(broad.items()):
+        feats = _window_features(values[site], reads[site], bw, variables, nt)
         ok = ~np.isnan(feats).any(axis=-1)
         keep, w = _systematic_sample(bw.weights.ravel(), hedge_pixels, seed + k)
         pixel_frames.append(_kept_pixels(site, bw, feats, ok, times, names, keep, w, kernel=1))

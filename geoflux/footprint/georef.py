@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from odc.geo.geobox import GeoBox
-from pyproj import CRS, Geod, Transformer
+from pyproj import CRS, Geod
 from scipy import ndimage
 
 from geoflux.errors import GeofluxError, GridError
 from geoflux.footprint import kljun
-from geoflux.footprint.weights import FootprintWeights, disk_weights, tower_xy
+from geoflux.footprint.weights import FootprintWeights, LocalFrame, disk_weights, tower_xy, transformer
 
 # Neutral surface-layer ratio sigma_v / u* (Panofsky & Dutton 1984: 1.9 +- 0.2), used when V_SIGMA is missing.
 NEUTRAL_SIGMAV_RATIO = 1.9
@@ -37,10 +37,6 @@ def _grid_crs(geobox: GeoBox) -> str:
     return geobox.crs.to_wkt()
 
 
-def _local_crs(lon: float, lat: float) -> CRS:
-    return CRS.from_proj4(f"+proj=aeqd +lat_0={lat:.10f} +lon_0={lon:.10f} +datum=WGS84 +units=m +no_defs")
-
-
 def grid_convergence(crs: str | CRS, lon: float, lat: float) -> float:
     """Grid convergence of ``crs`` at a point: angle from true north to grid north, degrees clockwise.
 
@@ -52,7 +48,7 @@ def grid_convergence(crs: str | CRS, lon: float, lat: float) -> float:
     crs : target CRS (any form pyproj accepts, e.g. WKT).
     lon, lat : degrees (EPSG:4326).
     """
-    tr = Transformer.from_crs("EPSG:4326", CRS.from_user_input(crs), always_xy=True)
+    tr = transformer("EPSG:4326", CRS.from_user_input(crs).to_wkt())
     step = 1.0  # m; small enough for the local tangent, large enough for float precision
     lon_s, lat_s, _ = _GEOD.fwd(lon, lat - 0.0, 180.0, step / 2)
     lon_n, lat_n, _ = _GEOD.fwd(lon, lat, 0.0, step / 2)
@@ -82,19 +78,17 @@ def _window(geobox: GeoBox, lon: float, lat: float, radius: float, site: str) ->
             f"site {site}: tower at ({x_t:.1f}, {y_t:.1f}) lies outside the grid "
             f"(bbox {tuple(round(v, 1) for v in geobox.boundingbox)})"
         )
-    to_grid = Transformer.from_crs(_local_crs(lon, lat), _grid_crs(geobox), always_xy=True)
+    frame = LocalFrame(lon, lat, _grid_crs(geobox))
     ang = np.linspace(0, 2 * np.pi, 73)
-    gx, gy = to_grid.transform(radius * np.sin(ang), radius * np.cos(ang))
-    cols, rows = ~aff @ (np.asarray(gx), np.asarray(gy))
+    gx, gy = frame.to_grid(radius * np.sin(ang), radius * np.cos(ang))
+    cols, rows = ~aff @ (gx, gy)
     c0 = max(int(np.floor(min(np.min(cols), col_f))) - 1, 0)
     c1 = min(int(np.ceil(max(np.max(cols), col_f))) + 1, nx)
     r0 = max(int(np.floor(min(np.min(rows), row_f))) - 1, 0)
     r1 = min(int(np.ceil(max(np.max(rows), row_f))) + 1, ny)
     cc, rr = np.meshgrid(np.arange(c0, c1 + 1, dtype=float), np.arange(r0, r1 + 1, dtype=float))
     px, py = aff @ (cc, rr)
-    to_local = Transformer.from_crs(_grid_crs(geobox), _local_crs(lon, lat), always_xy=True)
-    e, n = to_local.transform(px, py)
-    e, n = np.asarray(e), np.asarray(n)
+    e, n = frame.to_local(px, py)
     # shoelace area of each pixel quad (corners in order around the pixel)
     qe = [e[:-1, :-1], e[:-1, 1:], e[1:, 1:], e[1:, :-1]]
     qn = [n[:-1, :-1], n[:-1, 1:], n[1:, 1:], n[1:, :-1]]
