@@ -184,12 +184,14 @@ def _read_windows(
                     r0, r1 = max(rs.start, y0), min(rs.stop, y1)
                     c0, c1 = max(cs.start, x0), min(cs.stop, x1)
                     if r0 < r1 and c0 < c1:
-                        cuts.append((slice(r0 - y0, r1 - y0), slice(c0 - x0, c1 - x0)))
+                        cuts.append((r0 - y0, r1 - y0, c0 - x0, c1 - x0))
                         dests.append(
                             (site, (slice(r0 - rs.start, r1 - rs.start), slice(c0 - cs.start, c1 - cs.start)))
                         )
                 if not cuts:
                     continue
+                # an int array, not a list of slices: dask.delayed walks lists looking for collections
+                cuts = np.asarray(cuts, dtype=np.int64)
                 if arr.ndim == 2:
                     tasks.append(dask.delayed(_cut)(blocks[bi, bj], cuts))
                     pieces.append((v.name, (), dests))
@@ -211,9 +213,10 @@ def _read_windows(
     return out
 
 
-def _cut(block: np.ndarray, cuts: Sequence[tuple[slice, slice]]) -> list[np.ndarray]:
-    """The (row, column) windows ``cuts`` of one chunk (copies, so the chunk itself can be freed)."""
-    return [np.array(block[..., rs, cs]) for rs, cs in cuts]
+def _cut(block: np.ndarray, cuts: np.ndarray) -> list[np.ndarray]:
+    """The windows ``cuts`` (rows ``(k, 4)``: row start, row stop, column start, column stop) of one chunk
+    (copies, so that the chunk itself can be freed)."""
+    return [np.array(block[..., r0:r1, c0:c1]) for r0, r1, c0, c1 in cuts.tolist()]
 
 
 def _window_features(
