@@ -221,7 +221,9 @@ def footprint_weights(
     n_rows, n_cols = win.area.shape
     pix = float(np.sqrt(np.median(win.area)))
     ss = int(np.clip(np.ceil(pix / res), 1, max(1, np.floor(np.sqrt(max_samples / max(win.area.size, 1))))))
-    rows_per_block = max(1, int(2_000_000 // max(n_cols * ss * ss, 1)))
+    # ~1M sub-samples (~60 MB of temporaries) at a time: towers run on parallel threads (each pixel row's
+    # sum is the same whatever the block size)
+    rows_per_block = max(1, int(1_000_000 // max(n_cols * ss * ss, 1)))
     w = np.zeros((n_rows, n_cols))
     for r0 in range(0, n_rows, rows_per_block):
         r1 = min(r0 + rows_per_block, n_rows)
