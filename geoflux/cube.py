@@ -33,6 +33,8 @@ flags partial periods). Hrefs are signed inside read tasks only, so building the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -412,7 +414,9 @@ def check_coverage(
     missing = nodata or outside every raster's footprint (QA masks and valid ranges are not applied: a
     cloudy scene is not a broken one). A share above ``var.missing_max`` is reported (error, or warning
     with ``on_implausible: warn``) naming variable, step, items and asset. Only local rasters are measured:
-    remote ones would make building the lazy cube depend on the network (empty result then).
+    remote ones would make building the lazy cube depend on the network (empty result then). A process
+    measures the same scenes on the same grid once (a run builds its cube in several stages); the check
+    itself (error or warning) is made every time.
 
     Returns
     -------
@@ -425,6 +429,63 @@ def check_coverage(
         return np.empty((0, len(data)))
     scale = max(geobox.shape) / COARSE_EDGE
     coarse = geobox.zoom_out(scale) if scale > 1 else geobox
+    key = _coverage_key(items, var, coarse)
+    if key is not None and key in _COVERAGE:
+        times, shares = _COVERAGE[key]
+    else:
+        times, shares = _measure_coverage(items, var, coarse, driver=driver, groupby=groupby)
+        if key is not None:
+            if len(_COVERAGE) >= _COVERAGE_MAX:
+                _COVERAGE.clear()
+            _COVERAGE[key] = (times, shares)
+    steps = _step_items(times, items, var.static)
+    for k, t in enumerate(times):
+        for j, b in enumerate(data):
+            if shares[k, j] > var.missing_max:
+                _implausible(
+                    var,
+                    f"{_where_step(var, t, steps[k], [b], source)}: {shares[k, j]:.0%} of the region is "
+                    f"missing (nodata or outside the raster) (expected at most missing_max "
+                    f"{var.missing_max:.0%})",
+                )
+    return shares.copy()
+
+
+# Coverage shares measured in this process, by what they depend on (see _coverage_key): a run builds the
+# cube several times (extract, map, validation), and the coarse read of every scene is most of the cost.
+_COVERAGE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_COVERAGE_MAX = 256
+
+
+def _coverage_key(items: Sequence[pystac.Item], var: VariableSpec, coarse: GeoBox) -> tuple | None:
+    """What a coverage measurement depends on: the driver definition, the coarse grid, the items (their
+    JSON: nodata, times, hrefs) and each local raster's identity (path, size, modification time, inode),
+    so a rewritten file is measured again. None (do not cache) when a file cannot be stat'ed."""
+    files = []
+    try:
+        for item in items:
+            for b in _data_assets(var):
+                if b in item.assets:
+                    st = _local_path(_href(item, b)).stat()
+                    files.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    except OSError:
+        return None
+    docs = json.dumps([i.to_dict(transform_hrefs=False) for i in items], sort_keys=True, default=str)
+    return (
+        var.model_dump_json(),
+        coarse.crs.to_wkt(),
+        tuple(coarse.affine),
+        tuple(coarse.shape),
+        hashlib.sha256(docs.encode()).hexdigest(),
+        tuple(files),
+    )
+
+
+def _measure_coverage(
+    items: Sequence[pystac.Item], var: VariableSpec, coarse: GeoBox, *, driver: NodataRioDriver, groupby: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """(time slices, (time, asset) missing shares) of ``items`` read eagerly onto the coarse grid."""
+    data = _data_assets(var)
     ds = odc.stac.load(
         items,
         bands=data,
@@ -440,17 +501,7 @@ def check_coverage(
         [np.isnan(ds[b].where(~ds[b].isin(nodata.get(b, []))).to_numpy()).mean(axis=(1, 2)) for b in data],
         axis=-1,
     )
-    steps = _step_items(ds["time"].to_numpy(), items, var.static)
-    for k, t in enumerate(ds["time"].to_numpy()):
-        for j, b in enumerate(data):
-            if shares[k, j] > var.missing_max:
-                _implausible(
-                    var,
-                    f"{_where_step(var, t, steps[k], [b], source)}: {shares[k, j]:.0%} of the region is "
-                    f"missing (nodata or outside the raster) (expected at most missing_max "
-                    f"{var.missing_max:.0%})",
-                )
-    return shares
+    return ds["time"].to_numpy(), shares
 
 
 def _declared_set(items: Sequence[pystac.Item], var: VariableSpec) -> dict[str, list[float]]:
@@ -756,8 +807,6 @@ def cube_from_config(
     )
     # The items each driver was loaded from, so outputs can name their inputs without searching again (a
     # second search could differ: per-driver catalogs, queries, filters). JSON text: zarr/netCDF-safe attrs.
-    import json
-
     loaded = {
         v.name: {
             "static": bool(v.static),

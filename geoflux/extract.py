@@ -5,7 +5,9 @@ The table this stage writes (``training.parquet``) is what the model stage train
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import dask
 import numpy as np
@@ -38,12 +40,16 @@ def tower_footprints(
         naming the site if a tower lies outside the grid.
     """
     by_site = dict(tuple(records.groupby("site", sort=False))) if records is not None else {}
-    out = {}
+    jobs = []
     for site, row in sites.iterrows():
         recs = by_site.get(site)
         if recs is not None:
             recs.attrs = dict(records.attrs)
-        out[str(site)] = tower_footprint(
+        jobs.append((row, recs))
+
+    def one(job: tuple[pd.Series, pd.DataFrame | None]) -> FootprintWeights:
+        row, recs = job
+        return tower_footprint(
             geobox,
             row,
             recs,
@@ -53,7 +59,23 @@ def tower_footprints(
             boundary_layer_height=spec.boundary_layer_height,
             seed=spec.seed,
         )
-    return out
+
+    # Towers are independent and their footprints are numpy/scipy work that releases the GIL (FFP sums,
+    # sub-pixel interpolation): threads overlap them. Each tower's result is the same as computed alone,
+    # and the first failing tower (in table order) raises, as in a plain loop.
+    with ThreadPoolExecutor(max_workers=_footprint_workers(len(jobs))) as ex:
+        fps = list(ex.map(one, jobs))
+    return {str(site): fw for site, fw in zip(sites.index, fps, strict=True)}
+
+
+def _footprint_workers(n_jobs: int) -> int:
+    """Threads for per-tower footprints: the CPUs this process may use, at most 4 (each holds ~100 MB of
+    sub-pixel samples at a time), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus, n_jobs))
 
 
 def fallback_reason(site: pd.Series, records: pd.DataFrame | None, spec: FootprintSpec) -> str:
@@ -126,26 +148,94 @@ def check_footprint_methods(
     return table
 
 
-def _footprint_features(
-    cube: xr.Dataset, footprints: Mapping[str, FootprintWeights], variables: Sequence[VariableSpec]
-) -> Iterator[tuple[str, FootprintWeights, np.ndarray]]:
-    """Per site, the per-pixel features of its footprint window: (site, footprint, (time, r, c, f) array).
+def _union_window(*windows: tuple[slice, slice]) -> tuple[slice, slice]:
+    """Smallest (row, column) window holding every non-empty given window (the first if all are empty)."""
+    full = [w for w in windows if w[0].stop > w[0].start and w[1].stop > w[1].start] or windows[:1]
+    rows = slice(min(w[0].start for w in full), max(w[0].stop for w in full))
+    cols = slice(min(w[1].start for w in full), max(w[1].stop for w in full))
+    return rows, cols
 
-    Only the footprint windows are read (one dask computation for all sites). Features come from
-    :func:`geoflux.features.pixel_features`, the function mapping applies to every map pixel.
+
+def _read_windows(
+    cube: xr.Dataset, windows: Mapping[str, tuple[slice, slice]], variables: Sequence[VariableSpec]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per site and driver, the driver values of a grid window ((time, rows, cols); static: (rows, cols)).
+
+    One dask computation for all sites with one task per cube chunk that any window touches: it reads the
+    chunk once and cuts every window's part out of it (slicing each window separately would add a task per
+    site, driver, time step and chunk, ~20,000 for 30 towers, whose scheduling costs more than the reads).
     """
-    times = cube.sizes["time"]
-    windows = {
-        site: {v.name: cube[v.name].isel(y=fw.window[0], x=fw.window[1]).data for v in variables}
-        for site, fw in footprints.items()
-    }
-    (computed,) = dask.compute(windows)
-    for site, fw in footprints.items():
-        vals = {}
+    import dask.array as da
+
+    pieces: list[tuple[str, tuple[slice, ...], list[tuple[str, tuple[slice, slice]]]]] = []
+    tasks = []
+    for v in variables:
+        arr = cube[v.name].data
+        if not isinstance(arr, da.Array):  # an in-memory cube: one chunk
+            arr = da.from_array(arr, chunks=-1)
+        bounds = [np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks]
+        blocks = arr.to_delayed(optimize_graph=True)
+        for bi in range(len(bounds[-2]) - 1):
+            y0, y1 = bounds[-2][bi], bounds[-2][bi + 1]
+            for bj in range(len(bounds[-1]) - 1):
+                x0, x1 = bounds[-1][bj], bounds[-1][bj + 1]
+                cuts, dests = [], []
+                for site, (rs, cs) in windows.items():
+                    r0, r1 = max(rs.start, y0), min(rs.stop, y1)
+                    c0, c1 = max(cs.start, x0), min(cs.stop, x1)
+                    if r0 < r1 and c0 < c1:
+                        cuts.append((r0 - y0, r1 - y0, c0 - x0, c1 - x0))
+                        dests.append(
+                            (site, (slice(r0 - rs.start, r1 - rs.start), slice(c0 - cs.start, c1 - cs.start)))
+                        )
+                if not cuts:
+                    continue
+                # an int array, not a list of slices: dask.delayed walks lists looking for collections
+                cuts = np.asarray(cuts, dtype=np.int64)
+                if arr.ndim == 2:
+                    tasks.append(dask.delayed(_cut)(blocks[bi, bj], cuts))
+                    pieces.append((v.name, (), dests))
+                    continue
+                for bt in range(len(bounds[0]) - 1):
+                    tasks.append(dask.delayed(_cut)(blocks[bt, bi, bj], cuts))
+                    pieces.append((v.name, (slice(bounds[0][bt], bounds[0][bt + 1]),), dests))
+    (results,) = dask.compute(tasks)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for site, (rs, cs) in windows.items():
+        out[site] = {}
         for v in variables:
-            a = computed[site][v.name]
-            vals[v.name] = np.broadcast_to(a, (times, *fw.weights.shape)) if a.ndim == 2 else a
-        yield site, fw, pixel_features(vals, variables)
+            arr = cube[v.name]
+            shape = (*arr.shape[:-2], rs.stop - rs.start, cs.stop - cs.start)
+            out[site][v.name] = np.full(shape, np.nan, dtype=arr.dtype)
+    for (name, tsl, dests), parts in zip(pieces, results, strict=True):
+        for (site, (rsl, csl)), part in zip(dests, parts, strict=True):
+            out[site][name][(*tsl, rsl, csl)] = part
+    return out
+
+
+def _cut(block: np.ndarray, cuts: np.ndarray) -> list[np.ndarray]:
+    """The windows ``cuts`` (rows ``(k, 4)``: row start, row stop, column start, column stop) of one chunk
+    (copies, so that the chunk itself can be freed)."""
+    return [np.array(block[..., r0:r1, c0:c1]) for r0, r1, c0, c1 in cuts.tolist()]
+
+
+def _window_features(
+    values: Mapping[str, np.ndarray],
+    read: tuple[slice, slice],
+    fw: FootprintWeights,
+    variables: Sequence[VariableSpec],
+    times: int,
+) -> np.ndarray:
+    """Per-pixel features (time, r, c, f) of footprint ``fw``'s window, cut from driver values read over
+    the window ``read`` that holds it. Features come from :func:`geoflux.features.pixel_features`, the
+    function mapping applies to every map pixel."""
+    (rows, cols), (nr, nc) = fw.window, fw.weights.shape
+    r0, c0 = rows.start - read[0].start, cols.start - read[1].start
+    vals = {}
+    for v in variables:
+        a = values[v.name][..., r0 : r0 + nr, c0 : c0 + nc]
+        vals[v.name] = np.broadcast_to(a, (times, nr, nc)) if a.ndim == 2 else a
+    return pixel_features(vals, variables)
 
 
 def extract_drivers(
@@ -199,8 +289,17 @@ def extract_drivers(
             for site, fw in footprints.items()
         }
     times = pd.DatetimeIndex(cube["time"].to_numpy())
+    # One read per site covering both kernels (the broadened window holds the footprint's): the drivers
+    # are read once, not once per kernel.
+    reads = {
+        site: _union_window(fw.window, *([broad[site].window] if site in broad else []))
+        for site, fw in footprints.items()
+    }
+    values = _read_windows(cube, reads, variables)
+    nt = len(times)
     frames, pixel_frames = [], []
-    for site, fw, feats in _footprint_features(cube, footprints, variables):
+    for site, fw in footprints.items():
+        feats = _window_features(values[site], reads[site], fw, variables, nt)
         ok = ~np.isnan(feats).any(axis=-1)
         w = np.where(ok, fw.weights[None], 0.0)
         wsum = w.sum(axis=(1, 2))
@@ -215,7 +314,8 @@ def extract_drivers(
         frames.append(df.loc[wsum > 0])
         keep = _heaviest(fw.weights.ravel(), pixel_mass, max_pixels)
         pixel_frames.append(_kept_pixels(site, fw, feats, ok, times, names, keep, fw.weights.ravel()[keep]))
-    for k, (site, bw, feats) in enumerate(_footprint_features(cube, broad, variables)):
+    for k, (site, bw) in enumerate(broad.items()):
+        feats = _window_features(values[site], reads[site], bw, variables, nt)
         ok = ~np.isnan(feats).any(axis=-1)
         keep, w = _systematic_sample(bw.weights.ravel(), hedge_pixels, seed + k)
         pixel_frames.append(_kept_pixels(site, bw, feats, ok, times, names, keep, w, kernel=1))

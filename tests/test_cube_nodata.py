@@ -326,3 +326,30 @@ def test_every_map_band_is_nodata_where_any_driver_is_missing():
     assert missing.any() and not missing.all()
     for k, band in enumerate(model.bands):  # NEE, quantiles, DI, AOA
         np.testing.assert_array_equal(np.isnan(out[k]), missing, err_msg=band)
+
+
+def test_coverage_measured_once_per_scene_and_checked_every_time(tmp_path, monkeypatch):
+    """A run builds its cube in several stages: the coarse coverage read is done once per process and
+    file version, while the check (here an error) is made on every build."""
+    import geoflux.cube as cube
+
+    data = np.full(GRID.shape, 100, np.int16)
+    cols = GRID.shape[1]
+    data[:, : cols * 6 // 10] = -3000  # 60 % of the region missing
+    path = _tif(tmp_path / "ndvi.tif", data, GRID, -3000)
+    item = _item("scene", {"ndvi": (path, None)}, GRID)
+    spec = VariableSpec(name="ndvi", collection="c", asset="ndvi", scale=1e-4, nodata=-3000, units="1")
+    calls = []
+    measure = cube._measure_coverage
+    monkeypatch.setattr(cube, "_measure_coverage", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    for _ in range(2):
+        with pytest.raises(CubeError, match=r"item scene: asset 'ndvi': 60% of the region is missing"):
+            load_variable([item], spec, GRID, 256)
+    assert len(calls) == 1
+    # the file rewritten with fewer holes is measured again (and now passes)
+    data[:, : cols // 10] = -3000
+    data[:, cols // 10 :] = 100
+    _tif(path, data, GRID, -3000)
+    arr = load_variable([item], spec, GRID, 256)
+    assert len(calls) == 2
+    assert np.isnan(_values(arr)).mean() == pytest.approx(0.1)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from odc.geo.geobox import GeoBox
-from pyproj import CRS, Geod, Transformer
+from pyproj import CRS, Geod
 from scipy import ndimage
 
 from geoflux.errors import GeofluxError, GridError
 from geoflux.footprint import kljun
-from geoflux.footprint.weights import FootprintWeights, disk_weights, tower_xy
+from geoflux.footprint.weights import FootprintWeights, LocalFrame, disk_weights, tower_xy, transformer
 
 # Neutral surface-layer ratio sigma_v / u* (Panofsky & Dutton 1984: 1.9 +- 0.2), used when V_SIGMA is missing.
 NEUTRAL_SIGMAV_RATIO = 1.9
@@ -37,10 +37,6 @@ def _grid_crs(geobox: GeoBox) -> str:
     return geobox.crs.to_wkt()
 
 
-def _local_crs(lon: float, lat: float) -> CRS:
-    return CRS.from_proj4(f"+proj=aeqd +lat_0={lat:.10f} +lon_0={lon:.10f} +datum=WGS84 +units=m +no_defs")
-
-
 def grid_convergence(crs: str | CRS, lon: float, lat: float) -> float:
     """Grid convergence of ``crs`` at a point: angle from true north to grid north, degrees clockwise.
 
@@ -52,7 +48,7 @@ def grid_convergence(crs: str | CRS, lon: float, lat: float) -> float:
     crs : target CRS (any form pyproj accepts, e.g. WKT).
     lon, lat : degrees (EPSG:4326).
     """
-    tr = Transformer.from_crs("EPSG:4326", CRS.from_user_input(crs), always_xy=True)
+    tr = transformer("EPSG:4326", CRS.from_user_input(crs).to_wkt())
     step = 1.0  # m; small enough for the local tangent, large enough for float precision
     lon_s, lat_s, _ = _GEOD.fwd(lon, lat - 0.0, 180.0, step / 2)
     lon_n, lat_n, _ = _GEOD.fwd(lon, lat, 0.0, step / 2)
@@ -82,19 +78,17 @@ def _window(geobox: GeoBox, lon: float, lat: float, radius: float, site: str) ->
             f"site {site}: tower at ({x_t:.1f}, {y_t:.1f}) lies outside the grid "
             f"(bbox {tuple(round(v, 1) for v in geobox.boundingbox)})"
         )
-    to_grid = Transformer.from_crs(_local_crs(lon, lat), _grid_crs(geobox), always_xy=True)
+    frame = LocalFrame(lon, lat, _grid_crs(geobox))
     ang = np.linspace(0, 2 * np.pi, 73)
-    gx, gy = to_grid.transform(radius * np.sin(ang), radius * np.cos(ang))
-    cols, rows = ~aff @ (np.asarray(gx), np.asarray(gy))
+    gx, gy = frame.to_grid(radius * np.sin(ang), radius * np.cos(ang))
+    cols, rows = ~aff @ (gx, gy)
     c0 = max(int(np.floor(min(np.min(cols), col_f))) - 1, 0)
     c1 = min(int(np.ceil(max(np.max(cols), col_f))) + 1, nx)
     r0 = max(int(np.floor(min(np.min(rows), row_f))) - 1, 0)
     r1 = min(int(np.ceil(max(np.max(rows), row_f))) + 1, ny)
     cc, rr = np.meshgrid(np.arange(c0, c1 + 1, dtype=float), np.arange(r0, r1 + 1, dtype=float))
     px, py = aff @ (cc, rr)
-    to_local = Transformer.from_crs(_grid_crs(geobox), _local_crs(lon, lat), always_xy=True)
-    e, n = to_local.transform(px, py)
-    e, n = np.asarray(e), np.asarray(n)
+    e, n = frame.to_local(px, py)
     # shoelace area of each pixel quad (corners in order around the pixel)
     qe = [e[:-1, :-1], e[:-1, 1:], e[1:, 1:], e[1:, :-1]]
     qn = [n[:-1, :-1], n[:-1, 1:], n[1:, 1:], n[1:, :-1]]
@@ -122,13 +116,19 @@ def _polar_density(scales: kljun.FFPScales, rho_min: float, rho_max: float, n_rh
     dlr, dth = lr[1] - lr[0], th[1] - th[0]
 
     def density(e: np.ndarray, n: np.ndarray) -> np.ndarray:
-        rho = np.hypot(e, n)
+        # node coordinates written in place into the (2, N) array map_coordinates takes (a list of two
+        # arrays would be copied into one): this runs on millions of sub-samples per tower
+        coords = np.empty((2, e.size))
+        i, j = coords
+        np.hypot(e.ravel(), n.ravel(), out=i)
         with np.errstate(divide="ignore"):
-            i = (np.log(rho) - lr[0]) / dlr
-        j = np.mod(np.arctan2(e, n), 2 * np.pi) / dth
-        return ndimage.map_coordinates(f, [i.ravel(), j.ravel()], order=1, mode="constant", cval=0.0).reshape(
-            e.shape
-        )
+            np.log(i, out=i)
+        i -= lr[0]
+        i /= dlr
+        np.arctan2(e.ravel(), n.ravel(), out=j)
+        np.mod(j, 2 * np.pi, out=j)
+        j /= dth
+        return ndimage.map_coordinates(f, coords, order=1, mode="constant", cval=0.0).reshape(e.shape)
 
     return density
 
@@ -221,14 +221,18 @@ def footprint_weights(
     n_rows, n_cols = win.area.shape
     pix = float(np.sqrt(np.median(win.area)))
     ss = int(np.clip(np.ceil(pix / res), 1, max(1, np.floor(np.sqrt(max_samples / max(win.area.size, 1))))))
-    rows_per_block = max(1, int(2_000_000 // max(n_cols * ss * ss, 1)))
+    # ~1M sub-samples (~60 MB of temporaries) at a time: towers run on parallel threads (each pixel row's
+    # sum is the same whatever the block size)
+    rows_per_block = max(1, int(1_000_000 // max(n_cols * ss * ss, 1)))
     w = np.zeros((n_rows, n_cols))
     for r0 in range(0, n_rows, rows_per_block):
         r1 = min(r0 + rows_per_block, n_rows)
         e = _subsamples(win.east, r0, r1, ss)
         n = _subsamples(win.north, r0, r1, ss)
         inside = e**2 + n**2 <= radius**2
-        f = np.where(inside, density(e, n), 0.0)
+        # the density only where it counts: the integration disk fills about 2/3 of its square window
+        f = np.zeros(e.shape)
+        f[inside] = density(e[inside], n[inside])
         w[r0:r1] = f.sum(axis=(1, 3)) * win.area[r0:r1] / ss**2
     w = np.where(np.isfinite(w), w, 0.0)
     nz_r = np.flatnonzero(w.any(axis=1))

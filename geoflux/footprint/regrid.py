@@ -13,11 +13,9 @@ import numpy as np
 import pandas as pd
 from affine import Affine
 from odc.geo.geobox import GeoBox
-from pyproj import Transformer
 
 from geoflux.errors import GridError
-from geoflux.footprint.georef import _local_crs
-from geoflux.footprint.weights import FootprintWeights
+from geoflux.footprint.weights import FootprintWeights, LocalFrame, transformer
 
 log = logging.getLogger("geoflux")
 
@@ -34,13 +32,11 @@ def _apply(aff: Affine, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def _pixel_size_m(geobox: GeoBox, lon: float, lat: float) -> float:
     """Smaller edge (m on the ground) of the map pixel under the tower."""
-    to_map = Transformer.from_crs("EPSG:4326", geobox.crs.to_wkt(), always_xy=True)
-    x, y = to_map.transform(lon, lat)
+    x, y = transformer("EPSG:4326", geobox.crs.to_wkt()).transform(lon, lat)
     c, r = _apply(~geobox.affine, x, y)
     c, r = np.floor(c), np.floor(r)
     xs, ys = _apply(geobox.affine, np.array([c, c + 1, c]), np.array([r, r, r + 1]))
-    to_local = Transformer.from_crs(geobox.crs.to_wkt(), _local_crs(lon, lat), always_xy=True)
-    e, n = to_local.transform(xs, ys)
+    e, n = LocalFrame(lon, lat, geobox.crs.to_wkt()).to_local(xs, ys)
     edges = np.hypot(np.diff(e[[0, 1]]), np.diff(n[[0, 1]])), np.hypot(np.diff(e[[0, 2]]), np.diff(n[[0, 2]]))
     size = float(min(edges[0][0], edges[1][0]))
     return size if np.isfinite(size) and size > 0 else 1.0
@@ -86,9 +82,8 @@ def disk_on_grid(
     e, n = np.meshgrid(k, k)
     inside = e * e + n * n <= radius * radius
     e, n = e[inside], n[inside]
-    tr = Transformer.from_crs(_local_crs(lon, lat), geobox.crs.to_wkt(), always_xy=True)
-    x, y = tr.transform(e, n)
-    return points_to_grid(np.asarray(x), np.asarray(y), np.full(e.size, 1.0 / e.size), geobox, method)
+    x, y = LocalFrame(lon, lat, geobox.crs.to_wkt()).to_grid(e, n)
+    return points_to_grid(x, y, np.full(e.size, 1.0 / e.size), geobox, method)
 
 
 def reproject_weights(
@@ -107,7 +102,7 @@ def reproject_weights(
         return None
     if supersample is None:
         # compare pixel areas in a common unit via the target's inverse affine of source pixel corners
-        tr = Transformer.from_crs(source.crs.to_wkt(), target.crs.to_wkt(), always_xy=True)
+        tr = transformer(source.crs.to_wkt(), target.crs.to_wkt())
         r, c = rows[0] + fw.row_off, cols[0] + fw.col_off
         xs, ys = _apply(source.affine, np.array([c, c + 1, c]), np.array([r, r, r + 1]))
         tx, ty = tr.transform(xs, ys)
@@ -119,7 +114,7 @@ def reproject_weights(
     sr = (rows[:, None, None] + fw.row_off + s[None, :, None]).repeat(supersample, axis=2).ravel()
     sw = np.repeat(fw.weights[rows, cols] / supersample**2, supersample**2)
     xs, ys = _apply(source.affine, sc, sr)
-    tr = Transformer.from_crs(source.crs.to_wkt(), target.crs.to_wkt(), always_xy=True)
+    tr = transformer(source.crs.to_wkt(), target.crs.to_wkt())
     tx, ty = tr.transform(xs, ys)
     return points_to_grid(np.asarray(tx), np.asarray(ty), sw, target, fw.method)
 
