@@ -928,7 +928,8 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
             "crs": spec.crs,
             "resolution": spec.resolution,
             "bbox": list(gb.boundingbox),
-            "chunk": 128 if max(spec.nx, spec.ny) > 128 else 32,
+            # one chunk per step on the default 256² grid: each scene file is opened once per stage
+            "chunk": 256 if max(spec.nx, spec.ny) >= 256 else (128 if max(spec.nx, spec.ny) > 128 else 32),
         },
         "time": {"start": f"{periods[0]:%Y-%m-%d}", "end": f"{end:%Y-%m-%d}", "step": spec.time_step},
         "footprint": {**FootprintSpec().model_dump(), "radius": spec.footprint_radius},
