@@ -15,10 +15,14 @@ FULLSET-style half-hourly tower CSVs, a site table, truth COGs and the run confi
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -659,7 +663,11 @@ def write_fluxnet_csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def synthesize_tower(
-    site: pd.Series, fields: WorldFields, spec: WorldSpec, rng: np.random.Generator
+    site: pd.Series,
+    fields: WorldFields,
+    spec: WorldSpec,
+    rng: np.random.Generator,
+    footprints: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Half-hourly FLUXNET2015 FULLSET-style records for one tower.
 
@@ -668,7 +676,8 @@ def synthesize_tower(
     (:func:`geoflux.footprint.tower_footprint` with the default :class:`~geoflux.config.FootprintSpec`).
 
     Returns the file's columns and the noise-free per-period truth at the tower (``nee``, ``gpp``, ``reco``
-    in gC m-2 d-1) plus the footprint (``footprint``) for tests.
+    in gC m-2 d-1) plus the footprint (``footprint``) for tests. ``footprints=False`` stands the tower's
+    pixel in for its footprints: the same random draws (none depends on a footprint), a fraction of the work.
     """
     gb = spec.geobox
     x, y = tower_xy(gb, site.LON, site.LAT)
@@ -702,8 +711,11 @@ def synthesize_tower(
     wind.attrs["resolution"] = "HH"
     fp = FootprintSpec(radius=spec.footprint_radius)
     one = site.to_frame().T
-    fw = tower_footprints(one, gb, fp, records=wind.assign(site=site.name))[str(site.name)]
-    if spec.source_area == "ffp":
+    if not footprints:
+        fw = box_weights(gb, x, y, 0.5 * spec.resolution)
+    else:
+        fw = tower_footprints(one, gb, fp, records=wind.assign(site=site.name))[str(site.name)]
+    if spec.source_area == "ffp" or not footprints:
         true_fw = fw
     elif spec.source_area == "rotated":
         # the wind really blows rotate_deg clockwise of the recorded direction
@@ -835,49 +847,54 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
     ends = period_ends(periods, spec.time_step)
     tags = {"generator": "geoflux.demo", "seed": str(spec.seed)}
 
-    collections: dict[str, list] = {}
-    for name, (fld, dtype, scale, offset, nodata, units, kind, static) in DRIVER_ENCODING.items():
-        data = getattr(fields, fld)
-        items = []
-        steps = (
-            [(0, dt.datetime(2000, 1, 1), dt.datetime(2000, 1, 1))]
-            if static
-            else [
-                (i, p.to_pydatetime(), e.to_pydatetime())
-                for i, (p, e) in enumerate(zip(periods, ends, strict=True))
-            ]
-        )
-        for i, t0, t1 in steps:
-            values = data if static else data[i]
-            path = world / "cogs" / name / f"{name}_{t0:%Y%m%d}.tif"
-            write_cog(
-                _encode(values, dtype, scale, offset),
-                gb,
-                RasterSpec(
-                    path,
-                    dtype=dtype,
-                    nodata=nodata,
-                    units=units,
-                    description=name,
-                    tags={**tags, "scale": str(scale), "offset": str(offset)},
-                    resampling="NEAREST" if kind == "categorical" else "AVERAGE",
-                ),
-            )
-            items.append(
-                stac_item_for_cog(
-                    path, gb, f"{name}-{t0:%Y%m%d}", t0, t1, properties={"geoflux:variable": name}
-                )
-            )
-        collections[f"demo-{name}"] = items
-    save_catalog(world, "geoflux-demo-world", "geoflux generated demo world", collections, gb)
+    # every COG is an independent file and GDAL releases the GIL: written on threads, catalogued in order
+    pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
 
-    truth_dir = world / "truth"
-    for i, p in enumerate(periods):
+    def driver_cog(name: str, i: int, t0: dt.datetime, t1: dt.datetime) -> Any:
+        fld, dtype, scale, offset, nodata, units, kind, static = DRIVER_ENCODING[name]
+        data = getattr(fields, fld)
+        values = data if static else data[i]
+        path = world / "cogs" / name / f"{name}_{t0:%Y%m%d}.tif"
         write_cog(
-            fields.nee[i],
+            _encode(values, dtype, scale, offset),
             gb,
-            RasterSpec(truth_dir / f"nee_{p:%Y%m%d}.tif", units=NEE_UNITS, description="true NEE", tags=tags),
+            RasterSpec(
+                path,
+                dtype=dtype,
+                nodata=nodata,
+                units=units,
+                description=name,
+                tags={**tags, "scale": str(scale), "offset": str(offset)},
+                resampling="NEAREST" if kind == "categorical" else "AVERAGE",
+            ),
         )
+        return stac_item_for_cog(
+            path, gb, f"{name}-{t0:%Y%m%d}", t0, t1, properties={"geoflux:variable": name}
+        )
+
+    collections: dict[str, list] = {}
+    with pool:
+        for name, (*_, static) in DRIVER_ENCODING.items():
+            steps = (
+                [(0, dt.datetime(2000, 1, 1), dt.datetime(2000, 1, 1))]
+                if static
+                else [
+                    (i, p.to_pydatetime(), e.to_pydatetime())
+                    for i, (p, e) in enumerate(zip(periods, ends, strict=True))
+                ]
+            )
+            collections[f"demo-{name}"] = list(pool.map(lambda s, n=name: driver_cog(n, *s), steps))
+        save_catalog(world, "geoflux-demo-world", "geoflux generated demo world", collections, gb)
+
+        truth_dir = world / "truth"
+
+        def truth_cog(i: int) -> None:
+            spec_i = RasterSpec(
+                truth_dir / f"nee_{periods[i]:%Y%m%d}.tif", units=NEE_UNITS, description="true NEE", tags=tags
+            )
+            write_cog(fields.nee[i], gb, spec_i)
+
+        list(pool.map(truth_cog, range(len(periods))))
 
     budgets = true_budgets(spec, fields)
     with atomic_path(world / TRUTH_BUDGETS) as tmp:
@@ -886,12 +903,25 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
         _budget_rows(budgets).to_csv(tmp, index=False, float_format="%.4f")
 
     sites = place_towers(spec, fields)
-    rng = np.random.default_rng(spec.seed + 2)
     (world / "towers").mkdir(parents=True, exist_ok=True)
+    # The towers' records come from one random stream, drawn tower after tower in table order. A pass
+    # without footprints (no draw depends on them) finds where each tower's draws start; the towers, mostly
+    # footprint integration, then run on threads and write the same files a serial loop would.
+    rng = np.random.default_rng(spec.seed + 2)
+    starts = []
     for _, site in sites.iterrows():
-        df, _ = synthesize_tower(site, fields, spec, rng)
+        starts.append(copy.deepcopy(rng.bit_generator.state))
+        synthesize_tower(site, fields, spec, rng, footprints=False)
+
+    def one_tower(site: pd.Series, state: dict) -> None:
+        own = np.random.default_rng()
+        own.bit_generator.state = state
+        df, _ = synthesize_tower(site, fields, spec, own)
         with atomic_path(world / "towers" / tower_file_name(site.SITE_ID, spec)) as tmp:
             write_fluxnet_csv(df, tmp)
+
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        list(pool.map(one_tower, [site for _, site in sites.iterrows()], starts))
     with atomic_path(world / "sites.csv") as tmp:
         sites.to_csv(tmp, index=False)
 

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import RegressorMixin
 from sklearn.ensemble import RandomForestRegressor
+from threadpoolctl import threadpool_limits
 
 DRAWS_PER_ROW = 4  # footprint pixels drawn per tower-step for a fit (rows = 4 x tower-steps)
 QUANTILE_DRAWS = 2  # of those, per tower-step, for the band's quantile models (their cost is linear in rows)
@@ -120,6 +121,9 @@ class FootprintRows:
         return idx[np.minimum(pos, end)]
 
 
+THREADED_PREDICT_ROWS = 20_000  # rows from which a boosting model's predict is split over threads
+
+
 def stable_predict(est: RegressorMixin, x: np.ndarray) -> np.ndarray:
     """``est.predict(x)``, the same to the last bit on every run.
 
@@ -129,7 +133,15 @@ def stable_predict(est: RegressorMixin, x: np.ndarray) -> np.ndarray:
     thread with the trees in order, and threads split the rows instead (tree prediction releases the GIL).
     """
     n_jobs = getattr(est, "n_jobs", None)
-    if n_jobs in (None, 1) or len(x) < 2:
+    if n_jobs is None:
+        # Histogram boosting predicts with OpenMP threads over rows (each row by one thread, trees in
+        # order: deterministic). Training runs on one OpenMP thread because small fits spin-wait; a large
+        # predict is one big loop per tree, so it gets the cores back.
+        if len(x) < THREADED_PREDICT_ROWS:
+            return est.predict(x)
+        with threadpool_limits(limits=os.cpu_count() or 1, user_api="openmp"):
+            return est.predict(x)
+    if n_jobs == 1 or len(x) < 2:
         return est.predict(x)
     one = copy.copy(est)  # shares the fitted trees; only n_jobs differs
     one.n_jobs = 1
