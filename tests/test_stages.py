@@ -146,7 +146,7 @@ def test_cv_is_grouped_by_site(monkeypatch):
         def predict(self, x):
             return self.est.predict(x)
 
-    monkeypatch.setattr(model, "make_estimator", lambda spec: Spy(real(spec)))
+    monkeypatch.setattr(model, "make_estimator", lambda spec, features=None: Spy(real(spec, features)))
     table = _toy_table()
     pred, res = model.cross_validate(
         table, ["a", "b"], ModelSpec(kind="random_forest", params={"n_estimators": 20})
