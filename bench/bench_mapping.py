@@ -33,7 +33,6 @@ import concurrent.futures as cf
 import json
 import os
 import pickle
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _proc import run_measured  # noqa: E402  (bench/ is the script folder)
 
 N_BANDS = 12
 BLOCK = 256
@@ -312,8 +313,6 @@ def child_geoflux(args) -> dict:
 
 def run_child(kind: str, size: int, scheduler: str, inference: str, common: dict) -> dict:
     """Run one timed job in a subprocess; peak RSS = max over time of the summed RSS of its process tree."""
-    import psutil
-
     out = Path(tempfile.mkdtemp(dir=common["workdir"], prefix=f"{kind}-{scheduler}-{size}-"))
     cmd = [
         sys.executable, __file__, "--child", kind, "--size", str(size), "--scheduler", scheduler,
@@ -322,29 +321,13 @@ def run_child(kind: str, size: int, scheduler: str, inference: str, common: dict
         "--workdir", str(common["workdir"]),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # sklearn/dask warnings of the naive run: noise here
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while True:
-        # wait4 on this child alone: its CPU time (with its reaped workers'), unaffected by other runs
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stdout = proc.stdout.read() if proc.stdout else ""
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind}/{scheduler}/{size} failed with status {proc.returncode}")
+    stdout, returncode, cpu, peak = run_measured(cmd, env)
+    if returncode != 0:
+        raise RuntimeError(f"{kind}/{scheduler}/{size} failed with status {returncode}")
     result = json.loads(stdout.strip().splitlines()[-1])
     for f in out.glob("*"):
         f.unlink()
     out.rmdir()
-    cpu = usage.ru_utime + usage.ru_stime
     return {**result, "cpu_seconds": round(cpu, 2), "peak_rss_mb": round(peak / 2**20, 1)}
 
 

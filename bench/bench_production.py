@@ -54,6 +54,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _proc import run_measured
+
 from geoflux import inference, pipeline
 from geoflux.config import load_config
 from geoflux.demo import write_world
@@ -471,10 +473,6 @@ def e2e_child(args: Any) -> dict[str, Any]:
 
 def end_to_end(cfg: Any, model: Any, args: Any) -> list[dict[str, Any]]:
     """Each (size, inference mode) in its own subprocess; peak RSS summed over its process tree."""
-    import subprocess
-
-    import psutil
-
     results = []
     for n in args.e2e:
         e2e_stack(cfg, n, args.workdir / "e2e" / f"stack-{n}")  # inputs written outside the timing
@@ -486,19 +484,9 @@ def end_to_end(cfg: Any, model: Any, args: Any) -> list[dict[str, Any]]:
                 "--chunk", str(args.chunk), "--workers", str(args.workers),
             ]  # fmt: skip
             load0 = loadavg()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            ps = psutil.Process(proc.pid)
-            peak = 0
-            while proc.poll() is None:
-                try:
-                    rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-                    peak = max(peak, rss)
-                except psutil.Error:
-                    pass
-                time.sleep(0.05)
-            stdout = proc.stdout.read() if proc.stdout else ""
-            if proc.returncode != 0:
-                raise RuntimeError(f"end-to-end {n} {mode} failed with status {proc.returncode}")
+            stdout, returncode, _, peak = run_measured(cmd)
+            if returncode != 0:
+                raise RuntimeError(f"end-to-end {n} {mode} failed with status {returncode}")
             r = json.loads(stdout.strip().splitlines()[-1])
             r.update(size=n, mode=mode, peak_rss_mb=round(peak / 2**20, 1), load_before=load0)
             r.update(load_after=loadavg(), mpix_s=n * n / r["seconds"] / 1e6)

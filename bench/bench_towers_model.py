@@ -38,26 +38,10 @@ import pandas as pd
 
 from geoflux.towers import read_sites
 from geoflux.towers.modelling import AUTO, LEVEL, comparison_table, expand_files, model_towers
+from geoflux.towers.report import SITE_FLAG_COLUMNS
 
-# Per held-out site: NSE, each flag and its inputs (modelling.site_flags).
-FLAG_TABLE = [
-    "site",
-    "IGBP",
-    "nse",
-    "n_same_type_training",
-    "type_flag",
-    "type_inner_nse",
-    "type_skill_flag",
-    "pred_std",
-    "expected_rmse",
-    "signal_ratio",
-    "signal_threshold",
-    "low_signal_flag",
-    "climate_di",
-    "climate_threshold",
-    "climate_flag",
-    "flagged",
-]
+# Per held-out site: NSE, each flag and its inputs (modelling.site_flags), as the report's table shows them.
+FLAG_TABLE = [c for c in SITE_FLAG_COLUMNS if c not in ("nse_plain_forest", "chosen", "nearest_site")]
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "towers"
 PATTERN = str(REAL / "FLX_*_FLUXNET2015_SUBSET_MM_*.csv")

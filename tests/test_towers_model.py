@@ -140,17 +140,22 @@ def test_scores_against_numpy() -> None:
     assert "r2" not in s
 
 
-def test_site_flags_climate_outlier_and_lonely_type() -> None:
-    clim = pd.DataFrame(
+def _five_site_climates(igbp: list[str]) -> pd.DataFrame:
+    """Four temperate sites A-D and a hot, wet, low-range outlier E."""
+    return pd.DataFrame(
         {
             "MAT": [8.0, 9.0, 7.5, 8.5, 26.0],
             "MAP": [800.0, 900.0, 750.0, 850.0, 1500.0],
             "AI": [1.2, 1.3, 1.1, 1.25, 0.6],
             "TA_range": [18.0, 19.0, 17.0, 18.5, 4.0],
-            "IGBP": ["DBF", "DBF", "ENF", "ENF", "DBF"],
+            "IGBP": igbp,
         },
         index=pd.Index(["A", "B", "C", "D", "E"], name="site"),
     )
+
+
+def test_site_flags_climate_outlier_and_lonely_type() -> None:
+    clim = _five_site_climates(["DBF", "DBF", "ENF", "ENF", "DBF"])
     nse = pd.Series({"A": 0.6, "B": 0.5, "C": 0.4, "D": 0.7, "E": -2.0})
     f = site_flags(clim, nse, min_type_sites=2).set_index("site")
     assert bool(f.loc["E", "climate_flag"]) and not f.loc[["A", "B", "C", "D"], "climate_flag"].any()
@@ -245,16 +250,7 @@ def test_type_skill_flag_from_inner_nse_of_same_type_sites() -> None:
 
 
 def test_climate_threshold_is_largest_di_of_inner_successes() -> None:
-    clim = pd.DataFrame(
-        {
-            "MAT": [8.0, 9.0, 7.5, 8.5, 26.0],
-            "MAP": [800.0, 900.0, 750.0, 850.0, 1500.0],
-            "AI": [1.2, 1.3, 1.1, 1.25, 0.6],
-            "TA_range": [18.0, 19.0, 17.0, 18.5, 4.0],
-            "IGBP": ["DBF"] * 5,
-        },
-        index=pd.Index(["A", "B", "C", "D", "E"], name="site"),
-    )
+    clim = _five_site_climates(["DBF"] * 5)
     # Every inner site predicted with skill except D.
     spec = {s: (3.0, 0.5, 0.0) for s in "ABCE"} | {"D": (1.0, 0.5, 2.0)}
     inner = _inner_for(spec)
