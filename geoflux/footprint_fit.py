@@ -121,7 +121,7 @@ class FootprintRows:
         return idx[np.minimum(pos, end)]
 
 
-THREADED_PREDICT_ROWS = 20_000  # rows from which a boosting model's predict is split over threads
+THREADED_PREDICT_ROWS = 20_000  # rows from which a boosting model's predict in training uses every core
 
 
 def stable_predict(est: RegressorMixin, x: np.ndarray) -> np.ndarray:

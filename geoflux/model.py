@@ -91,7 +91,7 @@ class AOA:
         """Dissimilarity index (dimensionless) of each row of ``x``: exact nearest-neighbour distance."""
         if self._tree is None:  # rebuilt on first use after load: the tree itself is never serialized
             # Leaves of 32 points, split at the midpoint: the same exact nearest neighbour, found ~10 %
-            # faster than with scipy's defaults on the demo's 40,000 points in 11 dimensions.
+            # faster than with scipy's defaults on the demo's AOA points (then 40,000) in 11 dimensions.
             self._tree = cKDTree(self.points, leafsize=32, balanced_tree=False)
         dist, _ = self._tree.query(self.transform(x), k=1)
         return dist / self.dbar
@@ -775,6 +775,8 @@ def fit(
         "n_samples": len(table),
         "sites": sorted(map(str, table["site"].unique())),
         "training": _method(spec, fr),
+        # share of the averaged-driver model in the per-pixel targets (footprint-consistent training only)
+        "averaged_share": spec.averaged_share if _method(spec, fr) != "averaged" else 0.0,
         # scikit-learn forests and our mapping never see a NaN feature: a pixel missing any driver is nodata
         "missing_drivers": "not accepted: a pixel with any missing driver is nodata in every band",
         **(provenance or {}),

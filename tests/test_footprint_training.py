@@ -136,6 +136,7 @@ def test_footprint_consistent_training_beats_averaged_rows_on_single_pixels(fitt
 
 def test_cv_goes_through_the_map_path(fitted):
     _, _, cv = fitted["averaged"]
+    assert fitted["averaged"][0].provenance["averaged_share"] == 0.0
     assert cv["prediction_path"].startswith("map")
     assert np.isfinite(cv["averaged_rows"]["nse"])  # what a CV on averaged rows would have said
     # held-out towers predicted through their pixels: the footprint-consistent model does better there
@@ -143,6 +144,8 @@ def test_cv_goes_through_the_map_path(fitted):
     for method in ("pixel", "iterative"):
         _, pred, res = fitted[method]
         assert res["training"] == method
+        # the card says how far the per-pixel targets were shrunk towards averaged training
+        assert fitted[method][0].provenance["averaged_share"] == ModelSpec().averaged_share > 0
         assert np.isfinite(pred["pred"]).all()
         assert {"lo", "hi", "DI", "AOA"} <= set(pred.columns)
         # the AOA's training points are single pixels with exact 0/1 classes, as the map sees them
