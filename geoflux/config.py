@@ -341,6 +341,16 @@ class ModelSpec(_Strict):
         "the band's prediction cost); both calibrated on the grouped CV",
     )
     interval: float = Field(default=0.9, gt=0.0, lt=1.0, description="nominal coverage of the band")
+    band_contrast: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="footprint training: share of the model's own within-footprint contrast trusted when "
+        "the band is calibrated on held-out pixels (a pixel's pseudo-truth = tower NEE + share x (its "
+        "prediction - the footprint-weighted prediction)); 0 = every pixel scored against the tower's "
+        "NEE (too wide in mixed footprints), 1 = against the tower's residual (too narrow: pixel errors "
+        "do not average out). README 'The band in mixed footprints'",
+    )
     aoa: bool = Field(default=True, description="dissimilarity index and area of applicability bands")
     training: Literal["iterative", "pixel", "averaged"] = Field(
         default="iterative",

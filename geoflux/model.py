@@ -595,10 +595,24 @@ def cross_validate(
             owner_fold = fold_id
         else:
             # The map's band is per pixel, and a pixel's error does not average out as a footprint's does:
-            # each held-out pixel's band is scored against its tower's NEE, weighted by footprint weight.
+            # each held-out pixel's band is scored (weighted by footprint weight) against a pseudo-truth,
+            # its tower's NEE plus a share of the model's contrast between the pixel and the footprint.
+            # No tower can tell a pixel's truth from its footprint's, so the share is an assumption
+            # bracketed by 0 (a uniform footprint) and 1 (the model's contrasts exact); both margins
+            # are reported.
             plo, phi = _band(pix["pred"], pix["lo"], pix["hi"], 0.0)
-            yo = y[fr.owner]
-            conf, weight, owner_fold = np.maximum(plo - yo, yo - phi), fr.weight, fold_id[fr.owner]
+            contrast = pix["pred"] - fr.tower_sum(pix["pred"])[fr.owner]
+            weight, owner_fold = fr.weight, fold_id[fr.owner]
+
+            def pixel_scores(share: float) -> np.ndarray:
+                yp = y[fr.owner] + share * contrast
+                return np.maximum(plo - yp, yp - phi)
+
+            conf = pixel_scores(spec.band_contrast)
+            brackets = {
+                f"margin_contrast_{s:g}": _conformal_quantile(pixel_scores(s), spec.interval, weight)
+                for s in (0.0, 1.0)
+            }
         lo, hi = np.empty_like(y), np.empty_like(y)
         for k in range(len(folds)):
             # the held-out fold's margin comes from the other folds only: the reported coverage is that of
@@ -611,6 +625,9 @@ def cross_validate(
         result["uncertainty"] = interval_summary(out, spec.interval)
         result["uncertainty"]["margin"] = _conformal_quantile(conf, spec.interval, weight)
         result["uncertainty"]["support"] = "pixel" if fr is not None else "row"
+        if fr is not None:
+            result["uncertainty"]["band_contrast"] = spec.band_contrast
+            result["uncertainty"].update(brackets)
         out.attrs["conformal_margin"] = result["uncertainty"]["margin"]
         raw_lo, raw_hi = _band(pred, lo_raw, hi_raw, 0.0)
         result["uncertainty"]["coverage_uncalibrated"] = float(np.mean((y >= raw_lo) & (y <= raw_hi)))
@@ -801,6 +818,8 @@ def fit(
             "conformal_margin": model.conformal_margin,
             "method": _band_method(spec),
         }
+        if "conformal_margin" in cv.attrs:
+            prov["uncertainty"]["band_contrast"] = spec.band_contrast  # pixel scores' pseudo-truth
     if spec.aoa:
         if fr is None:
             model.aoa, train_di = fit_aoa(est, x, y, folds, spec.seed)

@@ -153,6 +153,41 @@ def test_cv_goes_through_the_map_path(fitted):
         assert pts.shape[0] > len(pred)
 
 
+def _fresh_pixel_band(model) -> tuple[float, float]:
+    """Coverage of the per-pixel truth by the model's band on fresh single pixels, and its mean width."""
+    rng = np.random.default_rng(99)
+    t = rng.uniform(0, 30, 4000)
+    cls = rng.integers(1, 3, 4000)
+    lo, hi = model.predict_interval(np.column_stack([t, cls == 1, cls == 2]).astype(np.float32))
+    truth = _truth(t, cls)
+    return float(np.mean((truth >= lo) & (truth <= hi))), float(np.mean(hi - lo))
+
+
+def test_pixel_band_trusts_a_share_of_the_models_within_footprint_contrast(fitted):
+    """Scored against the tower's NEE, a held-out pixel in a mixed footprint looks wrong by the footprint's
+    own contrast, and the band comes out far too wide; the default pseudo-truth takes half the model's
+    contrast. Measured on fresh pixels against the generator's per-pixel truth (not the model's path)."""
+    table, pixels = _world()
+    spec = fitted["iterative"][0].provenance
+    assert spec["uncertainty"]["band_contrast"] == ModelSpec().band_contrast == 0.5
+    uniform = ModelSpec(
+        kind="random_forest",
+        params={"n_estimators": 60, "min_samples_leaf": 2},
+        uncertainty="quantile",
+        training="iterative",
+        seed=1,
+        band_contrast=0.0,
+    )
+    model0, _, cv0 = train(table, FEATURES, dict.fromkeys(FEATURES, "1"), uniform, pixels=pixels)
+    cover0, width0 = _fresh_pixel_band(model0)
+    cover, width = _fresh_pixel_band(fitted["iterative"][0])
+    u = fitted["iterative"][2]["uncertainty"]
+    # both bracketing assumptions are reported; the same CV scores give the same brackets
+    assert u["margin_contrast_1"] < u["margin"] < u["margin_contrast_0"] == cv0["uncertainty"]["margin"]
+    assert cover0 > 0.99 and cover >= 0.85, (cover0, cover)
+    assert width < 0.7 * width0, (width, width0)
+
+
 def test_fallback_is_reported_per_tower_and_can_stop():
     from geoflux.extract import check_footprint_methods
     from geoflux.footprint import FootprintWeights
