@@ -126,6 +126,58 @@ def test_aoa_flags_extrapolation_and_roundtrips(tmp_path):
     assert card["bands"] == list(m.bands) and card["aoa_threshold"] == pytest.approx(m.aoa.threshold)
 
 
+def test_di_scaled_margin_holds_coverage_where_errors_grow_with_dissimilarity():
+    """Held-out errors whose spread grows with DI (drawn here, not from any model): a flat margin covers
+    the similar third too often and the dissimilar third too rarely; the DI-scaled margin holds the
+    nominal share in each third, on fresh draws it was not calibrated on."""
+    from geoflux.model import _conformal_quantile, _di_scaled_margin
+
+    rng = np.random.default_rng(4)
+
+    def draws(n):
+        z = rng.uniform(0, 3, n)  # DI / AOA threshold
+        return z, np.abs(rng.normal(0, 0.2 * (1 + 2 * z)))
+
+    z, e = draws(6000)
+    scale = np.full_like(e, 0.1)  # an uninformative band model: half-width 0.1 everywhere
+    w = np.ones_like(e)
+    margin, slope = _di_scaled_margin(e - scale, e, w, z, 0.9)
+    flat = _conformal_quantile(e - scale, 0.9, w)
+    assert 1.0 < slope < 4.0  # the drawn spread grows by a factor 1 + 2z
+    z2, e2 = draws(30000)
+    scaled_cover = e2 <= 0.1 + margin * (1 + slope * z2)
+    flat_cover = e2 <= 0.1 + flat
+    for lo, hi in ((0, 1), (1, 2), (2, 3)):
+        m = (z2 >= lo) & (z2 < hi)
+        assert 0.86 < scaled_cover[m].mean() < 0.94, (lo, scaled_cover[m].mean())
+    assert flat_cover[z2 < 1].mean() > 0.97 and flat_cover[z2 >= 2].mean() < 0.85
+    # errors that do not grow with DI keep the flat margin
+    e3 = np.abs(rng.normal(0, 0.3, 6000))
+    assert _di_scaled_margin(e3 - 0.1, e3, w, z, 0.9)[1] < 0.1
+
+
+def test_band_widens_with_di_and_roundtrips(tmp_path):
+    from geoflux.model import load_model, save_model, train
+
+    table, _ = _sites_table(n_sites=8, n=40, seed=1)
+    spec = ModelSpec(kind="random_forest", params=FEW_TREES, cv_folds=4, uncertainty="residual")
+    m, _, cv = train(table, ["a", "b"], {"a": "1", "b": "1"}, spec)
+    assert cv["uncertainty"]["margin_di_slope"] == m.margin_di_slope >= 0
+    m.margin_di_slope = 2.0  # whatever the CV found, the band must follow the stated rule
+    x = np.array([[0.5, 0.5], [1.5, 0.5], [4.0, 0.5]], np.float32)
+    b = m.predict_bands(x).astype(np.float64)
+    expected = m.conformal_margin * (1 + 2.0 * b[:, 3] / m.aoa.threshold)
+    flat = m.margin_di_slope
+    m.margin_di_slope = 0.0
+    b0 = m.predict_bands(x).astype(np.float64)
+    m.margin_di_slope = flat
+    np.testing.assert_allclose(b[:, 2] - b0[:, 2], expected - m.conformal_margin, rtol=1e-4, atol=1e-5)
+    again = load_model(save_model(m, tmp_path / "m.skops"))
+    assert again.margin_di_slope == 2.0
+    np.testing.assert_allclose(again.predict_bands(x), b, rtol=1e-6)
+    assert json.loads((tmp_path / "m.json").read_text())["margin_di_slope"] == 2.0
+
+
 def test_foreign_type_in_skops_file_refused(tmp_path):
     from fractions import Fraction
 
