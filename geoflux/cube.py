@@ -47,7 +47,7 @@ import pystac
 import rasterio
 import xarray as xr
 from odc.geo.geobox import GeoBox
-from odc.loader._rio import RioDriver, RioReader, rio_read
+from odc.loader import RioDriver, RioReader
 from urllib3.util.retry import Retry
 
 from geoflux.catalog import item_crs
@@ -302,15 +302,17 @@ class _Source:
     data: bool
 
 
-class NodataRioReader(RioReader):
-    """odc-stac's rasterio reader, plus: the declared nodata is GDAL's source nodata when the file has
-    none (so fill pixels are never resampled into data), a remote file's header is checked once per read
-    (local ones were checked up front), and read errors name the variable, item and asset."""
+class NodataRioReader:
+    """odc-stac's rasterio reader (wrapped, public API only), plus: the declared nodata is GDAL's source
+    nodata when the file has none (so fill pixels are never resampled into data), a remote file's header is
+    checked once per read (local ones were checked up front), and read errors name the variable, item and
+    asset."""
 
     def __init__(
         self, src: Any, ctx: Any, info: _Source | None, patch_url: Callable[[str], str] | None = None
     ) -> None:
-        super().__init__(src, ctx)
+        self._src = src
+        self._ctx = ctx
         self._info = info
         self._patch_url = patch_url
 
@@ -326,7 +328,7 @@ class NodataRioReader(RioReader):
         if info is not None and not _is_local(uri):
             check_header(src.uri, pystac.Item.from_dict(info.item), info.key, info.var, data=info.data)
         try:
-            return rio_read(src, cfg, dst_geobox, dst=dst, selection=selection)
+            return RioReader(src, self._ctx).read(cfg, dst_geobox, dst=dst, selection=selection)
         except rasterio.errors.RasterioError as exc:
             what = info.label if info is not None else "asset"
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
