@@ -939,6 +939,11 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
         _budget_rows(budgets).to_csv(tmp, index=False, float_format="%.4f")
 
     sites = place_towers(spec, fields)
+    # every COG is written: the towers read only the weather at their pixels and the true fluxes, so the
+    # other cubes are dropped before the towers' footprints, the stage of the world's peak memory
+    unused = np.empty((0, spec.ny, spec.nx), np.float32)
+    fields = replace(fields, sm=unused, ndvi=unused, lst=unused)
+    trim_heap()
     (world / "towers").mkdir(parents=True, exist_ok=True)
     # The towers' records come from one random stream, drawn tower after tower in table order. A pass
     # without footprints (no draw depends on them) finds where each tower's draws start; the towers, mostly
