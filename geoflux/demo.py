@@ -43,8 +43,8 @@ from geoflux.config import (
     make_period_starts,
     period_ends,
 )
-from geoflux.extract import tower_footprints
-from geoflux.footprint import FootprintWeights, tower_xy
+from geoflux.footprint import FootprintWeights, tower_footprint, tower_xy
+from geoflux.memory import trim_heap
 from geoflux.towers.aggregate import UMOL_TO_GC_PER_DAY
 
 CLASSES = {1: "ENF", 2: "DBF", 3: "GRA", 4: "CRO"}
@@ -208,12 +208,16 @@ class WorldFields:
 
 def _smooth(rng: np.random.Generator, shape: tuple[int, ...], sigma: float | tuple[float, ...]) -> np.ndarray:
     """Gaussian-filtered white noise scaled to zero mean and unit standard deviation."""
-    noise = rng.standard_normal(shape)
     # a periodic Gaussian filter is a product in Fourier space: O(n log n) whatever sigma (a direct
     # convolution with sigma = a quarter of the grid cost a third of the world's generation time)
-    spectrum = fourier_gaussian(sp_fft.rfftn(noise), sigma, n=shape[-1], axis=-1)
+    spectrum = sp_fft.rfftn(rng.standard_normal(shape))
+    fourier_gaussian(spectrum, sigma, n=shape[-1], axis=-1, output=spectrum)  # in place: one spectrum alive
     f = sp_fft.irfftn(spectrum, s=shape)
-    return (f - f.mean()) / f.std()
+    del spectrum
+    mean, std = f.mean(), f.std()
+    f -= mean  # in place, the same operations as (f - mean) / std
+    f /= std
+    return f
 
 
 def _esat(t: np.ndarray) -> np.ndarray:
@@ -295,11 +299,9 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
 
     # weather anomalies: spatially smooth, AR(1) in time
     def anomalies(sigma_space: float, rho: float) -> np.ndarray:
-        raw = _smooth(rng, (nt, ny, nx), (0, sigma_space, sigma_space))
-        out = np.empty_like(raw)
-        out[0] = raw[0]
-        for t in range(1, nt):
-            out[t] = rho * out[t - 1] + np.sqrt(1 - rho**2) * raw[t]
+        out = _smooth(rng, (nt, ny, nx), (0, sigma_space, sigma_space))
+        for t in range(1, nt):  # in place: step t - 1 already holds its AR(1) value
+            out[t] = rho * out[t - 1] + np.sqrt(1 - rho**2) * out[t]
         return out
 
     cloud = 1 / (
@@ -321,7 +323,14 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
         0.2,
         0.97,
     )
-    vpd = _esat(ta) * (1 - rh)
+    # Fields are computed in float64 and stored as float32. Each float64 (step, y, x) array is 8 bytes a
+    # pixel-step (24 MB on the default world): each is cast or freed as soon as nothing else reads it
+    # in float64, and per-step work runs step by step, which keeps the generation's peak memory (and the
+    # heap it leaves behind) down. Every value is the same operation on the same float64 inputs as when
+    # computed on the whole cube at once.
+    f32 = np.float32
+    vpd = (_esat(ta) * (1 - rh)).astype(f32)
+    del rh
     precip = (
         np.clip(
             rng.gamma(1.2, 1.0, size=(nt, 1, 1))
@@ -333,37 +342,47 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
         )
         * imposed["precip"]
     )
-    sm = np.empty_like(ta)
+    del cloud
+    sm = np.empty(ta.shape, f32)
+    moist = np.empty_like(ta)
     bucket = np.full((ny, nx), 0.75)
     for t in range(nt):
         et = 0.3 + 3.0 * np.clip(sw[t] / 250, 0, 1.3) * np.clip(ta[t] / 18, 0, 1.3)
         bucket = np.clip(bucket + (precip[t] - et) * days[t] / 150.0, 0.03, 1.0)
         sm[t] = bucket
+        moist[t] = np.clip(bucket / 0.5, 0, 1)
+    precip = precip.astype(f32)
 
-    t_smooth = uniform_filter(ta, size=(3, 1, 1), mode="nearest")
-    green = 1 / (1 + np.exp(-(t_smooth - 8.0) / 2.0))
-    moist = np.clip(sm / 0.5, 0, 1)
-    crop_cycle = np.exp(-(((doy - 175) / 38) ** 2))[:, None, None]
-    ndvi = np.select(
-        [lc == 1, lc == 2, lc == 3, lc == 4],
-        [
-            0.62 + 0.13 * green,
-            0.22 + 0.62 * green,
-            0.2 + 0.5 * green * moist,
-            0.15 + 0.7 * crop_cycle * moist,
-        ],
-    )
+    green = 1 / (1 + np.exp(-(uniform_filter(ta, size=(3, 1, 1), mode="nearest") - 8.0) / 2.0))
+    crop_cycle = np.exp(-(((doy - 175) / 38) ** 2))
+    classes = [lc == 1, lc == 2, lc == 3, lc == 4]
+    ndvi = np.empty_like(ta)
+    for t in range(nt):
+        ndvi[t] = np.select(
+            classes,
+            [
+                0.62 + 0.13 * green[t],
+                0.22 + 0.62 * green[t],
+                0.2 + 0.5 * green[t] * moist[t],
+                0.15 + 0.7 * crop_cycle[t] * moist[t],
+            ],
+        )
+    del green
     ndvi = np.clip(
         ndvi + 0.03 * _smooth(rng, (ny, nx), 1.0)[None] + 0.015 * rng.standard_normal(ndvi.shape), 0.05, 0.95
     )
-    lst = ta + 0.025 * sw * (1.1 - ndvi) - 2.0 * moist + 0.5 * rng.standard_normal(ta.shape)
+    lst = (ta + 0.025 * sw * (1.1 - ndvi) - 2.0 * moist + 0.5 * rng.standard_normal(ta.shape)).astype(f32)
+    del moist
+    sw, ta, ndvi = sw.astype(f32), ta.astype(f32), ndvi.astype(f32)
 
-    f32 = np.float32
-    sw, ta, vpd, precip, sm, ndvi, lst = (a.astype(f32) for a in (sw, ta, vpd, precip, sm, ndvi, lst))
     # the truth is computed from the drivers exactly as stored (after encoding) so the model could learn it
-    ta_q = np.round(ta * 100) / 100
-    ndvi_q = np.round(ndvi * 1e4) / 1e4
-    gpp, reco = true_fluxes(lc[None], sw, ta_q, vpd, sm, ndvi_q)
+    gpp, reco, nee = (np.empty(ta.shape, f32) for _ in range(3))
+    for t in range(nt):
+        step = slice(t, t + 1)
+        ta_q = np.round(ta[step] * 100) / 100
+        ndvi_q = np.round(ndvi[step] * 1e4) / 1e4
+        g, r = true_fluxes(lc[None], sw[step], ta_q, vpd[step], sm[step], ndvi_q)
+        gpp[step], reco[step], nee[step] = g, r, r - g
     return WorldFields(
         elevation=elev.astype(f32),
         landcover=lc,
@@ -374,9 +393,9 @@ def generate_fields(spec: WorldSpec) -> WorldFields:
         sm=sm,
         ndvi=ndvi,
         lst=lst,
-        gpp=gpp.astype(f32),
-        reco=reco.astype(f32),
-        nee=(reco - gpp).astype(f32),
+        gpp=gpp,
+        reco=reco,
+        nee=nee,
     )
 
 
@@ -710,18 +729,33 @@ def synthesize_tower(
     wind = pd.DataFrame({"USTAR": ustar, "WS": ws, "WD": wd, "SW_IN": sw, "MO_LENGTH": ol, "V_SIGMA": sigmav})
     wind.attrs["resolution"] = "HH"
     fp = FootprintSpec(radius=spec.footprint_radius)
-    one = site.to_frame().T
+
+    def footprint_of(records: pd.DataFrame) -> FootprintWeights:
+        # what geoflux.extract.tower_footprints computes for this one site, on this thread: write_world
+        # runs the towers on threads already, and a pool thread per tower added a malloc arena each,
+        # whose freed footprint temporaries raised the world's peak memory
+        return tower_footprint(
+            gb,
+            site,
+            records,
+            method=fp.method,
+            radius=fp.radius,
+            max_records=fp.max_records,
+            boundary_layer_height=fp.boundary_layer_height,
+            seed=fp.seed,
+        )
+
     if not footprints:
         fw = box_weights(gb, x, y, 0.5 * spec.resolution)
     else:
-        fw = tower_footprints(one, gb, fp, records=wind.assign(site=site.name))[str(site.name)]
+        fw = footprint_of(wind.assign(site=site.name))
     if spec.source_area == "ffp" or not footprints:
         true_fw = fw
     elif spec.source_area == "rotated":
         # the wind really blows rotate_deg clockwise of the recorded direction
         turned = wind.assign(site=site.name, WD=np.mod(wd + spec.rotate_deg, 360.0))
         turned.attrs = dict(wind.attrs)
-        true_fw = tower_footprints(one, gb, fp, records=turned)[str(site.name)]
+        true_fw = footprint_of(turned)
     elif spec.source_area == "box":
         true_fw = box_weights(gb, x, y, spec.box_half_width)
     else:
@@ -843,6 +877,7 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
     world = out / "world"
     gb = spec.geobox
     fields = generate_fields(spec)
+    trim_heap()
     periods = spec.periods
     ends = period_ends(periods, spec.time_step)
     tags = {"generator": "geoflux.demo", "seed": str(spec.seed)}
@@ -895,6 +930,7 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
             write_cog(fields.nee[i], gb, spec_i)
 
         list(pool.map(truth_cog, range(len(periods))))
+    trim_heap()
 
     budgets = true_budgets(spec, fields)
     with atomic_path(world / TRUTH_BUDGETS) as tmp:
@@ -903,6 +939,11 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
         _budget_rows(budgets).to_csv(tmp, index=False, float_format="%.4f")
 
     sites = place_towers(spec, fields)
+    # every COG is written: the towers read only the weather at their pixels and the true fluxes, so the
+    # other cubes are dropped before the towers' footprints, the stage of the world's peak memory
+    unused = np.empty((0, spec.ny, spec.nx), np.float32)
+    fields = replace(fields, sm=unused, ndvi=unused, lst=unused)
+    trim_heap()
     (world / "towers").mkdir(parents=True, exist_ok=True)
     # The towers' records come from one random stream, drawn tower after tower in table order. A pass
     # without footprints (no draw depends on them) finds where each tower's draws start; the towers, mostly
@@ -919,6 +960,8 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
         df, _ = synthesize_tower(site, fields, spec, own)
         with atomic_path(world / "towers" / tower_file_name(site.SITE_ID, spec)) as tmp:
             write_fluxnet_csv(df, tmp)
+        del df
+        trim_heap()
 
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
         list(pool.map(one_tower, [site for _, site in sites.iterrows()], starts))
