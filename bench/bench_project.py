@@ -12,7 +12,15 @@ Uses a run folder of a multi-year world (generated and run through towers, extra
     PYTHONPATH=$PWD python bench/bench_project.py --size tiny-multiyear --out /tmp/bench-project --reuse
 
 ``--monotonic sw:-1,ndvi:-1,vpd:1`` and ``--param max_features=0.5`` set ``model.monotonic`` and
-``model.params`` of a new world's configuration (README 'Projection': the sign-constrained option).
+``model.params`` of a new world's configuration (README 'Projection': the sign-constrained option);
+``--model averaged_share=0`` sets any other model field. ``--from DIR`` compares a model option on the same
+training table: it reuses a finished run's world (symlinked), towers and extract, then trains and maps anew:
+
+    PYTHONPATH=$PWD python bench/bench_project.py --from /tmp/bench-project --out /tmp/bench-mono \
+        --monotonic sw:-1,ndvi:-1,vpd:1 --param max_features=0.5
+
+``--bag-without sw,ta,vpd,sm,lst`` (bench-only) makes the point model an average of models each fitted
+without one of those features.
 The truth NSE of the run's own NEE maps (every pixel and period) is printed beside the projection, so an
 option that projects better at the cost of the ordinary maps shows it.
 
