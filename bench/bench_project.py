@@ -12,7 +12,15 @@ Uses a run folder of a multi-year world (generated and run through towers, extra
     PYTHONPATH=$PWD python bench/bench_project.py --size tiny-multiyear --out /tmp/bench-project --reuse
 
 ``--monotonic sw:-1,ndvi:-1,vpd:1`` and ``--param max_features=0.5`` set ``model.monotonic`` and
-``model.params`` of a new world's configuration (README 'Projection': the sign-constrained option).
+``model.params`` of a new world's configuration (README 'Projection': the sign-constrained option);
+``--model averaged_share=0`` sets any other model field. ``--from DIR`` compares a model option on the same
+training table: it reuses a finished run's world (symlinked), towers and extract, then trains and maps anew:
+
+    PYTHONPATH=$PWD python bench/bench_project.py --from /tmp/bench-project --out /tmp/bench-mono \
+        --monotonic sw:-1,ndvi:-1,vpd:1 --param max_features=0.5
+
+``--bag-without sw,ta,vpd,sm,lst`` (bench-only) makes the point model an average of models each fitted
+without one of those features.
 The truth NSE of the run's own NEE maps (every pixel and period) is printed beside the projection, so an
 option that projects better at the cost of the ordinary maps shows it.
 
@@ -30,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _set_model(cfg_path: Path, monotonic: str, params: list[str]) -> None:
-    """Write model.monotonic / model.params into a fresh world's configuration."""
+def _set_model(cfg_path: Path, monotonic: str, params: list[str], fields: list[str] = ()) -> None:
+    """Write model.monotonic / model.params / other model fields into a fresh world's configuration."""
     import yaml
 
     data = yaml.safe_load(cfg_path.read_text())
@@ -41,7 +49,25 @@ def _set_model(cfg_path: Path, monotonic: str, params: list[str]) -> None:
     for p in params:
         k, v = p.split("=")
         model.setdefault("params", {})[k] = yaml.safe_load(v)
+    for p in fields:
+        k, v = p.split("=")
+        model[k] = yaml.safe_load(v)
     cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _copy_inputs(base: Path, out: Path) -> None:
+    """A new run folder sharing ``base``'s world (symlinked: read only) with copies of its configuration and
+    tower and extract outputs, so only train and map run again (a model option compared on the same
+    training table)."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(base / "config.yaml", out / "config.yaml")
+    if not (out / "world").exists():
+        (out / "world").symlink_to((base / "world").resolve())
+    for d in ("towers", "training"):
+        if (base / d).exists() and not (out / d).exists():
+            shutil.copytree(base / d, out / d)
 
 
 def _generator_group_effect(world, fields, members: list[str]) -> dict[str, float]:
@@ -136,6 +162,35 @@ def _diagnose(cfg, world, fields, changes) -> None:
         print(line)
 
 
+def _bag_over_dropped_features(drop: list[str]) -> None:
+    """Make every point model an average of ``len(drop)`` models, each fitted without one of ``drop``
+    (scikit-learn only, so the model file loads; bench-only, patched into :mod:`geoflux.model`).
+
+    Each collinear driver is missing from one member, so its correlated partners must carry its effect
+    there: an ensemble spreads a shared effect over the group instead of crediting it to whichever
+    member the greedy splits pick first."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import VotingRegressor
+    from sklearn.pipeline import make_pipeline
+
+    import geoflux.model as gm
+
+    orig = gm.make_estimator
+
+    def make(spec, features=None):
+        feats = list(features)
+        members = []
+        for d in drop:
+            keep = [i for i, f in enumerate(feats) if f != d]
+            sub = spec.model_copy(update={"monotonic": {k: v for k, v in spec.monotonic.items() if k != d}})
+            est = orig(sub, [feats[i] for i in keep])
+            cols = ColumnTransformer([("keep", "passthrough", keep)])
+            members.append((f"without_{d}", make_pipeline(cols, est)))
+        return VotingRegressor(members)
+
+    gm.make_estimator = make
+
+
 def _map_truth_nse(cfg) -> float:
     """NSE of the run's NEE maps against the true NEE rasters, pooled over every pixel and period."""
     import glob
@@ -168,7 +223,27 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--monotonic", default="", help="feature:sign,... for model.monotonic (new worlds)")
     ap.add_argument("--param", action="append", default=[], help="name=value for model.params (new worlds)")
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        help="field=value of model (e.g. averaged_share=0; new worlds)",
+    )
+    ap.add_argument(
+        "--from",
+        dest="base",
+        type=Path,
+        default=None,
+        help="a finished run folder of the same size: its world, towers and extract reused; train, map anew",
+    )
+    ap.add_argument(
+        "--bag-without",
+        default="",
+        help="f1,f2,...: the point model an average of models each fitted without one of them (bench-only)",
+    )
     args = ap.parse_args()
+    if args.bag_without:
+        _bag_over_dropped_features(args.bag_without.split(","))
 
     from geoflux import pipeline
     from geoflux.analysis.attribution import year_attribution
@@ -181,9 +256,12 @@ def main() -> None:
     cfg_path = args.out / "config.yaml"
     t = time.perf_counter()
     if not (args.reuse and cfg_path.exists()):
-        write_world(args.out, args.size)
-        if args.monotonic or args.param:
-            _set_model(cfg_path, args.monotonic, args.param)
+        if args.base is not None:
+            _copy_inputs(args.base, args.out)
+        else:
+            write_world(args.out, args.size)
+        if args.monotonic or args.param or args.model:
+            _set_model(cfg_path, args.monotonic, args.param, args.model)
     timings["world"] = time.perf_counter() - t
     cfg = load_config(cfg_path)
     done = {
@@ -199,7 +277,7 @@ def main() -> None:
         "map": lambda: pipeline.stage_map(cfg, progress=False, workers=args.workers),
     }
     for name, fn in stages.items():
-        if args.reuse and done[name]:
+        if (args.reuse or (args.base is not None and name in ("towers", "extract"))) and done[name]:
             continue
         t = time.perf_counter()
         fn()
@@ -272,7 +350,13 @@ def main() -> None:
         "change_ratio_per_year": ratios,
         "change_mean": {"mapped": mean_m, "true": mean_t},
         "aoa": a,
-        "model": {"kind": cfg.model.kind, "params": cfg.model.params, "monotonic": cfg.model.monotonic},
+        "model": {
+            "kind": cfg.model.kind,
+            "params": cfg.model.params,
+            "monotonic": cfg.model.monotonic,
+            "averaged_share": cfg.model.averaged_share,
+            "bag_without": args.bag_without,
+        },
         "map_truth_nse": truth_nse,
         "timings": timings,
     }
