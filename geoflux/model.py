@@ -9,7 +9,9 @@ Besides NEE, a fitted model can give
   (Romano et al. 2019) — two gradient-boosting quantile regressors (``uncertainty: quantile``), or one
   gradient-boosting model of the absolute residual's ``interval`` quantile around NEE (``residual``: a
   symmetric band at half the prediction cost), widened by a margin taken from the grouped-CV held-out
-  scores so that the band holds its nominal coverage on sites the model has not seen;
+  scores so that the band holds its nominal coverage on sites the model has not seen; the margin grows with
+  the dissimilarity index where held-out errors do (:func:`_di_scaled_margin`), and with footprints the
+  scores are those of held-out pixels against a pseudo-truth (``model.band_contrast``);
 * the area of applicability (Meyer & Pebesma 2021): the dissimilarity index ``DI`` (distance to the nearest
   training sample in importance-weighted standardized predictor space, divided by the mean distance between
   training samples) and ``AOA`` (1 where DI is at most the threshold derived from the cross-validated
