@@ -949,6 +949,20 @@ def held_out_section(run: _Run) -> str:
             "10th pct site nse": cv.get("nse_site_p10"),
         }
         parts.append(_table(pd.DataFrame([row])))
+        if unc.get("margin_di_scaled") is not None:
+            contrast = unc.get("band_contrast")
+            parts.append(
+                "<p class='meta'>The maps' band: the band model's half-width plus a conformal margin of "
+                f"{unc['margin_di_scaled']:.3f} gC m-2 d-1 × (1 + {unc.get('margin_di_slope', 0.0):.2f} × "
+                "DI / AOA threshold), calibrated on the cross-validation's held-out "
+                + (
+                    f"footprint pixels (each scored against its tower's NEE plus {contrast:g} × the "
+                    "model's contrast between the pixel and its footprint)"
+                    if contrast is not None
+                    else "rows"
+                )
+                + ". The band coverage above is that of the towers' held-out predictions.</p>"
+            )
     truth = m.get("truth")
     if truth and "nse" in truth:
         ta = m.get("truth_aoa") or {}

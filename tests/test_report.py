@@ -102,6 +102,9 @@ def test_held_out_table_copies_metrics_json(tiny_run):
     for k in ("nse", "r2_pearson", "rmse", "bias"):
         assert got[k] == f"{cv[k]:.3f}", k
     assert got["90% band coverage"] == f"{cv['uncertainty']['coverage']:.3f}"
+    # the maps' band rule, with the saved model's own margin and DI slope
+    card = json.loads((out / "model" / "model.json").read_text())
+    assert f"{card['conformal_margin']:.3f} gC m-2 d-1 × (1 + {card['margin_di_slope']:.2f} × DI" in html
     header, row = _cells(html, "Map vs the known true field")[:2]
     truth = dict(zip(header, row, strict=True))
     assert truth["nse"] == f"{m['truth']['nse']:.3f}" and truth["pixel-steps"] == str(m["truth"]["n"])
