@@ -70,3 +70,6 @@ def test_map_is_better_inside_its_area_of_applicability(tiny_run):
     assert aoa["inside"]["n"] + aoa["outside"]["n"] == aoa["all"]["n"]
     assert aoa["inside"]["nse"] >= 0.9
     assert 0.6 < aoa["inside"]["band_covers_truth"] <= 1.0
+    # the nominal 90 % band on the true field of single pixels (towers in mixed landscapes too), neither
+    # far too narrow nor counting footprint heterogeneity as error (0.973 on a mixed world before #14)
+    assert 0.85 <= aoa["all"]["band_covers_truth"] <= 0.97
