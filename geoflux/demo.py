@@ -43,7 +43,8 @@ from geoflux.config import (
     make_period_starts,
     period_ends,
 )
-from geoflux.footprint import FootprintWeights, tower_footprint, tower_xy
+from geoflux.extract import site_footprint
+from geoflux.footprint import FootprintWeights, tower_xy
 from geoflux.memory import trim_heap
 from geoflux.towers.aggregate import UMOL_TO_GC_PER_DAY
 
@@ -734,16 +735,7 @@ def synthesize_tower(
         # what geoflux.extract.tower_footprints computes for this one site, on this thread: write_world
         # runs the towers on threads already, and a pool thread per tower added a malloc arena each,
         # whose freed footprint temporaries raised the world's peak memory
-        return tower_footprint(
-            gb,
-            site,
-            records,
-            method=fp.method,
-            radius=fp.radius,
-            max_records=fp.max_records,
-            boundary_layer_height=fp.boundary_layer_height,
-            seed=fp.seed,
-        )
+        return site_footprint(fp, gb, site, records)
 
     if not footprints:
         fw = box_weights(gb, x, y, 0.5 * spec.resolution)

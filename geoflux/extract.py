@@ -22,6 +22,24 @@ from geoflux.footprint import FootprintWeights, tower_footprint
 from geoflux.footprint.sites import DISPLACEMENT_FRACTION, footprint_records
 
 
+def site_footprint(
+    spec: FootprintSpec, geobox: GeoBox, row: pd.Series, records: pd.DataFrame | None
+) -> FootprintWeights:
+    """One tower's footprint weights on ``geobox``, as :func:`tower_footprints` computes each, on the
+    calling thread (``row``: the site-table row, its name the site id; ``records``: the site's
+    half-hourly records, or None for the disk)."""
+    return tower_footprint(
+        geobox,
+        row,
+        records,
+        method=spec.method,
+        radius=spec.radius,
+        max_records=spec.max_records,
+        boundary_layer_height=spec.boundary_layer_height,
+        seed=spec.seed,
+    )
+
+
 def tower_footprints(
     sites: pd.DataFrame, geobox: GeoBox, spec: FootprintSpec, records: pd.DataFrame | None = None
 ) -> dict[str, FootprintWeights]:
@@ -48,17 +66,7 @@ def tower_footprints(
         jobs.append((row, recs))
 
     def one(job: tuple[pd.Series, pd.DataFrame | None]) -> FootprintWeights:
-        row, recs = job
-        return tower_footprint(
-            geobox,
-            row,
-            recs,
-            method=spec.method,
-            radius=spec.radius,
-            max_records=spec.max_records,
-            boundary_layer_height=spec.boundary_layer_height,
-            seed=spec.seed,
-        )
+        return site_footprint(spec, geobox, *job)
 
     # Towers are independent and their footprints are numpy/scipy work that releases the GIL (FFP sums,
     # sub-pixel interpolation): threads overlap them. Each tower's result is the same as computed alone,
