@@ -861,7 +861,8 @@ def fit(
     if spec.uncertainty != "none":
         model.quantile_models = _fit_band(spec, est, qx, qy)
         cv = cv_predictions
-        if cv is None or len(cv) != len(table) or "lo_raw" not in cv:
+        stale = cv is None or len(cv) != len(table) or "lo_raw" not in cv
+        if stale or (fr is not None and _PIXEL_SCORES not in cv.attrs):  # e.g. predictions read from disk
             cv, _ = cross_validate(table, features, spec, sites, footprints=fr, averaged_rows=averaged_rows)
         if "conformal_margin" in cv.attrs:  # from cross_validate (pixel support with footprints)
             model.conformal_margin = float(cv.attrs["conformal_margin"])

@@ -188,6 +188,30 @@ def test_pixel_band_trusts_a_share_of_the_models_within_footprint_contrast(fitte
     assert width < 0.7 * width0, (width, width0)
 
 
+def test_fit_given_predictions_read_back_recomputes_the_pixel_scores(tmp_path):
+    """CV predictions from disk carry no held-out pixel scores: fit() runs the CV again and calibrates
+    the same band as train() did (not a row-level calibration on pixel-level DI)."""
+    from geoflux.model import align_footprints, fit
+
+    table, pixels = _world(n_sites=8, n_steps=8)
+    spec = ModelSpec(
+        kind="random_forest",
+        params={"n_estimators": 20, "min_samples_leaf": 2},
+        training="iterative",
+        seed=1,
+        hedge_shares=[0.0],
+    )
+    units = dict.fromkeys(FEATURES, "1")
+    model, pred, _ = train(table, FEATURES, units, spec, pixels=pixels)
+    pred.to_parquet(tmp_path / "cv.parquet")
+    tab, fr = align_footprints(table, pixels, FEATURES)
+    again = fit(
+        tab, FEATURES, units, spec, cv_predictions=pd.read_parquet(tmp_path / "cv.parquet"), footprints=fr
+    )
+    assert again.conformal_margin == model.conformal_margin
+    assert again.margin_di_slope == model.margin_di_slope
+
+
 def test_fallback_is_reported_per_tower_and_can_stop():
     from geoflux.extract import check_footprint_methods
     from geoflux.footprint import FootprintWeights
