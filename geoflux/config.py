@@ -319,7 +319,7 @@ class ModelSpec(_Strict):
         description="optional sign constraints of the point model, feature -> +1 (NEE never falls as it "
         "rises), -1 (never rises) or 0; e.g. {sw: -1, ndvi: -1, vpd: 1} (more light and greenness, more "
         "uptake; drier air, less). Collinear drivers then cannot cancel each other's effects, which a "
-        "scenario moving one of them relies on (README 'Projection')",
+        "scenario moving one of them relies on (README 'Why budgets differ between years, and projection')",
     )
     cv_folds: int = Field(
         default=0, ge=0, description="0 = leave-one-group-out; k > 1 = GroupKFold(k) over the cv groups"
@@ -349,7 +349,7 @@ class ModelSpec(_Strict):
         "the band is calibrated on held-out pixels (a pixel's pseudo-truth = tower NEE + share x (its "
         "prediction - the footprint-weighted prediction)); 0 = every pixel scored against the tower's "
         "NEE (too wide in mixed footprints), 1 = against the tower's residual (too narrow: pixel errors "
-        "do not average out). README 'The band in mixed footprints'",
+        "do not average out). README 'The band at pixel level'",
     )
     aoa: bool = Field(default=True, description="dissimilarity index and area of applicability bands")
     training: Literal["iterative", "pixel", "averaged"] = Field(
