@@ -314,6 +314,13 @@ class ModelSpec(_Strict):
     params: dict[str, int | float | str | bool | None] = Field(
         default_factory=dict, description="estimator parameters, overriding geoflux's defaults for the kind"
     )
+    target: Literal["nee", "partitioned"] = Field(
+        default="nee",
+        description="what the point model learns: nee (tower NEE) or partitioned (two models, of RECO and "
+        "GPP from the towers' night-time partitioning, NEE = RECO - GPP: responses that cancel in NEE, "
+        "e.g. to warming, are learnt separately; README 'Why budgets differ between years, and "
+        "projection')",
+    )
     monotonic: dict[str, Literal[-1, 0, 1]] = Field(
         default_factory=dict,
         description="optional sign constraints of the point model, feature -> +1 (NEE never falls as it "

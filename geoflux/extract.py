@@ -418,9 +418,11 @@ def training_table(drivers: pd.DataFrame, observations: pd.DataFrame) -> pd.Data
     """Join footprint-weighted drivers with aggregated tower NEE on (site, time); rows lacking either drop.
 
     The same join serves the pixel table (:func:`extract_drivers`' second output): every footprint pixel
-    of a tower and step gets that tower's NEE.
+    of a tower and step gets that tower's NEE. Partitioned ``RECO`` and ``GPP`` (gC m-2 d-1) come along
+    when the observations have them.
     """
-    obs = observations[["site", "time", "NEE", "NEE_coverage"]]
+    partitioned = [c for c in ("RECO", "GPP") if c in observations.columns]
+    obs = observations[["site", "time", "NEE", "NEE_coverage", *partitioned]]
     table = drivers.merge(obs, on=["site", "time"], how="inner")
     return table.dropna(subset=["NEE"]).reset_index(drop=True)
 

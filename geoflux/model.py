@@ -30,6 +30,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ import pandas as pd
 import skops.io as sio
 from scipy.spatial import cKDTree
 from scipy.spatial.distance import pdist
-from sklearn.base import RegressorMixin
+from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
 from sklearn.inspection import permutation_importance
 from sklearn.model_selection import GroupKFold, LeaveOneGroupOut
@@ -66,6 +67,51 @@ from geoflux.footprint_fit import (
 from geoflux.metrics import per_site_scores, scores, summary
 
 TARGET_UNITS = "gC m-2 d-1"
+
+
+class PartitionedRegressor(RegressorMixin, BaseEstimator):
+    """NEE = RECO − GPP from two regressors, one per partitioned flux (``model.target: partitioned``).
+
+    Respiration and photosynthesis answer to the drivers differently (RECO grows with temperature, GPP
+    falls with dry air); in NEE their responses partly cancel, and a single model of NEE, fitted on a few
+    towers whose drivers share one seasonal cycle, credits an effect to whichever collinear driver splits
+    best. The towers' night-time records separate the two (README 'Why budgets differ between years, and
+    projection').
+
+    Parameters
+    ----------
+    reco, gpp : unfitted (for :meth:`fit`) or fitted regressors of RECO and GPP, gC m-2 d-1.
+    """
+
+    def __init__(self, reco: RegressorMixin, gpp: RegressorMixin) -> None:
+        self.reco = reco
+        self.gpp = gpp
+
+    def fit(
+        self, x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> PartitionedRegressor:
+        """Fit both heads; ``y`` is (n, 2): RECO and GPP, gC m-2 d-1."""
+        y = np.asarray(y, dtype=np.float64)
+        kw = {} if sample_weight is None else {"sample_weight": sample_weight}
+        self.reco.fit(x, y[:, 0], **kw)
+        self.gpp.fit(x, y[:, 1], **kw)
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        from sklearn.utils.validation import check_is_fitted
+
+        try:
+            check_is_fitted(self.reco)
+            check_is_fitted(self.gpp)
+        except Exception:
+            return False
+        return True
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """NEE (gC m-2 d-1) = predicted RECO − predicted GPP."""
+        return stable_predict(self.reco, x) - stable_predict(self.gpp, x)
+
+
 _TRUSTED_PREFIXES = ("sklearn.", "numpy.", "lightgbm.", "xgboost.", "collections.OrderedDict")
 _FORMAT_VERSION = 2  # 1: the skops file is the bare estimator; 2: a dict of estimators and arrays
 
@@ -347,6 +393,15 @@ def _check_table(table: pd.DataFrame, features: list[str], spec: ModelSpec) -> N
     missing = [c for c in [*features, "site", "NEE"] if c not in table.columns]
     if missing:
         raise ModelError(f"training table lacks column(s) {missing}")
+    if spec.target == "partitioned":
+        if "RECO" not in table.columns:
+            raise ModelError(
+                "model.target: partitioned, but the training table has no RECO column (re-run 'geoflux "
+                "towers' and 'geoflux extract' with this configuration: the towers stage partitions NEE)"
+            )
+        bad = sorted(map(str, table.loc[table["RECO"].isna(), "site"].unique()))
+        if bad:
+            raise ModelError(f"model.target: partitioned, but site(s) {bad[:5]} have NEE without RECO")
     # a temporal hold-out is the only scheme that can validate a single site (e.g. one real tower)
     if spec.cv != "temporal" and table["site"].nunique() < 2:
         raise ModelError("training table has fewer than 2 sites: site-grouped validation is impossible")
@@ -466,6 +521,16 @@ def _fit_point(
     ``x_rows``: averaged-driver rows for ``spec.averaged_share`` (class fractions hardened; default ``x``).
     """
     rows = np.asarray(rows)
+    if spec.target == "partitioned":
+        # one head per flux, each fitted exactly as the NEE model would be (same seed: same pixel draws);
+        # every step from tower values to per-pixel targets is linear, so NEE's targets are RECO's − GPP's
+        reco = table["RECO"].to_numpy(np.float64)
+        heads = []
+        for flux, target_ in (("reco", reco), ("gpp", reco - y)):
+            head = _head_spec(spec, flux)
+            heads.append(_fit_point(head, x, target_, fr, rows, table, seed, x_rows, features))
+        (est_r, qx, t_r), (est_g, _, t_g) = heads
+        return PartitionedRegressor(est_r, est_g), qx, t_r - t_g
     if _method(spec, fr) == "averaged":
         return make_estimator(spec, features).fit(x[rows], y[rows]), x[rows], y[rows]
     blend = (x if x_rows is None else x_rows, spec.averaged_share) if spec.averaged_share > 0 else None
@@ -483,6 +548,14 @@ def _fit_point(
     # the band's quantile models learn from the first QUANTILE_DRAWS draws of every tower-step
     sub = np.arange(len(draws)).reshape(-1, DRAWS_PER_ROW)[:, :QUANTILE_DRAWS].ravel()
     return est, fr.x[draws[sub]], target[sub]
+
+
+def _head_spec(spec: ModelSpec, flux: str) -> ModelSpec:
+    """The spec one head of a partitioned model is fitted with: a plain NEE-style target, and
+    ``spec.monotonic`` (signs on NEE) applied to GPP with the sign turned (NEE = RECO − GPP) and not to
+    RECO, whose response to light, greenness and dry air is not constrained by NEE's."""
+    mono = {k: -v for k, v in spec.monotonic.items()} if flux == "gpp" else {}
+    return spec.model_copy(update={"target": "nee", "monotonic": mono})
 
 
 def align_footprints(
@@ -842,6 +915,7 @@ def fit(
     prov: dict[str, Any] = {
         "geoflux_version": geoflux.__version__,
         "kind": spec.kind,
+        "target": spec.target,
         "params": dict(spec.params),
         **({"monotonic": dict(spec.monotonic)} if spec.monotonic else {}),
         "n_samples": len(table),
@@ -936,6 +1010,14 @@ def train(
     ``DI``/``AOA`` when configured) and the CV summary (see :func:`cross_validate`), to which an ``aoa``
     entry adds the threshold, the fraction of held-out samples inside and the CV scores inside and outside.
     """
+    if spec.target == "partitioned" and "RECO" in table.columns and table["RECO"].isna().any():
+        lost = table.loc[table["RECO"].isna(), "site"].astype(str)
+        warnings.warn(
+            f"model.target partitioned: {len(lost)} tower-step(s) without RECO left out (sites "
+            f"{', '.join(sorted(lost.unique())[:5])})",
+            stacklevel=2,
+        )
+        table = table.dropna(subset=["RECO"]).reset_index(drop=True)
     table, fr = align_footprints(table, pixels, features)
     hedge = None
     x_rows = None
@@ -985,7 +1067,12 @@ def _card_path(path: Path) -> Path:
 
 def _payload(model: TrainedModel) -> dict:
     # Everything prediction depends on goes into the hashed skops file; the card repeats it for humans.
-    p: dict[str, Any] = {"format_version": _FORMAT_VERSION, "estimator": model.estimator}
+    est = model.estimator
+    if isinstance(est, PartitionedRegressor):  # its heads, so that only library types are stored
+        p: dict[str, Any] = {"format_version": _FORMAT_VERSION, "estimator_reco": est.reco}
+        p["estimator_gpp"] = est.gpp
+    else:
+        p = {"format_version": _FORMAT_VERSION, "estimator": est}
     if model.quantile_models is not None:
         if len(model.quantile_models) == 1:
             p["quantile_scale"] = model.quantile_models[0]
@@ -1070,9 +1157,13 @@ def load_model(path: str | Path) -> TrainedModel:
     meta = (card["features"], card["feature_units"], card["target_units"], card["domain"], card["provenance"])
     if not isinstance(obj, dict):  # format 1: the bare estimator
         return TrainedModel(obj, *meta)
-    if "estimator" not in obj:
+    if "estimator_reco" in obj and "estimator_gpp" in obj:
+        est = PartitionedRegressor(obj["estimator_reco"], obj["estimator_gpp"])
+    elif "estimator" in obj:
+        est = obj["estimator"]
+    else:
         raise ModelError(f"{path}: skops file holds no estimator")
-    model = TrainedModel(obj["estimator"], *meta, bands=tuple(obj.get("bands", ("NEE",))))
+    model = TrainedModel(est, *meta, bands=tuple(obj.get("bands", ("NEE",))))
     band_models = ("quantile_scale",) if "quantile_scale" in obj else ("quantile_lower", "quantile_upper")
     if all(k in obj for k in band_models):
         model.quantile_models = tuple(obj[k] for k in band_models)

@@ -68,6 +68,13 @@ def stage_towers(cfg: RunConfig, echo: Callable[[str], None] = log.info) -> pd.D
     with_records = sites.loc[sites.index.isin(records["site"].unique())]
     fps = tower_footprints(with_records, target_grid(cfg.grid), cfg.footprint, records=records)
     methods = check_footprint_methods(fps, with_records, records, cfg.footprint)  # raises on fallback=error
+    if cfg.model.target == "partitioned":  # RECO and GPP for the two heads of the model
+        from geoflux.towers.processing.partition import partition_records
+
+        try:
+            records = partition_records(records)
+        except ValueError as exc:
+            raise GeofluxError(f"{cfg.towers.files}: model.target partitioned: {exc}") from None
     filtered = tw.qc_filter(records, qc_max=cfg.towers.qc_max)
     starts, ends = cfg.period_bounds()
     obs = tw.aggregate(filtered, starts, min_coverage=cfg.towers.min_coverage, end=ends[-1])

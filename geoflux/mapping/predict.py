@@ -39,7 +39,7 @@ from geoflux.errors import GridError, ModelError
 from geoflux.features import feature_names, pixel_features
 from geoflux.mapping.scheduler import Scheduler, Shared, open_scheduler
 from geoflux.mapping.tiles import Tile
-from geoflux.model import TrainedModel
+from geoflux.model import PartitionedRegressor, TrainedModel
 from geoflux.run import band_stem  # noqa: F401 (file naming lives in the run layout; kept importable here)
 
 log = logging.getLogger("geoflux")
@@ -153,7 +153,9 @@ def single_threaded(model: TrainedModel) -> TrainedModel:
     m = copy.copy(model)
 
     def one(est: Any) -> Any:
-        if hasattr(est, "get_params") and "n_jobs" in est.get_params():
+        if isinstance(est, PartitionedRegressor):
+            return PartitionedRegressor(one(est.reco), one(est.gpp))
+        if hasattr(est, "get_params") and "n_jobs" in est.get_params(deep=False):
             est = copy.copy(est)
             est.set_params(n_jobs=1)
         return est

@@ -39,6 +39,8 @@ AGGREGATE_UNITS: dict[str, str] = {
     "NEE_UNC": "gC m-2 d-1; mean of the record uncertainties (not reduced by averaging: errors of "
     "neighbouring records are correlated, so this is conservative)",
     "n_records": "count of QC-passed NEE records",
+    "RECO": "gC m-2 d-1; night-time partitioned ecosystem respiration over the QC-passed NEE records",
+    "GPP": "gC m-2 d-1; RECO - NEE over the QC-passed NEE records",
     "TA": "degC",
     "SW_IN": "W m-2",
     "VPD": "hPa",
@@ -346,6 +348,11 @@ def aggregate(
         ok = valid & ~np.isnan(unc)
         work["_unc"] = np.where(ok, unc, 0.0)
         work["_unc_n"] = ok.astype("int64")
+    fluxes = [v for v in ("RECO", "GPP") if v in df.columns]  # partitioned: over NEE's own records
+    for v in fluxes:
+        x = df[v].to_numpy(dtype="float64") * (UMOL_TO_GC_PER_DAY if res in SUBDAILY else 1.0)
+        work[f"_{v}"] = np.where(valid & ~np.isnan(x), x, 0.0) * vdays
+        work[f"_{v}_days"] = np.where(valid & ~np.isnan(x), vdays, 0.0)
     met = [v for v in _MEAN_MET if v in df.columns]
     for v in met:
         x = df[v].to_numpy(dtype="float64")
@@ -368,6 +375,10 @@ def aggregate(
             out["NEE_weight"] = sums["_weight"] / pdays
         if has_unc:
             out["NEE_UNC"] = np.where(sums["_unc_n"] > 0, sums["_unc"] / sums["_unc_n"], np.nan)
+        for v in fluxes:
+            # a period whose RECO covers less of it than NEE does would not match NEE: none then
+            full = np.isclose(sums[f"_{v}_days"], sums["_days"]) & (sums["_days"] > 0)
+            out[v] = np.where(full, sums[f"_{v}"] / np.where(full, sums["_days"], 1.0), np.nan)
         for v in met:
             out[v] = np.where(sums[f"_{v}_days"] > 0, sums[f"_{v}"] / sums[f"_{v}_days"], np.nan)
     out = out.reset_index()

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
 
+from geoflux.towers.read import TowerDataWarning
+
 # Lloyd & Taylor (1994): reference temperature 10 degC and T0 = -46.02 degC, in kelvin.
 T_REF_K = 283.15
 T0_K = 227.13
@@ -564,3 +566,59 @@ def _fit_lrc(
     if not r.success or beta0 <= 0 or beta0 > 100 or rref <= 0 or alpha <= 0:
         return None
     return float(alpha), float(beta0), float(k), float(rref)
+
+
+def partition_records(records: pd.DataFrame, options: NightOptions | None = None) -> pd.DataFrame:
+    """Night-time partitioning of every site and calendar year of a tidy record table.
+
+    Parameters
+    ----------
+    records : sub-daily records as read by :func:`geoflux.towers.read_towers` (``site``, ``time``,
+        gap-filled ``NEE`` and ``NEE_QC``, ``TA``, ``SW_IN``), before QC filtering.
+    options : NightOptions, optional
+
+    Returns
+    -------
+    A copy with ``RECO`` and ``GPP`` (umol m-2 s-1; NaN where NEE is missing, and for a site-year that
+    cannot be partitioned, which a warning names). E0 is fitted per site and year from measured (QC 0)
+    night-time records, as ONEFlux does per year.
+
+    Raises
+    ------
+    ValueError
+        naming the missing column, or the resolution when the records are not sub-daily.
+    """
+    missing = [c for c in ("site", "time", "NEE", "TA", "SW_IN") if c not in records.columns]
+    if missing:
+        raise ValueError(f"tower records lack column(s) {missing} for the night-time partitioning")
+    res = records.attrs.get("resolution")
+    if res not in ("HH", "HR"):
+        raise ValueError(f"night-time partitioning needs half-hourly or hourly records (got {res})")
+    out = records.copy()
+    reco = np.full(len(out), np.nan)
+    gpp = np.full(len(out), np.nan)
+    nee = out["NEE"].to_numpy(np.float64)
+    qc = out["NEE_QC"].to_numpy(np.float64) if "NEE_QC" in out.columns else np.zeros(len(out))
+    measured = np.where(qc == 0, nee, np.nan)
+    years = pd.DatetimeIndex(out["time"]).year.to_numpy()
+    for (site, year), idx in out.groupby([out["site"].astype(str).to_numpy(), years]).indices.items():
+        idx = np.sort(idx)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p = partition_nighttime(
+                    out["time"].to_numpy()[idx],
+                    nee[idx],
+                    out["TA"].to_numpy(np.float64)[idx],
+                    out["SW_IN"].to_numpy(np.float64)[idx],
+                    nee_fit=measured[idx],
+                    options=options,
+                )
+        except ValueError as exc:
+            warnings.warn(f"site {site} {year}: not partitioned ({exc})", TowerDataWarning, stacklevel=2)
+            continue
+        reco[idx] = p.reco
+        gpp[idx] = np.where(np.isfinite(nee[idx]), p.gpp, np.nan)
+    out["RECO"] = reco
+    out["GPP"] = gpp
+    return out
