@@ -24,6 +24,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench-budgets"))
     ap.add_argument("--report", action="store_true", help="also write the HTML report (stage_report)")
     ap.add_argument("--reuse", action="store_true", help="keep an existing world and finished stages")
+    ap.add_argument(
+        "--budgets-only",
+        action="store_true",
+        help="only the budgets, from a run folder that is already mapped (e.g. bench_project.py's --out)",
+    )
     args = ap.parse_args()
 
     from geoflux import pipeline
@@ -34,7 +39,7 @@ def main() -> None:
     timings = {}
     t0 = time.perf_counter()
     cfg_path = args.out / "config.yaml"
-    if not (args.reuse and cfg_path.exists()):
+    if not ((args.reuse or args.budgets_only) and cfg_path.exists()):
         write_world(args.out, args.size)
     timings["world"] = time.perf_counter() - t0
     cfg = load_config(cfg_path)
@@ -48,6 +53,8 @@ def main() -> None:
     ]
     if args.report:
         stages.append(("report", lambda: pipeline.stage_report(cfg)))
+    if args.budgets_only:
+        stages = []
     metrics = None
     for name, fn in stages:
         t = time.perf_counter()
@@ -61,7 +68,8 @@ def main() -> None:
     timings["budgets"] = time.perf_counter() - t
 
     gen = json.loads((args.out / "world" / TRUTH_BUDGETS).read_text())
-    print(f"\nmap vs true field (pixel-steps): {json.dumps(metrics.get('truth'), default=str)}")
+    if metrics is not None:
+        print(f"\nmap vs true field (pixel-steps): {json.dumps(metrics.get('truth'), default=str)}")
     print("\nregional NEE budget, gC m-2 yr-1 (true: from truth COGs; generator: its own JSON)")
     head = f"{'year':6} {'anomaly':15} {'true':>8} {'gen':>8} {'mapped':>8}"
     head += "".join(f"  {c + ' 90%':>22} cov" for c in CORRELATIONS)

@@ -99,6 +99,10 @@ class WorldSpec:
     # budget differs between years for known reasons (see :data:`YEAR_ANOMALIES`): "none", "warm-spring",
     # "drought-summer" or "cloudy". Empty: none (the weather still varies at random).
     year_anomalies: tuple[str, ...] = ()
+    # what the run's model learns (``model.target``): the multi-year worlds ask why budgets differ between
+    # years and what warming does, which a model of NEE alone answers poorly (README 'Why budgets differ
+    # between years, and projection')
+    model_target: str = "nee"
 
     @property
     def geobox(self) -> GeoBox:
@@ -174,6 +178,7 @@ WORLD_SIZES: dict[str, WorldSpec] = {
         calendar=MODIS_8DAY,
         n_years=3,
         year_anomalies=("warm-spring", "drought-summer", "cloudy"),
+        model_target="partitioned",
     ),
     # the same three years on a small grid with fewer towers, for tests
     "tiny-multiyear": WorldSpec(
@@ -184,6 +189,7 @@ WORLD_SIZES: dict[str, WorldSpec] = {
         calendar=MODIS_8DAY,
         n_years=3,
         year_anomalies=("warm-spring", "drought-summer", "cloudy"),
+        model_target="partitioned",
         n_towers=12,
     ),
 }
@@ -1003,6 +1009,7 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
             # costs 3x the fits for little change in the held-out figures (README "Where a demo run's
             # time goes"); small worlds keep it.
             "cv_folds": DEMO_CV_FOLDS if spec.n_towers > DEMO_CV_FOLDS else 0,
+            "target": spec.model_target,
             "seed": spec.seed,
         },
         "output": ".",

@@ -1057,6 +1057,12 @@ def _provenance(run: _Run) -> str:
         prov = run.card.get("provenance", {})
         rows += [
             ("model", f"{prov.get('kind', '?')} {json.dumps(prov.get('params', {}))}"),
+            (
+                "learns",
+                "RECO and GPP (night-time partitioned at the towers); NEE = RECO − GPP"
+                if prov.get("target") == "partitioned"
+                else "tower NEE",
+            ),
             ("training samples / sites", f"{prov.get('n_samples', '?')} / {len(prov.get('sites', []))}"),
             ("model file sha256", str(run.card.get("sha256", "?"))),
             ("model bands", ", ".join(run.card.get("bands", ["NEE"]))),
