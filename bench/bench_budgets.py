@@ -102,7 +102,7 @@ def main() -> None:
         "size": args.size,
         "truth_summary": s,
         "timings": timings,
-        "metrics_truth": metrics.get("truth"),
+        "metrics_truth": None if metrics is None else metrics.get("truth"),
     }
     (args.out / "bench_budgets.json").write_text(json.dumps(summary, indent=2, default=str))
 
