@@ -840,6 +840,22 @@ def _budgets_section(run: _Run) -> str:
     return text + _table(df)
 
 
+def _target_note(run: _Run) -> str:
+    """What the run's model learns, and what that means for a scenario's change."""
+    target = ((run.card or {}).get("provenance") or {}).get("target", "nee")
+    if target == "partitioned":
+        return (
+            "This run's model learns RECO and GPP apart (model.target: partitioned): on the demo's "
+            "multi-year worlds that brought the total change under warming close to the truth's, though "
+            "not its split between drivers (README 'Learning respiration and photosynthesis apart')."
+        )
+    return (
+        "This run's model learns NEE alone: on the demo's multi-year worlds such a model gave well under "
+        "the truth's change under warming, and model.target: partitioned came much closer (README "
+        "'Learning respiration and photosynthesis apart')."
+    )
+
+
 def _years_section(run: _Run) -> str:
     """Why budgets differ between years (``geoflux attribute``) and scenarios (``geoflux project``)."""
     from geoflux.run import ATTRIBUTION_YEARS, SCENARIO_BUDGETS
@@ -887,7 +903,10 @@ def _years_section(run: _Run) -> str:
             "against the run's own maps (gC m-2 yr-1; NEE &gt; 0 is a source), with the share of "
             "pixel-periods outside the area of applicability. A scenario's change is the model's response "
             "to the perturbed drivers: where drivers are collinear the model may share one driver's effect "
-            "with others, so read it as a sensitivity, not a projection.</p>" + _table(pd.DataFrame(rows))
+            "with others, so read it as a sensitivity, not a projection. "
+            + _target_note(run)
+            + "</p>"
+            + _table(pd.DataFrame(rows))
         )
     if not parts:
         return _note(

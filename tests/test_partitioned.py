@@ -210,3 +210,14 @@ def _warming_draw(rng, grid, f, ny, nx, nt, x, x2, w, true_change, ratios) -> No
     for name, est in (("nee", one), ("partitioned", two)):
         change = np.average(est.predict(x2) - est.predict(x), weights=w)
         ratios[name].append(change / true_change)
+
+
+def test_report_says_what_the_model_learns() -> None:
+    from types import SimpleNamespace
+
+    from geoflux.report import _target_note
+
+    two = _target_note(SimpleNamespace(card={"provenance": {"target": "partitioned"}}))
+    one = _target_note(SimpleNamespace(card={"provenance": {"kind": "random_forest"}}))  # older card
+    assert "RECO and GPP apart" in two and "not its split between drivers" in two
+    assert "NEE alone" in one and "partitioned came much closer" in one
