@@ -165,6 +165,8 @@ class TrainedModel:
     margin_di_slope: float = 0.0
     aoa: AOA | None = None
     train_di: np.ndarray | None = field(default=None, repr=False)  # cross-validated DI of training rows
+    # held-out band (lo, hi) of every CV row under the map's rule (DI-scaled margin); for train(), not saved
+    cv_band: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predict NEE (gC m-2 d-1) for a (n, n_features) float array (the same bits on every run)."""
@@ -965,6 +967,8 @@ def fit(
         model.train_di = train_di  # for train()'s CV summary; not saved
         if model.quantile_models is not None:
             _scale_margin(model, cv, y, pixel_di)
+            owner = None if fr is None else fr.owner
+            model.cv_band = _cv_band_as_mapped(model, cv, y, pixel_di, train_di, folds, owner)
     return model
 
 
@@ -983,6 +987,45 @@ def _scale_margin(model: TrainedModel, cv: pd.DataFrame, y: np.ndarray, unit_di:
         margin_di_slope=slope,
         margin_rule="margin x (1 + margin_di_slope x DI / AOA threshold), from the grouped CV's scores",
     )
+
+
+def _cv_band_as_mapped(
+    model: TrainedModel,
+    cv: pd.DataFrame,
+    y: np.ndarray,
+    unit_di: np.ndarray,
+    row_di: np.ndarray,
+    folds: list,
+    owner: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out band of every CV row under the rule the maps use: each fold's margin and its growth
+    with DI (:func:`_di_scaled_margin`) from the other folds' scores only, applied at the row's
+    cross-validated DI (a tower's footprint-weighted pixel DI; the footprint-weighted pixel band of the
+    map is then ``margin x (1 + slope x row DI / threshold)`` wide beyond the raw bounds).
+
+    ``unit_di``: DI of each scored unit: footprint pixels (``owner``: the row of each) with footprints,
+    rows without."""
+    if _PIXEL_SCORES in cv.attrs:
+        conf, abs_err, weight = cv.attrs[_PIXEL_SCORES]
+    else:
+        conf = np.maximum(cv["lo_raw"].to_numpy() - y, y - cv["hi_raw"].to_numpy())
+        abs_err, weight = np.abs(y - cv["pred"].to_numpy()), np.ones_like(y)
+    fold_id = np.full(len(y), -1)
+    for k, (_, test) in enumerate(folds):
+        fold_id[test] = k
+    owner_fold = fold_id if owner is None or _PIXEL_SCORES not in cv.attrs else fold_id[owner]
+    z_unit = unit_di / model.aoa.threshold
+    # a row without a DI (none of its pixels among the AOA's sampled points) gets the margin at DI 0
+    z_row = np.nan_to_num(row_di / model.aoa.threshold, nan=0.0)
+    pred, lo_raw, hi_raw = (cv[c].to_numpy() for c in ("pred", "lo_raw", "hi_raw"))
+    lo, hi = np.full(len(y), np.nan), np.full(len(y), np.nan)
+    for k in range(len(folds)):
+        m, other = fold_id == k, owner_fold != k
+        margin, slope = _di_scaled_margin(
+            conf[other], abs_err[other], weight[other], z_unit[other], model.interval
+        )
+        lo[m], hi[m] = _band(pred[m], lo_raw[m], hi_raw[m], margin * (1.0 + slope * z_row[m]))
+    return lo, hi
 
 
 @_omp_for_table
@@ -1057,6 +1100,15 @@ def train(
     if model.quantile_models is not None:
         cv["uncertainty"]["margin_di_slope"] = model.margin_di_slope
         cv["uncertainty"]["margin_di_scaled"] = model.conformal_margin  # at DI 0; the map's margin
+        if model.cv_band is not None and model.margin_di_slope > 0:
+            # the coverage reported is that of the band the maps carry (margin growing with DI); the
+            # flat-margin band's figures stay beside it for comparison
+            flat = interval_summary(cv_pred, spec.interval)
+            cv_pred["lo"], cv_pred["hi"] = model.cv_band
+            cv["uncertainty"].update(interval_summary(cv_pred, spec.interval))
+            cv["uncertainty"]["flat_margin"] = {k: v for k, v in flat.items() if k != "nominal"}
+            cv["uncertainty"]["method"] += "; margin grows with DI as in the maps"
+    model.cv_band = None  # train()'s, not part of the model
     cv["bands"] = list(model.bands)
     return model, cv_pred, cv
 

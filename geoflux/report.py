@@ -980,7 +980,14 @@ def held_out_section(run: _Run) -> str:
                     if contrast is not None
                     else "rows"
                 )
-                + ". The band coverage above is that of the towers' held-out predictions.</p>"
+                + ". The band coverage above is that of the towers' held-out predictions"
+                + (
+                    " under the same rule (with a flat margin it would be "
+                    f"{unc['flat_margin']['coverage']:.3f})"
+                    if isinstance(unc.get("flat_margin"), dict)
+                    else ""
+                )
+                + ".</p>"
             )
     truth = m.get("truth")
     if truth and "nse" in truth:

@@ -265,3 +265,30 @@ def test_default_model_recovers_the_signal_on_held_out_sites_and_its_band_covers
     signal = 2 * table["a"] - table["b"]  # what the generator computes before its noise
     assert scores(signal, pred["pred"])["nse"] > 0.85
     assert 0.8 <= res["uncertainty"]["coverage"] <= 0.97
+
+
+def test_cv_coverage_is_that_of_the_band_the_maps_carry():
+    """Sites that each cover their own stretch of a curved response: held-out sites at the ends
+    extrapolate (high DI, large errors), so the margin grows with DI. The CV's coverage must then be the
+    coverage of that band (margin x (1 + slope x DI / threshold)), not of a flat one."""
+    from geoflux.model import train
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for s in range(12):
+        a = s / 12 + rng.uniform(0, 0.25, 40)
+        b = rng.uniform(0, 1, 40)
+        nee = np.sin(4 * a) + 0.3 * b + rng.normal(0, 0.1, 40)
+        rows.append(pd.DataFrame({"site": f"S{s:02d}", "time": np.arange(40), "a": a, "b": b, "NEE": nee}))
+    table = pd.concat(rows, ignore_index=True)
+    spec = ModelSpec(kind="random_forest", params=FEW_TREES, cv_folds=6, uncertainty="residual")
+    m, pred, cv = train(table, ["a", "b"], {"a": "1", "b": "1"}, spec)
+    u = cv["uncertainty"]
+    assert m.margin_di_slope > 0 and m.cv_band is None  # train()'s arrays are not kept on the model
+    inside = (pred["obs"] >= pred["lo"]) & (pred["obs"] <= pred["hi"])
+    assert u["coverage"] == pytest.approx(inside.mean())
+    assert set(u["flat_margin"]) >= {"coverage", "mean_width"} and "grows with DI" in u["method"]
+    width = (pred["hi"] - pred["lo"]).to_numpy()
+    raw = (pred["hi_raw"] - pred["lo_raw"]).to_numpy()
+    # beyond the raw bounds, the band widens with the row's DI as the map's does
+    assert np.corrcoef(width - raw, pred["DI"])[0, 1] > 0.9
