@@ -48,7 +48,7 @@ import numpy as np
 
 from geoflux.atomic import atomic_path
 from geoflux.errors import ModelError
-from geoflux.model import TrainedModel
+from geoflux.model import PartitionedRegressor, TrainedModel
 
 log = logging.getLogger("geoflux")
 
@@ -324,8 +324,13 @@ def time_predict(predict: Callable[[np.ndarray], Any], x: np.ndarray, repeats: i
 
 
 def _estimators(model: TrainedModel) -> dict[str, Any]:
-    """The model's tree estimators by the band they produce (the point model and each quantile model)."""
-    out = {"NEE": model.estimator}
+    """The model's tree estimators by the band they produce (the point model, or its RECO and GPP heads,
+    and each quantile model)."""
+    est = model.estimator
+    if isinstance(est, PartitionedRegressor):  # each head is a plain library model: compiled on its own
+        out = {"NEE_reco": est.reco, "NEE_gpp": est.gpp}
+    else:
+        out = {"NEE": est}
     quantiles = getattr(model, "quantile_models", None)
     if quantiles is not None and len(quantiles) == 1:  # one residual-scale model gives both bounds
         out["NEE_band"] = quantiles[0]
@@ -333,6 +338,16 @@ def _estimators(model: TrainedModel) -> dict[str, Any]:
         names = [b for b in model.bands if b.startswith("NEE_q")] or ["NEE_lo", "NEE_hi"]
         out.update({names[0]: quantiles[0], names[-1]: quantiles[1]})
     return out
+
+
+def _with_point(model: TrainedModel, ests: list[Any]) -> int:
+    """Put the first of ``ests`` (ordered as :func:`_estimators`) in as ``model``'s point model (both heads
+    of a partitioned one); returns how many were used."""
+    if isinstance(model.estimator, PartitionedRegressor):
+        model.estimator = PartitionedRegressor(ests[0], ests[1])
+        return 2
+    model.estimator = ests[0]
+    return 1
 
 
 def _choose_one(
@@ -409,9 +424,9 @@ def choose(
         chosen[band], record[band] = _choose_one(est, one[band], x, cache, budget_s)
     m = copy.copy(model)
     ests = list(chosen.values())
-    m.estimator = ests[0]
+    n_point = _with_point(m, ests)
     if getattr(model, "quantile_models", None) is not None:
-        m.quantile_models = tuple(ests[1:])
+        m.quantile_models = tuple(ests[n_point:])
     parts = []
     for band, r in record.items():
         speeds = f"library {r['library_kpix_s']:g}"
@@ -465,15 +480,16 @@ def prepare(
         return model, "library predict (treelite/tl2cgen not installed)"
     if mode == "auto":
         return choose(model, cache_dir, sample, budget_s)
+    point = [e for band, e in _estimators(model).items() if band in ("NEE", "NEE_reco", "NEE_gpp")]
     try:
-        compiled = compile_estimator(model.estimator, cache_dir)
+        compiled = [compile_estimator(e, cache_dir) for e in point]
     except ImportError:
-        compiled = None
-    if compiled is None:
+        compiled = [None]
+    if any(c is None for c in compiled):
         raise ModelError(f"inference: treelite cannot compile {type(model.estimator).__name__}")
     m = copy.copy(model)
-    m.estimator = compiled
-    what = [f"compiled {compiled.name}"]
+    _with_point(m, compiled)
+    what = [f"compiled {' and '.join(c.name for c in compiled)}"]
     quantiles = getattr(model, "quantile_models", None)
     if quantiles is not None:
         try:

@@ -382,3 +382,29 @@ def test_a_model_compiled_once_is_reused_by_another_run_folder(band_model, tmp_p
     assert not calls and (tmp_path / "run2" / lib.name).read_bytes() == lib.read_bytes()
     x = _features(500)[:, : est.n_features_in_]
     np.testing.assert_array_equal(first.predict(x), second.predict(x))
+
+
+def test_partitioned_model_compiles_head_by_head(tmp_path):
+    """A partitioned model's RECO and GPP heads are compiled one by one and put back together: its
+    compiled NEE is RECO - GPP exactly as the library's."""
+    pytest.importorskip("tl2cgen")
+    from geoflux.model import PartitionedRegressor
+
+    x, y = training()
+    rng = np.random.default_rng(1)
+    reco = np.abs(y) + rng.uniform(0, 1, len(y))  # any two targets whose difference is y
+    est = PartitionedRegressor(
+        HistGradientBoostingRegressor(max_iter=15, max_leaf_nodes=7, random_state=0),
+        HistGradientBoostingRegressor(max_iter=15, max_leaf_nodes=7, random_state=0),
+    ).fit(x, np.c_[reco, reco - y])
+    names = feature_names(VARIABLES)
+    model = TrainedModel(est, names, dict.fromkeys(names, ""))
+    compiled, how = inference.prepare(model, "compiled", tmp_path)
+    assert isinstance(compiled.estimator, PartitionedRegressor) and how.count("HistGradientBoosting") == 2
+    assert isinstance(compiled.estimator.reco, inference.CompiledEstimator)
+    xs = _features()
+    assert np.abs(compiled.predict(xs) - model.predict(xs)).max() <= MAX_ABS_DIFF
+    assert len(list(tmp_path.glob("*.so"))) == 2
+    auto, how = inference.prepare(model, "auto", tmp_path)
+    assert "NEE_reco" in how and "NEE_gpp" in how and isinstance(auto.estimator, PartitionedRegressor)
+    assert np.abs(auto.predict(xs) - model.predict(xs)).max() <= MAX_ABS_DIFF
