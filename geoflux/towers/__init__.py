@@ -13,7 +13,8 @@ Public API (used by the pipeline, the CLI and the notebooks)::
 
 Tidy record columns: ``site``, ``time`` (start of the record) and ``time_end`` (exclusive end), both
 local standard time as written in the files (tz-naive, never shifted), ``NEE``, ``NEE_QC``
-(``NEE_UNC`` where the file has an uncertainty) plus meteorology under FLUXNET base names (``TA``,
+(``NEE_UNC`` where the file has an uncertainty; ``RECO`` and ``GPP`` where it carries ONEFlux's night-time
+partitioning) plus meteorology under FLUXNET base names (``TA``,
 ``SW_IN``, ``VPD``, ``P``, ``USTAR``, ``WS``, ``WD``, with ``<VAR>_QC`` where available). Units are in
 :data:`RECORD_UNITS` / :data:`AGGREGATE_UNITS`.
 """

@@ -40,7 +40,9 @@ AGGREGATE_UNITS: dict[str, str] = {
     "neighbouring records are correlated, so this is conservative)",
     "n_records": "count of QC-passed NEE records",
     "RECO": "gC m-2 d-1; night-time partitioned ecosystem respiration over the QC-passed NEE records",
-    "GPP": "gC m-2 d-1; RECO - NEE over the QC-passed NEE records",
+    "GPP": "gC m-2 d-1; night-time partitioned gross primary production over the QC-passed NEE records "
+    "(RECO - NEE from geoflux's partitioning; ONEFlux's GPP_NT_*_REF is selected apart from its RECO and "
+    "NEE, so differs from RECO - NEE)",
     "TA": "degC",
     "SW_IN": "W m-2",
     "VPD": "hPa",

@@ -32,6 +32,10 @@ RECORD_UNITS: dict[str, str] = {
     "NEE_QC": "0 measured, 1 good, 2 medium, 3 poor gap-fill (HH/HR); fraction 0-1 of measured and "
     "good-quality gap-filled data (DD and coarser)",
     "NEE_UNC": "same unit as NEE; joint (random + u* filtering) uncertainty, 1 sigma",
+    "RECO": "umol CO2 m-2 s-1 (half-hourly/hourly records); gC m-2 d-1 (daily and coarser records); "
+    "ecosystem respiration from ONEFlux's night-time partitioning; positive = release to the atmosphere",
+    "GPP": "umol CO2 m-2 s-1 (half-hourly/hourly records); gC m-2 d-1 (daily and coarser records); "
+    "gross primary production from ONEFlux's night-time partitioning; positive = uptake from the atmosphere",
     "TA": "degC",
     "SW_IN": "W m-2",
     "VPD": "hPa",
@@ -52,8 +56,9 @@ TURBULENCE_VARIABLES = ("MO_LENGTH", "V_SIGMA")
 TURBULENCE_CANDIDATES: dict[str, tuple[str, ...]] = {"MO_LENGTH": ("MO_LENGTH",), "V_SIGMA": ("V_SIGMA",)}
 
 # ---------------------------------------------------------------------------------------------------
-# FLUXNET (ONEFlux) names. Preference order matters: the first present column with data wins, and
-# the consolidated, gap-free products (_F) come before the MDS-only and ERA-only ones.
+# FLUXNET (ONEFlux) names. Preference order matters: the first column present in the header wins
+# (by name alone, whatever its values), and the consolidated, gap-free products (_F) come before the
+# MDS-only and ERA-only ones.
 FLUXNET_CANDIDATES: dict[str, tuple[str, ...]] = {
     "NEE": ("NEE_VUT_REF", "NEE_CUT_REF", "NEE_VUT_USTAR50", "NEE_CUT_USTAR50", "NEE"),
     "TA": ("TA_F", "TA_F_MDS", "TA", "TA_ERA"),
@@ -64,11 +69,21 @@ FLUXNET_CANDIDATES: dict[str, tuple[str, ...]] = {
     "WS": ("WS_F", "WS", "WS_ERA"),
     "WD": ("WD",),
 }
+# Partitioned fluxes that ONEFlux files carry, read only from the night-time (NT) method: geoflux's own
+# partitioning (geoflux.towers.processing.partition) is night-time and the two are compared. Optional
+# columns, so picked by data: the first candidate with at least one value wins, and a file where every
+# candidate is absent or all missing gets no RECO/GPP column.
+PARTITIONED_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "RECO": ("RECO_NT_VUT_REF", "RECO_NT_CUT_REF"),
+    "GPP": ("GPP_NT_VUT_REF", "GPP_NT_CUT_REF"),
+}
 
 _NEE_FAMILY = re.compile(
     r"^NEE_(?:VUT|CUT)_(?:REF|USTAR50|MEAN|SE|\d\d)(?P<part>_NIGHT|_DAY)?"
     r"(?P<stat>_SD|_RANDUNC|_JOINTUNC)?(?P<qc>_QC)?$"
 )
+# Both partitioning methods (NT, DT), so that columns={"GPP": "GPP_DT_VUT_REF"} is read in tidy units too.
+_PARTITIONED_FAMILY = re.compile(r"^(?:RECO|GPP)_(?:NT|DT)_(?:VUT|CUT)_(?:REF|USTAR50|MEAN|SE|\d\d)$")
 _MET_FAMILY = re.compile(
     r"^(?P<var>TA|SW_IN|VPD|P|WS|USTAR|WD)(?P<src>_F_MDS|_ERA|_F)?(?P<part>_NIGHT|_DAY)?(?P<sd>_SD)?"
     r"(?P<qc>_QC)?$"
@@ -93,17 +108,20 @@ _FLUX_UNITS = {
 
 
 def fluxnet_units(column: str, resolution: str) -> str | None:
-    """Unit of a FLUXNET (ONEFlux) NEE or meteorology column at a given file resolution.
+    """Unit of a FLUXNET (ONEFlux) NEE, partitioned-flux or meteorology column at a given file resolution.
 
     Parameters
     ----------
-    column : column name as in the file header, e.g. ``NEE_VUT_REF``, ``NEE_CUT_50_NIGHT``, ``TA_F_QC``.
+    column : column name as in the file header, e.g. ``NEE_VUT_REF``, ``NEE_CUT_50_NIGHT``, ``TA_F_QC``,
+        ``RECO_NT_VUT_REF``, ``GPP_DT_CUT_SE``.
     resolution : ``HH``, ``HR``, ``DD``, ``WW``, ``MM`` or ``YY``.
 
     Returns
     -------
     The unit string in ONEFlux's spelling (ASCII ``u`` for micro), ``'adimensional'`` for QC columns,
-    or ``None`` when the column is not an NEE/meteorology column geoflux reads.
+    or ``None`` when the column is not an NEE/RECO/GPP/meteorology column geoflux reads. RECO and GPP
+    (night- and day-time methods) have NEE's units: umolCO2 m-2 s-1 at HH/HR, gC m-2 d-1 at DD/WW/MM,
+    gC m-2 y-1 at YY.
     """
     if resolution not in RESOLUTIONS:
         raise ValueError(f"unknown resolution {resolution!r} (expected one of {RESOLUTIONS})")
@@ -114,6 +132,8 @@ def fluxnet_units(column: str, resolution: str) -> str | None:
         # Day-time/night-time NEE in DD and coarser files are mean rates, not sums (ONEFlux keeps
         # them in umol m-2 s-1 at every resolution).
         return "umolCO2 m-2 s-1" if m["part"] else _FLUX_UNITS[resolution]
+    if _PARTITIONED_FAMILY.match(column):
+        return _FLUX_UNITS[resolution]
     m = _MET_FAMILY.match(column)
     if m:
         if m["qc"]:

@@ -215,6 +215,9 @@ def monthly_table(
     used: dict[str, str] = {}
     for site, cands in sorted(by_site.items()):
         res, path, rec = min(cands, key=lambda c: (_RES_ORDER.get(c[0], 9), str(c[1])))
+        # GPP/RECO come from PARTITION below (VUT only, DD and coarser files), not from the reader's own
+        # RECO/GPP, which would collide with them in the merge (GPP_x, GPP_y) and drop both.
+        rec = rec.drop(columns=[c for c in PARTITION if c in rec.columns])
         m = _to_monthly(rec, min_qc, qc_max)
         for cols in (PARTITION, USTAR_RANGE):
             part = _partition(path, rec, min_qc, qc_max, cols) if res not in SUBDAILY else None

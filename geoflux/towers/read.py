@@ -23,7 +23,12 @@ starts 30 min earlier — that is the file's own convention made explicit, not a
 
 Units: FLUXNET-family daily and coarser files give NEE in gC m-2 d-1, but FluxDataKit daily files are
 plain means of the half-hourly values and so keep umolCO2 m-2 s-1 (FluxDataKit's
-``fdk_downsample_fluxnet``); their NEE and its uncertainty are converted to gC m-2 d-1 (x 1.0377504).
+``fdk_downsample_fluxnet``); their NEE, its uncertainty and their GPP/RECO are converted to gC m-2 d-1
+(x 1.0377504).
+
+Partitioned fluxes: FLUXNET-family files (not AmeriFlux BASE or REddyProc input) that carry ONEFlux's
+night-time partitioning get ``RECO`` and ``GPP`` in NEE's units (see
+:data:`~geoflux.towers.columns.PARTITIONED_CANDIDATES`); files without it get neither column.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from geoflux.towers.columns import (
     BASE_UNITS,
     FLUXNET_CANDIDATES,
     MET_VARIABLES,
+    PARTITIONED_CANDIDATES,
     RECORD_UNITS,
     RESOLUTIONS,
     SUBDAILY,
@@ -136,16 +142,19 @@ def read_tower_file(
     site : site ID; taken from the file name (``FLX_<SITE>_...``) when not given.
     resolution : for a zip holding several resolutions, which one to read (default: the finest).
     columns : override the source column of a tidy variable, e.g. ``{"NEE": "NEE_CUT_USTAR50"}``; any
-        NEE or meteorology column of the ONEFlux tables is accepted and converted to tidy units.
+        NEE, RECO/GPP (``{"GPP": "GPP_DT_VUT_REF"}``) or meteorology column of the ONEFlux tables is
+        accepted and converted to tidy units.
     require_nee : raise when the file has no NEE column (default). ``False`` reads meteorology only
         (NEE all NaN), e.g. for FluxDataKit files that carry GPP but no NEE.
 
     Returns
     -------
     DataFrame with ``site``, ``time`` (record start, local standard time, tz-naive), ``time_end``
-    (exclusive record end), ``NEE``, ``NEE_QC``, ``NEE_UNC`` (when the file has an uncertainty) and
-    meteorology ``TA``, ``SW_IN``, ``VPD``, ``P``, ``USTAR``, ``WS``, ``WD`` with ``<VAR>_QC`` where the
-    file has one (those present); NaN for missing (-9999 / NA). Units: :data:`RECORD_UNITS`.
+    (exclusive record end), ``NEE``, ``NEE_QC``, ``NEE_UNC`` (when the file has an uncertainty), ``RECO``
+    and ``GPP`` (ONEFlux night-time partitioning, ``*_NT_VUT_REF`` else ``*_NT_CUT_REF``, only when the
+    file has one of them with data) and meteorology ``TA``, ``SW_IN``, ``VPD``, ``P``, ``USTAR``, ``WS``,
+    ``WD`` with ``<VAR>_QC`` where the file has one (those present); NaN for missing (-9999 / NA).
+    Units: :data:`RECORD_UNITS`.
     ``attrs``: ``resolution`` (HH/HR/DD/WW/MM/YY), ``format``, ``source`` (file), ``columns``
     (tidy → source column), ``source_units`` (tidy → unit of the source column before conversion, CSV
     formats), ``units``, ``nee_qc_kind`` (``flag`` or ``fraction``), ``time_reference``.
@@ -383,7 +392,9 @@ def _read_csv(
     stamp_cols = [c for c in ("TIMESTAMP_START", "TIMESTAMP_END", "TIMESTAMP") if c in names]
     # Only the needed columns are parsed: FULLSET HH files have ~250 of them.
     pick = _pick_columns(label, flavour, names, columns)
-    usecols = list(dict.fromkeys(stamp_cols + [c for c in pick.values() if c in names]))
+    partitioned = _partitioned_candidates(flavour, names, columns)
+    usecols = [c for c in pick.values() if c in names] + [c for cs in partitioned.values() for c in cs]
+    usecols = list(dict.fromkeys(stamp_cols + usecols))
     try:
         raw = pd.read_csv(
             io.BytesIO(body),
@@ -410,6 +421,16 @@ def _read_csv(
             source_units[var] = unit
         out[var] = values
         used[var] = src
+    for var, cands in partitioned.items():
+        for src in cands:
+            values = _numeric(label, raw[src], src)
+            if np.isnan(values).all():
+                continue  # present but empty (all -9999): the next candidate
+            unit = _source_unit(flavour, var, src, resolution)
+            out[var] = convert(values, unit, resolution, record_days)
+            source_units[var] = unit
+            used[var] = src
+            break
     nee_qc_kind = "flag" if resolution in SUBDAILY else "fraction"
     if "NEE" not in out.columns:
         if require_nee:
@@ -437,7 +458,7 @@ def _read_csv(
     if "RH" in out.columns:
         out = out.drop(columns="RH")
         used.pop("RH")
-    order = ["time", "time_end", "NEE", "NEE_QC", "NEE_UNC"]
+    order = ["time", "time_end", "NEE", "NEE_QC", "NEE_UNC", *PARTITIONED_CANDIDATES]
     for v in MET_VARIABLES:
         order += [v, f"{v}_QC"]
     order += list(TURBULENCE_VARIABLES)
@@ -450,11 +471,12 @@ def _read_csv(
         nee_qc_kind=nee_qc_kind,
     )
     if flavour == "fluxdatakit":
+        fluxes = ", ".join(v for v in ("NEE", *PARTITIONED_CANDIDATES) if v in used) or "NEE"
         carbon = (
-            "NEE taken as the mean of half-hourly umol m-2 s-1 (FluxDataKit averages half-hours) and "
+            f"{fluxes} taken as the mean of half-hourly umol m-2 s-1 (FluxDataKit averages half-hours) and "
             "converted to gC m-2 d-1"
             if resolution not in SUBDAILY
-            else "NEE in umol m-2 s-1"
+            else f"{fluxes} in umol m-2 s-1"
         )
         warnings.warn(
             f"{label}: read as a FluxDataKit derivative (ISO dates, NA for missing), not a FLUXNET release; "
@@ -519,6 +541,22 @@ def _pick_columns(label: str, flavour: str, names: list[str], override: dict[str
     return pick
 
 
+def _partitioned_candidates(flavour: str, names: list[str], override: dict[str, str]) -> dict[str, list[str]]:
+    """Tidy RECO/GPP → the file's candidate source columns, best first (the caller takes the first with data).
+
+    Only FLUXNET-family files: BASE names its partitioned fluxes differently (``GPP_PI``, ``RECO_PI``), and a
+    variable given in ``override`` is read through :func:`_pick_columns` instead.
+    """
+    if flavour == "base":
+        return {}
+    out = {}
+    for var, cands in PARTITIONED_CANDIDATES.items():
+        present = [c for c in cands if c in names]
+        if present and var not in override:
+            out[var] = present
+    return out
+
+
 def _base_qc_name(col: str) -> str:
     m = re.match(r"^(.*?)((?:_\d+){1,3}|_\d+_\d+_A)?$", col)
     stem, pos = (m.group(1), m.group(2) or "") if m else (col, "")
@@ -528,9 +566,10 @@ def _base_qc_name(col: str) -> str:
 def _source_unit(flavour: str, var: str, src: str, resolution: str) -> str | None:
     if flavour == "base":
         return BASE_UNITS.get(var.removesuffix("_UNC"))
-    if flavour == "fluxdatakit" and var in ("NEE", "NEE_UNC"):
-        # FluxDataKit down-samples by averaging the half-hours, so its daily carbon fluxes stay in
-        # umol m-2 s-1 (ONEFlux's DD files hold gC m-2 d-1; reading FDK as those is 3.6 % low).
+    if flavour == "fluxdatakit" and var in ("NEE", "NEE_UNC", *PARTITIONED_CANDIDATES):
+        # FluxDataKit down-samples by averaging the half-hours, so its daily carbon fluxes (GPP too, in
+        # fdk_downsample_fluxnet) stay in umol m-2 s-1 (ONEFlux's DD files hold gC m-2 d-1; reading FDK
+        # as those is 3.6 % low).
         return "umolCO2 m-2 s-1"
     unit = fluxnet_units(src, resolution)
     if unit is None and var in ("NEE", "NEE_UNC"):
@@ -763,8 +802,11 @@ def _read_reddyproc(label: str, body: bytes) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # Checks common to every format.
 # Absolute values beyond these are implausible in the tidy unit (unit-suspicious column when many).
+# RECO and GPP get NEE's bounds: large enough for peak crop GPP, far below a unit mix-up (x 86400 etc.).
 _PLAUSIBLE_SUBDAILY = {
     "NEE": 100.0,
+    "RECO": 100.0,
+    "GPP": 100.0,
     "TA": 70.0,
     "SW_IN": 1500.0,
     "VPD": 150.0,
@@ -774,6 +816,8 @@ _PLAUSIBLE_SUBDAILY = {
 }
 _PLAUSIBLE_DAILY = {
     "NEE": 60.0,
+    "RECO": 60.0,
+    "GPP": 60.0,
     "TA": 70.0,
     "SW_IN": 1500.0,
     "VPD": 150.0,
