@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 import geoflux
@@ -69,12 +70,7 @@ def stage_towers(cfg: RunConfig, echo: Callable[[str], None] = log.info) -> pd.D
     fps = tower_footprints(with_records, target_grid(cfg.grid), cfg.footprint, records=records)
     methods = check_footprint_methods(fps, with_records, records, cfg.footprint)  # raises on fallback=error
     if cfg.model.target == "partitioned":  # RECO and GPP for the two heads of the model
-        from geoflux.towers.processing.partition import partition_records
-
-        try:
-            records = partition_records(records)
-        except ValueError as exc:
-            raise GeofluxError(f"{cfg.towers.files}: model.target partitioned: {exc}") from None
+        records = _partitioned(records, cfg, echo)
     filtered = tw.qc_filter(records, qc_max=cfg.towers.qc_max)
     starts, ends = cfg.period_bounds()
     obs = tw.aggregate(filtered, starts, min_coverage=cfg.towers.min_coverage, end=ends[-1])
@@ -89,6 +85,37 @@ def stage_towers(cfg: RunConfig, echo: Callable[[str], None] = log.info) -> pd.D
         methods.to_csv(tmp, index=False)
     _report_footprints(methods, cfg.footprint.fallback, echo)
     return obs
+
+
+def _partitioned(records: pd.DataFrame, cfg: RunConfig, echo: Callable[[str], None]) -> pd.DataFrame:
+    """Records with RECO and GPP for every site: ONEFlux's night-time partitioning where the files carry
+    it, geoflux's own (:func:`~geoflux.towers.processing.partition.partition_records`, per site and year)
+    for the other sites, which need sub-daily records."""
+    from geoflux.towers.processing.partition import partition_records
+
+    records = records.copy()
+    for col in ("RECO", "GPP"):
+        if col not in records.columns:
+            records[col] = np.nan
+    has = records.groupby("site")["RECO"].apply(lambda v: bool(v.notna().any()))
+    need = sorted(map(str, has.index[~has]))
+    if need:
+        sub = records.loc[records["site"].astype(str).isin(need)]
+        sub.attrs = dict(records.attrs)
+        try:
+            part = partition_records(sub)
+        except ValueError as exc:
+            more = f" and {len(need) - 5} more" if len(need) > 5 else ""
+            raise GeofluxError(
+                f"{cfg.towers.files}: model.target partitioned: site(s) {', '.join(need[:5])}{more} have "
+                f"no RECO in their files and cannot be partitioned here ({exc})"
+            ) from None
+        records.loc[part.index, ["RECO", "GPP"]] = part[["RECO", "GPP"]].to_numpy()
+    echo(
+        f"partitioned fluxes: {len(has) - len(need)} site(s) from their files (ONEFlux night-time), "
+        f"{len(need)} partitioned here (night-time, per site and year)"
+    )
+    return records
 
 
 def _report_footprints(methods: pd.DataFrame, fallback: str, echo: Callable[[str], None]) -> None:

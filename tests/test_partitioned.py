@@ -221,3 +221,59 @@ def test_report_says_what_the_model_learns() -> None:
     one = _target_note(SimpleNamespace(card={"provenance": {"kind": "random_forest"}}))  # older card
     assert "RECO and GPP apart" in two and "not its split between drivers" in two
     assert "NEE alone" in one and "partitioned came much closer" in one
+
+
+def _partitioned_config(root):
+    from geoflux.config import dump_config, load_config
+
+    cfg = load_config(root / "config.yaml")
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"target": "partitioned"})})
+    dump_config(cfg, root / "config.yaml")
+    return load_config(root / "config.yaml")
+
+
+def test_towers_stage_takes_the_files_partitioning_and_partitions_the_rest(tiny_world) -> None:
+    """One tower file carries ONEFlux's night-time RECO/GPP (a constant here, to be recognised): the
+    towers stage keeps it for that site and partitions the others itself."""
+    from geoflux import pipeline
+    from geoflux.towers import UMOL_TO_GC_PER_DAY
+
+    files = sorted((tiny_world / "world" / "towers").glob("*.csv"))
+    df = pd.read_csv(files[0])
+    df["RECO_NT_VUT_REF"] = 2.5  # umol m-2 s-1
+    df["GPP_NT_VUT_REF"] = 2.5 - df["NEE_VUT_REF"]
+    df.to_csv(files[0], index=False)
+    said: list[str] = []
+    obs = pipeline.stage_towers(_partitioned_config(tiny_world), echo=said.append)
+    first = files[0].name.split("_")[1]
+    mine = obs.loc[obs["site"] == first, "RECO"]
+    np.testing.assert_allclose(mine, 2.5 * UMOL_TO_GC_PER_DAY)
+    others = obs.loc[obs["site"] != first]
+    assert others["RECO"].notna().all() and others["RECO"].std() > 0.1  # partitioned: varies with TA
+    n = obs["site"].nunique()
+    line = f"partitioned fluxes: 1 site(s) from their files (ONEFlux night-time), {n - 1} partitioned here"
+    assert any(x.startswith(line) for x in said), said
+    np.testing.assert_allclose(obs["GPP"], obs["RECO"] - obs["NEE"], atol=1e-9)
+
+
+def test_daily_files_without_partitioning_stop_the_towers_stage(tiny_world) -> None:
+    from geoflux import pipeline
+    from geoflux.errors import GeofluxError
+    from geoflux.towers import UMOL_TO_GC_PER_DAY
+
+    towers = tiny_world / "world" / "towers"
+    sites = []
+    for hh in sorted(towers.glob("*.csv")):  # every file daily: a run's files share one resolution
+        df = pd.read_csv(hh, na_values=[-9999])
+        day = (df["TIMESTAMP_START"] // 10000).astype(int)
+        dd = df.groupby(day).agg({"NEE_VUT_REF": "mean", "TA_F": "mean", "SW_IN_F": "mean", "VPD_F": "mean"})
+        dd["NEE_VUT_REF"] *= UMOL_TO_GC_PER_DAY
+        dd["NEE_VUT_REF_QC"] = 1.0
+        dd.index.name = "TIMESTAMP"
+        dd.reset_index().to_csv(towers / hh.name.replace("_HH_", "_DD_"), index=False)
+        hh.unlink()
+        sites.append(hh.name.split("_")[1])
+    named = rf"site\(s\) {sites[0]}, .*{sites[4]} and {len(sites) - 5} more have no RECO .*half-hourly"
+    with pytest.raises(GeofluxError, match=named):
+        pipeline.stage_towers(_partitioned_config(tiny_world))
+    assert not (tiny_world / "towers").exists()  # nothing written
