@@ -55,6 +55,10 @@ def test_partition_records_fits_each_year_on_its_own() -> None:
         assert abs(out["RECO"][sel].sum() / reco[sel].sum() - 1) < 0.05
     np.testing.assert_allclose(out["GPP"], out["RECO"] - out["NEE"])
     assert {"NEE", "TA", "SW_IN"} <= set(out.columns) and len(out) == len(records)
+    shuffled = records.sample(frac=1.0, random_state=0)  # e.g. several files of one site, read unordered
+    shuffled.attrs = records.attrs
+    again = partition_records(shuffled).loc[records.index]
+    np.testing.assert_allclose(again["RECO"], out["RECO"])
 
 
 def test_partition_records_names_the_site_year_it_cannot_fit() -> None:

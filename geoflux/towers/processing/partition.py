@@ -600,14 +600,15 @@ def partition_records(records: pd.DataFrame, options: NightOptions | None = None
     nee = out["NEE"].to_numpy(np.float64)
     qc = out["NEE_QC"].to_numpy(np.float64) if "NEE_QC" in out.columns else np.zeros(len(out))
     measured = np.where(qc == 0, nee, np.nan)
-    years = pd.DatetimeIndex(out["time"]).year.to_numpy()
+    times = out["time"].to_numpy("datetime64[ns]")
+    years = pd.DatetimeIndex(times).year.to_numpy()
     for (site, year), idx in out.groupby([out["site"].astype(str).to_numpy(), years]).indices.items():
-        idx = np.sort(idx)
+        idx = idx[np.argsort(times[idx], kind="stable")]  # in time order, whatever the table's order
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 p = partition_nighttime(
-                    out["time"].to_numpy()[idx],
+                    times[idx],
                     nee[idx],
                     out["TA"].to_numpy(np.float64)[idx],
                     out["SW_IN"].to_numpy(np.float64)[idx],
