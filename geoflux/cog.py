@@ -338,7 +338,9 @@ class COGStream:
             for tiled, spec in zip(self._tiled, self.specs, strict=True):
                 with atomic_path(spec.path) as part:
                     _to_cog(tiled, part, spec.resampling)
-                tiled.unlink()
+                    # gone before the rename: a finished output never has its intermediate beside it, so a
+                    # run killed at any moment leaves no leftover that a resume (which skips it) would keep
+                    tiled.unlink()
         finally:
             self.abort()
         return [s.path for s in self.specs]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dask
 import dask.array as da
 import numpy as np
@@ -105,3 +107,27 @@ def test_cog_stream_blocks_nodata_and_abort(tmp_path, grid):
     aborted = COGStream(grid, [RasterSpec(tmp_path / "c.tif")])
     aborted.abort()
     assert not list(tmp_path.glob("c.tif*"))
+
+
+def test_cog_stream_never_shows_an_output_beside_its_intermediate(tmp_path, grid, monkeypatch):
+    """A run killed at any moment must not leave a finished output with its intermediate beside it (a
+    resume skips finished outputs, so the intermediate would stay): at the rename into place, it is gone."""
+    import os
+
+    from geoflux import atomic
+    from geoflux.cog import COGStream, tiled_path
+
+    specs = [RasterSpec(tmp_path / "a.tif"), RasterSpec(tmp_path / "b.tif")]
+    seen = []
+    replace = os.replace
+
+    def watched(src, dst):
+        seen.append((Path(dst).name, tiled_path(Path(dst)).exists()))
+        return replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", watched)
+    stream = COGStream(grid, specs, chunk=128)
+    ny, nx = grid.shape
+    stream.write(slice(0, ny), slice(0, nx), np.zeros((2, ny, nx), "float32"))
+    stream.finish()
+    assert seen == [("a.tif", False), ("b.tif", False)]
