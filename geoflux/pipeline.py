@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 import geoflux
@@ -88,32 +87,17 @@ def stage_towers(cfg: RunConfig, echo: Callable[[str], None] = log.info) -> pd.D
 
 
 def _partitioned(records: pd.DataFrame, cfg: RunConfig, echo: Callable[[str], None]) -> pd.DataFrame:
-    """Records with RECO and GPP for every site: ONEFlux's night-time partitioning where the files carry
-    it, geoflux's own (:func:`~geoflux.towers.processing.partition.partition_records`, per site and year)
-    for the other sites, which need sub-daily records."""
-    from geoflux.towers.processing.partition import partition_records
+    """Records with RECO and GPP for every site (:func:`~geoflux.towers.processing.partition.
+    complete_partitioning`); its refusal as this run's one-line error."""
+    from geoflux.towers.processing.partition import complete_partitioning
 
-    records = records.copy()
-    for col in ("RECO", "GPP"):
-        if col not in records.columns:
-            records[col] = np.nan
-    has = records.groupby("site")["RECO"].apply(lambda v: bool(v.notna().any()))
-    need = sorted(map(str, has.index[~has]))
-    if need:
-        sub = records.loc[records["site"].astype(str).isin(need)]
-        sub.attrs = dict(records.attrs)
-        try:
-            part = partition_records(sub)
-        except ValueError as exc:
-            more = f" and {len(need) - 5} more" if len(need) > 5 else ""
-            raise GeofluxError(
-                f"{cfg.towers.files}: model.target partitioned: site(s) {', '.join(need[:5])}{more} have "
-                f"no RECO in their files and cannot be partitioned here ({exc})"
-            ) from None
-        records.loc[part.index, ["RECO", "GPP"]] = part[["RECO", "GPP"]].to_numpy()
+    try:
+        records, n_files, n_here = complete_partitioning(records)
+    except ValueError as exc:
+        raise GeofluxError(f"{cfg.towers.files}: model.target partitioned: {exc}") from None
     echo(
-        f"partitioned fluxes: {len(has) - len(need)} site(s) from their files (ONEFlux night-time), "
-        f"{len(need)} partitioned here (night-time, per site and year)"
+        f"partitioned fluxes: {n_files} site(s) from their files (ONEFlux night-time), "
+        f"{n_here} partitioned here (night-time, per site and year)"
     )
     return records
 

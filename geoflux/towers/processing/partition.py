@@ -623,3 +623,41 @@ def partition_records(records: pd.DataFrame, options: NightOptions | None = None
     out["RECO"] = reco
     out["GPP"] = gpp
     return out
+
+
+def complete_partitioning(
+    records: pd.DataFrame, options: NightOptions | None = None
+) -> tuple[pd.DataFrame, int, int]:
+    """RECO and GPP for every site of a record table: the files' own (ONEFlux night-time, as the reader
+    keeps them) where a site has any, :func:`partition_records` for the other sites.
+
+    Returns
+    -------
+    A copy of the records with ``RECO`` and ``GPP`` (units as NEE's), the number of sites that kept their
+    files' partitioning and the number partitioned here.
+
+    Raises
+    ------
+    ValueError
+        naming the sites that have no RECO and cannot be partitioned here (e.g. daily records).
+    """
+    out = records.copy()
+    for col in ("RECO", "GPP"):
+        if col not in out.columns:
+            out[col] = np.nan
+    site = out["site"].astype(str)
+    has = out["RECO"].notna().groupby(site).any()
+    need = sorted(has.index[~has])
+    if need:
+        sub = out.loc[site.isin(need)]
+        sub.attrs = dict(records.attrs)
+        try:
+            part = partition_records(sub, options)
+        except ValueError as exc:
+            more = f" and {len(need) - 5} more" if len(need) > 5 else ""
+            raise ValueError(
+                f"site(s) {', '.join(need[:5])}{more} have no RECO in their files and cannot be "
+                f"partitioned here ({exc})"
+            ) from None
+        out.loc[part.index, ["RECO", "GPP"]] = part[["RECO", "GPP"]].to_numpy()
+    return out, int(has.sum()), len(need)
