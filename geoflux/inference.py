@@ -27,6 +27,7 @@ fits the budget or the library is already cached, and records the timings and th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -155,14 +156,20 @@ class CompiledEstimator:
             with _LOAD_LOCK:
                 pred = _LOADED.get(self.digest)
                 if pred is None:
-                    folder = Path(tempfile.gettempdir()) / f"geoflux-compiled-{os.getuid()}-{os.getpid()}"
-                    folder.mkdir(mode=0o700, exist_ok=True)
+                    # A private folder per load, removed once the library is loaded: the loader maps the
+                    # file, so nothing is left behind in the temporary directory by each process (a
+                    # folder per process id used to stay there for good).
+                    folder = Path(tempfile.mkdtemp(prefix="geoflux-compiled-"))
                     path = folder / f"{self.digest}.so"
-                    if not path.exists():
+                    try:
                         path.write_bytes(self.lib)
-                    # One thread per call: dask runs one chunk per core.
-                    with _quiet("loading a compiled library"):
-                        pred = tl2cgen.Predictor(str(path), nthread=1)
+                        # One thread per call: dask runs one chunk per core.
+                        with _quiet("loading a compiled library"):
+                            pred = tl2cgen.Predictor(str(path), nthread=1)
+                    finally:
+                        shutil.rmtree(folder, ignore_errors=True)
+                    if folder.exists():  # a platform that keeps a loaded library's file open
+                        atexit.register(shutil.rmtree, folder, True)
                     _LOADED[self.digest] = pred
         return pred
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
+import tempfile
 
 import numpy as np
 import pytest
@@ -84,6 +86,22 @@ def test_compiled_model_maps_in_worker_processes(tmp_path):
         with rasterio.open(spec.path) as src:
             maps[name] = src.read(1)
     np.testing.assert_allclose(maps["compiled"], maps["lib"], rtol=0, atol=1e-5)
+
+
+def test_loading_a_compiled_library_leaves_nothing_in_the_temp_dir(monkeypatch, tmp_path):
+    """Each process used to leave a geoflux-compiled-<uid>-<pid> folder behind (189 of them here)."""
+    pytest.importorskip("tl2cgen")
+    model = _model(HistGradientBoostingRegressor(max_iter=10, max_leaf_nodes=7, random_state=0))
+    compiled, _ = inference.prepare(model, "compiled", tmp_path / "cache")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(inference, "_LOADED", {})  # as in a fresh worker process
+    fresh = pickle.loads(pickle.dumps(compiled.estimator))
+    x = _features()
+    np.testing.assert_allclose(fresh.predict(x), model.predict(x), rtol=0, atol=MAX_ABS_DIFF)
+    assert inference._LOADED  # it was really loaded from a file written here
+    assert list(temp.iterdir()) == []
 
 
 def test_fallback_without_compilers(monkeypatch, tmp_path):
