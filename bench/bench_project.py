@@ -317,6 +317,11 @@ def main() -> None:
             f"    first: model {r['first_driver']} | generator {gfirst}; grouped: model "
             f"{r['first_grouped']} | generator {gfirst_grouped}"
         )
+        if "outside_aoa" in r:
+            print(
+                f"    outside the AOA (share of pixel-days): run {r['outside_aoa']:.1%}; with the driver at "
+                "climatology: " + ", ".join(f"{d} {r[f'outside_aoa_{d}']:.1%}" for d in att["drivers"])
+            )
     print(f"first driver agrees in {agree} of {len(rows)} years")
 
     spec = load_scenario(cfg, args.scenario)
@@ -346,6 +351,7 @@ def main() -> None:
     summary = {
         "size": args.size,
         "first_driver_agreement": [agree, len(rows)],
+        "attribution_extrapolated": (att.get("extrapolation") or {}).get("flagged"),
         "scenario": args.scenario,
         "change_ratio_per_year": ratios,
         "change_mean": {"mapped": mean_m, "true": mean_t},

@@ -471,9 +471,7 @@ def true_budgets(spec: WorldSpec, fields: WorldFields) -> dict:
         out["attribution_note"] = "needs two or more years with the same steps"
         return out
     n_years, per_year = len(counts), int(counts.iloc[0])
-    ta_q = np.round(fields.ta * 100) / 100  # the truth was computed from the drivers as stored
-    ndvi_q = np.round(fields.ndvi * 1e4) / 1e4
-    drivers = {"sw": fields.sw, "ta": ta_q, "vpd": fields.vpd, "sm": fields.sm, "ndvi": ndvi_q}
+    drivers = _stored_drivers(fields)  # the truth was computed from the drivers as stored
     region = masks["region"]
     base = _budget_by_year(fields.nee, years, days, region)
 
@@ -860,6 +858,28 @@ def _encode(values: np.ndarray, dtype: str, scale: float, offset: float) -> np.n
     return raw.astype(dtype)
 
 
+def driver_variables() -> list[dict]:
+    """The configuration's ``variables`` entries of a generated world's drivers (:data:`DRIVER_ENCODING`)."""
+    return [
+        {
+            "name": name,
+            "collection": f"demo-{name}",
+            "asset": "data",
+            "scale": scale,
+            "offset": offset,
+            "nodata": nodata,
+            "units": units,
+            "kind": kind,
+            "static": static,
+            **({"classes": sorted(CLASSES)} if kind == "categorical" else {}),
+            **(
+                {"physical_range": list(DRIVER_PHYSICAL_RANGE[name])} if name in DRIVER_PHYSICAL_RANGE else {}
+            ),
+        }
+        for name, (_, _, scale, offset, nodata, units, kind, static) in DRIVER_ENCODING.items()
+    ]
+
+
 def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | None = None) -> Path:
     """Generate a world and write it under ``out/world``; return the run configuration's path.
 
@@ -969,26 +989,7 @@ def write_world(out: str | Path, size: str | WorldSpec = "default", seed: int | 
     end = ends[-1] - pd.Timedelta(days=1)
     cfg = {
         "catalog": "world/catalog.json",
-        "variables": [
-            {
-                "name": name,
-                "collection": f"demo-{name}",
-                "asset": "data",
-                "scale": scale,
-                "offset": offset,
-                "nodata": nodata,
-                "units": units,
-                "kind": kind,
-                "static": static,
-                **({"classes": sorted(CLASSES)} if kind == "categorical" else {}),
-                **(
-                    {"physical_range": list(DRIVER_PHYSICAL_RANGE[name])}
-                    if name in DRIVER_PHYSICAL_RANGE
-                    else {}
-                ),
-            }
-            for name, (_, _, scale, offset, nodata, units, kind, static) in DRIVER_ENCODING.items()
-        ],
+        "variables": driver_variables(),
         "towers": {
             "files": "world/towers/*.csv",
             "sites": "world/sites.csv",

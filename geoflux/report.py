@@ -874,12 +874,25 @@ def _years_section(run: _Run) -> str:
             if groups
             else ""
         )
+        shares = [c for c in region.columns if c.startswith("outside_aoa")]
         parts.append(
             "<h3>Why the budget differs between years</h3><p>Each year's regional NEE anomaly "
             f"({html.escape(str(attr.get('units', '')))}) split into driver contributions through the model "
             "(the driver held at its climatology); <b>interaction</b> is what the single contributions "
-            f"do not explain.{note}</p>" + _table(region)
+            f"do not explain.{note}</p>" + _table(region.drop(columns=shares))
         )
+        if shares:
+            flagged = (attr.get("extrapolation") or {}).get("flagged") or []
+            parts.append(
+                "<p>Holding one driver at its climatology while the others keep their anomaly asks the model "
+                "about combinations of drivers the towers may never have seen. Share of each year's "
+                "pixel-days whose inputs are outside the area of applicability: the run's own drivers "
+                "(<b>outside_aoa</b>) and each counterfactual. A contribution whose counterfactual leaves "
+                "the AOA much more often than the run is an extrapolation of the model, and its rank with it"
+                + (": " + "; ".join(html.escape(f) for f in flagged) + "." if flagged else " (none flagged).")
+                + "</p>"
+                + _table(region[["year", *shares]])
+            )
     folder = run.layout.path(SCENARIO_BUDGETS)
     rows = []
     for proj in sorted(folder.glob("*/projection.json")) if folder.is_dir() else []:

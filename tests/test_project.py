@@ -9,6 +9,7 @@ known in closed form: coefficient x the anomaly of the driver's day-weighted ann
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import shutil
@@ -305,3 +306,67 @@ def test_year_attribution_matches_closed_form(linear_world) -> None:
     np.testing.assert_allclose(m, full[2020], atol=2e-3)
     saved = pd.read_csv(root / "analysis" / "attribution_years.csv")
     assert len(saved) == 2 * 3 and set(saved["region"]) == {"region", "landcover=1", "landcover=2"}
+
+
+def test_year_attribution_reports_where_counterfactuals_leave_the_aoa(linear_world, tmp_path) -> None:
+    """The share of each year's days whose inputs are outside the AOA, for the run's own drivers and for
+    each counterfactual, against a brute-force nearest-neighbour DI computed here."""
+    from geoflux.analysis.attribution import EXTRAPOLATION_RATIO, _extrapolated, year_attribution
+    from geoflux.model import AOA
+
+    root, cfg, model, fields, _ = linear_world
+    feats = list(COEF)
+    sw_points = np.linspace(100.0, 250.0, 151)  # the AOA knows sw in [100, 250] only (weight 0 elsewhere)
+    weights = np.array([1.0 if f == "sw" else 0.0 for f in feats])
+    points = np.zeros((len(sw_points), len(feats)))
+    points[:, feats.index("sw")] = sw_points
+    aoa_model = copy.copy(model)
+    aoa_model.aoa = AOA(np.zeros(len(feats)), np.ones(len(feats)), weights, points, dbar=10.0, threshold=1.0)
+    cfg2 = cfg.model_copy(update={"output": str(tmp_path)})
+    shutil.copytree(root / "training", tmp_path / "training")
+    out = year_attribution(cfg2, model=aoa_model, overwrite=True)
+    periods, days = cfg.periods(), cfg.period_days()
+    years = periods.year.to_numpy()
+
+    def share(sw: np.ndarray) -> dict[int, np.ndarray]:
+        di = np.abs(sw[..., None] - sw_points).min(axis=-1) / 10.0
+        o = di > 1.0
+        return {
+            y: (days[years == y][:, None, None] * o[years == y]).sum(0) / days[years == y].sum()
+            for y in (2020, 2021)
+        }
+
+    clim_sw = np.concatenate([(fields["sw"][:46] + fields["sw"][46:]) / 2] * 2)
+    own, held_sw = share(fields["sw"]), share(clim_sw)
+    table = pd.DataFrame(out["table"]).set_index(["region", "year"])
+    for y in (2020, 2021):
+        row = table.loc[("region", str(y))]
+        assert row["outside_aoa"] == pytest.approx(own[y].mean(), abs=1e-6)
+        assert row["outside_aoa_sw"] == pytest.approx(held_sw[y].mean(), abs=1e-6)
+        assert row["outside_aoa_ta"] == pytest.approx(own[y].mean(), abs=1e-6)  # sw untouched
+        assert 0 < row["outside_aoa"] < 1 and row["outside_aoa_sw"] != row["outside_aoa"]
+    m = _read(tmp_path / "analysis" / "attribution" / "outside-aoa-sw_2021.tif")
+    np.testing.assert_allclose(m, held_sw[2021], atol=1e-6)
+    with rasterio.open(tmp_path / "analysis" / "attribution" / "outside-aoa_2020.tif") as src:
+        assert src.tags(1)["units"] == "1" and src.units == ("1",)
+    assert out["extrapolation"]["flagged"] == _extrapolated(
+        pd.DataFrame(out["table"]), ["ta", "sw", "lst", "ta+lst"]
+    )
+    # the flagging rule on a table where one counterfactual leaves the AOA twice as often as the run
+    frame = pd.DataFrame(
+        [
+            {
+                "region": "region",
+                "year": "2022",
+                "outside_aoa": 0.05,
+                "contrib_sm": 30.0,
+                "outside_aoa_sm": 0.11,
+                "contrib_vpd": 20.0,
+                "outside_aoa_vpd": 0.055,
+            }
+        ]
+    )
+    flagged = _extrapolated(frame, ["sm", "vpd"])
+    assert len(flagged) == 1 and flagged[0].startswith("2022: with sm held") and "11.0%" in flagged[0]
+    frame["outside_aoa_sm"] = 0.05 * EXTRAPOLATION_RATIO - 1e-3
+    assert _extrapolated(frame, ["sm", "vpd"]) == []

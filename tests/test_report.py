@@ -214,6 +214,9 @@ def test_report_shows_analysis_and_budgets_when_present(tiny_run, tmp_path):
         "units": "gC m-2 yr-1",
         "groups": {"ta+lst": ["ta", "lst"]},
         "collinearity": {"threshold": 0.8},
+        "extrapolation": {
+            "flagged": ["2022: with sm held at its climatology 11.0% of the pixel-days are outside"]
+        },
     }
     (dst / "analysis" / "attribution_years.json").write_text(json.dumps(attribution))
     pd.DataFrame(
@@ -222,6 +225,8 @@ def test_report_shows_analysis_and_budgets_when_present(tiny_run, tmp_path):
             "year": [2022, 2022],
             "anomaly": [81.25, 3.0],
             "first_driver": "sm",
+            "outside_aoa": [0.05, 0.04],
+            "outside_aoa_sm": [0.11, 0.2],
         }
     ).to_csv(dst / "analysis" / "attribution_years.csv", index=False)
     proj = dst / "budgets" / "scenarios" / "warming_2K"
@@ -239,6 +244,10 @@ def test_report_shows_analysis_and_budgets_when_present(tiny_run, tmp_path):
     years = _cells(index.read_text(), "Why the budget differs between years")
     assert years[1][:2] == ["2022", "81.250"] and len(years) == 2  # the region row only
     assert "ta+lst" in index.read_text()  # collinear drivers named
+    assert "outside_aoa" not in years[0]  # the shares have their own table, with the flagged line
+    shares = _cells(index.read_text(), "combinations of drivers the towers may never have seen")
+    assert shares[0] == ["year", "outside_aoa", "outside_aoa_sm"] and shares[1] == ["2022", "0.050", "0.110"]
+    assert "with sm held at its climatology 11.0%" in index.read_text()
     scen = _cells(index.read_text(), "Scenarios (geoflux project)")
     assert scen[1][scen[0].index("change")] == "19.500" and scen[1][scen[0].index("outside AOA")] == "0.073"
     html = index.read_text()

@@ -506,6 +506,31 @@ def _complete_years(cfg: RunConfig) -> tuple[list[str], np.ndarray, np.ndarray, 
     return names, np.concatenate(idx), np.concatenate(year_of), np.concatenate(days)
 
 
+def year_matrices(
+    periods: pd.DatetimeIndex, year_of: np.ndarray, days: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two matrices attribution works with, for periods inside complete calendar years.
+
+    Parameters
+    ----------
+    periods : period starts.
+    year_of : index (0..n_years-1) of the year each period belongs to.
+    days : days of each period inside its year.
+
+    Returns
+    -------
+    ``year_w`` (year, period): days of each period in each year, so ``year_w @ nee`` is each year's budget
+    (gC m-2 yr-1 from gC m-2 d-1); ``clim`` (period, period): averaging matrix giving each period the mean
+    over years of its step of the year (:func:`step_of_year`).
+    """
+    year_of = np.asarray(year_of)
+    year_w = np.zeros((int(year_of.max()) + 1, len(year_of)))
+    year_w[year_of, np.arange(len(year_of))] = days
+    pos = step_of_year(periods)
+    same = (pos[:, None] == pos[None, :]).astype(float)
+    return year_w, same / same.sum(axis=1, keepdims=True)
+
+
 def _attribution_block(
     *blocks: np.ndarray,
     model: Any,
@@ -519,9 +544,11 @@ def _attribution_block(
     ``blocks``: one per variable, (time, y, x) or static (y, x). ``layers``: (name, feature columns held at
     climatology) per contribution. ``year_w`` (year, time): days of each period in each year. ``clim``
     (time, time): the averaging matrix giving each period the mean over years of its step of the year.
-    Returns (year * (2 + len(layers)), y, x) float32: per year the anomaly, the contributions, then the
-    interaction (anomaly minus the single-driver contributions), gC m-2 yr-1; NaN where a driver is
-    missing in any period.
+    Returns (year * n, y, x) float32: per year the anomaly, the contributions, then the interaction
+    (anomaly minus the single-driver contributions), gC m-2 yr-1; then, when the model has an area of
+    applicability, the share of the year's days (0-1) whose inputs are outside it: the run's own inputs,
+    then each layer's counterfactual (its drivers at climatology). NaN where a driver is missing in any
+    period.
     """
     from threadpoolctl import threadpool_limits
 
@@ -537,11 +564,13 @@ def _attribution_block(
     }
     feats = pixel_features(values, variables)  # (time, y, x, feature)
     nt, ny, nx, nf = feats.shape
-    n_years, n_lay = year_w.shape[0], 2 + len(layers)
+    aoa = getattr(model, "aoa", None)
+    n_years, n_lay = year_w.shape[0], 2 + len(layers) + (1 + len(layers) if aoa is not None else 0)
     out = np.full((n_years, n_lay, ny, nx), np.nan, dtype=np.float32)
     valid = np.isfinite(feats).all(axis=(0, 3))
     if valid.any():
         f = feats[:, valid].astype(np.float32)  # (time, pixel, feature)
+        days = year_w.sum(axis=1, keepdims=True)
 
         def anomaly(x: np.ndarray) -> np.ndarray:
             with threadpool_limits(1, user_api="openmp"):
@@ -549,19 +578,57 @@ def _attribution_block(
             b = year_w @ nee  # (year, pixel) gC m-2 yr-1
             return b - b.mean(axis=0)
 
+        def outside(x: np.ndarray) -> np.ndarray:
+            # The counterfactual asks the model about combinations of drivers; where they are unlike its
+            # training data (DI above the AOA threshold) the contribution is an extrapolation.
+            out_ = (aoa.di(x.reshape(-1, nf)) > aoa.threshold).reshape(nt, -1)
+            return year_w @ out_ / days  # (year, pixel) share of the year's days
+
         a = anomaly(f)
         out[:, 0, valid] = a
         singles = np.zeros_like(a)
+        first_share = 2 + len(layers)
+        if aoa is not None:
+            out[:, first_share, valid] = outside(f)
         for k, (_, cols) in enumerate(layers):
             held = f.copy()
             for j in cols:
                 held[:, :, j] = (clim @ f[:, :, j].astype(np.float64)).astype(np.float32)
             c = a - anomaly(held)
             out[:, 1 + k, valid] = c
+            if aoa is not None:
+                out[:, first_share + 1 + k, valid] = outside(held)
             if len(cols) == 1:
                 singles += c
-        out[:, -1, valid] = a - singles
+        out[:, 1 + len(layers), valid] = a - singles
     return out.reshape(n_years * n_lay, ny, nx)
+
+
+EXTRAPOLATION_RATIO = 1.5
+EXTRAPOLATION_EXCESS = 0.02
+
+
+def _extrapolated(frame: pd.DataFrame, layers: Sequence[str]) -> list[str]:
+    """One line per (year, driver) of the region whose counterfactual leaves the AOA far more than the run.
+
+    Holding a driver at its climatology while the others keep their anomaly asks the model about inputs
+    the towers may never have seen; the model agrees with the data where it was trained, not there. A
+    contribution whose counterfactual lies outside the AOA much more often than the run's own inputs is an
+    extrapolation, whatever its size (bench/bench_attribution_limit.py: models trained on the world's
+    exact fluxes misrank the drivers until counterfactual inputs are in their training data).
+    """
+    out = []
+    for _, row in frame.loc[frame["region"] == "region"].iterrows():
+        own = row["outside_aoa"]
+        for d in layers:
+            cf = row[f"outside_aoa_{d}"]
+            if cf >= EXTRAPOLATION_RATIO * own and cf - own >= EXTRAPOLATION_EXCESS:
+                out.append(
+                    f"{row['year']}: with {d} held at its climatology {cf:.1%} of the pixel-days are outside "
+                    f"the area of applicability (the run's own drivers: {own:.1%}); {d}'s contribution "
+                    f"({row[f'contrib_{d}']:+.1f} {BUDGET_UNITS}) is an extrapolation of the model"
+                )
+    return out
 
 
 def _layer_means(stack: Any, labels: Any, codes: Sequence[int]) -> np.ndarray:
@@ -664,13 +731,11 @@ def year_attribution(
     layers = [(d, [features.index(d)]) for d in dynamic]
     layers += [(g, [features.index(d) for d in m]) for g, m in col["groups"].items()]
     names = ["anomaly", *[f"contrib_{n}" for n, _ in layers], "interaction"]
+    shares = ["outside_aoa", *[f"outside_aoa_{n}" for n, _ in layers]] if model.aoa is not None else []
+    names += shares
 
     n_years = len(years)
-    year_w = np.zeros((n_years, len(idx)))
-    year_w[year_of, np.arange(len(idx))] = days
-    pos = step_of_year(periods)[idx]
-    same = (pos[:, None] == pos[None, :]).astype(float)
-    clim = same / same.sum(axis=1, keepdims=True)
+    year_w, clim = year_matrices(periods[idx], year_of, days)
 
     cube = cube_from_config(cfg)
     geobox = target_grid(cfg.grid)
@@ -710,12 +775,17 @@ def year_attribution(
             "method": "model prediction with the driver(s) held at their per-pixel climatology",
             "years": ",".join(years),
         }
+        share_tags = {
+            **tags,
+            "quantity": "share of the year's days whose inputs are outside the area of applicability "
+            "(outside_aoa: the run's drivers; outside_aoa_<driver>: with the driver held at its climatology)",
+        }
         specs = [
             RasterSpec(
                 p,
-                units=BUDGET_UNITS,
+                units="1" if n in shares else BUDGET_UNITS,
                 description=f"{n} {y}",
-                tags={**tags, "year": y, "layer": n},
+                tags={**(share_tags if n in shares else tags), "year": y, "layer": n},
             )
             for p, (y, n) in zip(paths, [(y, n) for y in years for n in names], strict=True)
         ]
@@ -738,6 +808,9 @@ def year_attribution(
             row["first_grouped"] = max(grouped, key=lambda d: abs(grouped[d]))
             rows.append(row)
     frame = pd.DataFrame(rows)
+    extrapolated = _extrapolated(frame, [n for n, _ in layers]) if shares else []
+    for w in extrapolated:
+        log.warning("attribution: %s", w)
     out = {
         "method": "per pixel and period, NEE predicted with the driver (group) held at its climatology (mean "
         "over the complete years of the same step of the year); contribution = anomaly(budget) - "
@@ -748,7 +821,15 @@ def year_attribution(
         "drivers": dynamic,
         "groups": col["groups"],
         "collinearity": col,
-        "warnings": warnings,
+        "warnings": warnings + extrapolated,
+        "extrapolation": {
+            "rule": "a driver's counterfactual is flagged when the share of the year's pixel-days outside "
+            f"the AOA is at least {EXTRAPOLATION_RATIO:g} x the run's own and "
+            f"{EXTRAPOLATION_EXCESS * 100:g} percentage points above it",
+            "flagged": extrapolated,
+        }
+        if shares
+        else None,
         "maps": [str(p) for p in paths] if write else [],
         "table": frame.to_dict(orient="records"),
     }
