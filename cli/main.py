@@ -914,24 +914,30 @@ def attribute(config: Path, threshold: float, overwrite: bool) -> None:
     Needs two or more complete calendar years of map periods and a trained model. Writes
     analysis/attribution_years.json/.csv (region and land-cover classes, gC m-2 yr-1) and
     analysis/attribution/<layer>_<year>.tif (COG). Collinear drivers at the towers are warned about and
-    their grouped effect is reported too.
+    their grouped effect is reported too. For each year and driver, the share of pixel-days whose inputs
+    leave the area of applicability when the driver is held at its climatology is written
+    (outside-aoa-<driver>_<year>.tif, and outside-aoa_<year>.tif for the run's own drivers); a contribution
+    whose counterfactual leaves it much more often than the run is warned about as an extrapolation.
     """
     from geoflux.analysis.attribution import year_attribution
     from geoflux.run import ATTRIBUTION_MAPS, ATTRIBUTION_YEARS
 
     cfg = _load(config)
     _refuse_existing([cfg.out_dir / ATTRIBUTION_YEARS, cfg.out_dir / ATTRIBUTION_MAPS], overwrite)
+    # the warnings (collinear drivers, extrapolated counterfactuals) are logged by year_attribution
     out = year_attribution(cfg, threshold=threshold, overwrite=overwrite)
-    for w in out["warnings"]:
-        click.echo(f"warning: {w}", err=True)
+    flagged = {(e["year"], e["driver"]) for e in (out.get("extrapolation") or {}).get("flagged") or []}
     click.echo("NEE budget anomaly and driver contributions (region mean, gC m-2 yr-1):")
     for row in out["table"]:
         if row["region"] != "region":
             continue
         parts = ", ".join(f"{k[8:]} {v:+.1f}" for k, v in row.items() if k.startswith("contrib_"))
+        first = row["first_driver"]
         click.echo(
             f"  {row['year']}: anomaly {row['anomaly']:+.1f} = {parts}; interaction {row['interaction']:+.1f}"
-            f" (first: {row['first_driver']})"
+            f" (first: {first}"
+            + (", an extrapolation: see the warning" if (str(row["year"]), first) in flagged else "")
+            + ")"
         )
     click.echo(f"attribution: {cfg.out_dir / ATTRIBUTION_YEARS}")
 

@@ -889,7 +889,11 @@ def _years_section(run: _Run) -> str:
                 "pixel-days whose inputs are outside the area of applicability: the run's own drivers "
                 "(<b>outside_aoa</b>) and each counterfactual. A contribution whose counterfactual leaves "
                 "the AOA much more often than the run is an extrapolation of the model, and its rank with it"
-                + (": " + "; ".join(html.escape(f) for f in flagged) + "." if flagged else " (none flagged).")
+                + (
+                    ": " + "; ".join(html.escape(f["message"]) for f in flagged) + "."
+                    if flagged
+                    else " (none flagged)."
+                )
                 + "</p>"
                 + _table(region[["year", *shares]])
             )

@@ -367,6 +367,24 @@ def test_year_attribution_reports_where_counterfactuals_leave_the_aoa(linear_wor
         ]
     )
     flagged = _extrapolated(frame, ["sm", "vpd"])
-    assert len(flagged) == 1 and flagged[0].startswith("2022: with sm held") and "11.0%" in flagged[0]
+    assert [(f["year"], f["driver"]) for f in flagged] == [("2022", "sm")]
+    assert flagged[0]["message"].startswith("2022: with sm held") and "11.0%" in flagged[0]["message"]
     frame["outside_aoa_sm"] = 0.05 * EXTRAPOLATION_RATIO - 1e-3
     assert _extrapolated(frame, ["sm", "vpd"]) == []
+
+
+def test_attribute_cli_prints_each_warning_once(linear_world, tmp_path, caplog) -> None:
+    from cli.main import cli
+    from geoflux.model import save_model
+
+    root, _, model, _, _ = linear_world
+    run = tmp_path / "run"
+    shutil.copytree(root, run)
+    save_model(model, run / "model" / "model.skops")
+    res = CliRunner().invoke(cli, ["attribute", str(run / "config.yaml"), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    logged = [r.getMessage() for r in caplog.records if "ta and lst are collinear" in r.getMessage()]
+    assert len(logged) == 1  # logged by the stage (stderr in a terminal), not echoed again by the command
+    assert not [ln for ln in lines if "collinear" in ln]
+    assert any(ln.startswith("  2021: anomaly") and "(first: " in ln for ln in lines)

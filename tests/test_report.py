@@ -215,7 +215,9 @@ def test_report_shows_analysis_and_budgets_when_present(tiny_run, tmp_path):
         "groups": {"ta+lst": ["ta", "lst"]},
         "collinearity": {"threshold": 0.8},
         "extrapolation": {
-            "flagged": ["2022: with sm held at its climatology 11.0% of the pixel-days are outside"]
+            "flagged": [
+                {"message": "2022: with sm held at its climatology 11.0% of the pixel-days are outside"}
+            ]
         },
     }
     (dst / "analysis" / "attribution_years.json").write_text(json.dumps(attribution))

@@ -608,8 +608,8 @@ EXTRAPOLATION_RATIO = 1.5
 EXTRAPOLATION_EXCESS = 0.02
 
 
-def _extrapolated(frame: pd.DataFrame, layers: Sequence[str]) -> list[str]:
-    """One line per (year, driver) of the region whose counterfactual leaves the AOA far more than the run.
+def _extrapolated(frame: pd.DataFrame, layers: Sequence[str]) -> list[dict[str, Any]]:
+    """The (year, driver) pairs of the region whose counterfactual leaves the AOA far more than the run.
 
     Holding a driver at its climatology while the others keep their anomaly asks the model about inputs
     the towers may never have seen; the model agrees with the data where it was trained, not there. A
@@ -624,9 +624,16 @@ def _extrapolated(frame: pd.DataFrame, layers: Sequence[str]) -> list[str]:
             cf = row[f"outside_aoa_{d}"]
             if cf >= EXTRAPOLATION_RATIO * own and cf - own >= EXTRAPOLATION_EXCESS:
                 out.append(
-                    f"{row['year']}: with {d} held at its climatology {cf:.1%} of the pixel-days are outside "
-                    f"the area of applicability (the run's own drivers: {own:.1%}); {d}'s contribution "
-                    f"({row[f'contrib_{d}']:+.1f} {BUDGET_UNITS}) is an extrapolation of the model"
+                    {
+                        "year": str(row["year"]),
+                        "driver": d,
+                        "outside_aoa": float(cf),
+                        "outside_aoa_run": float(own),
+                        "message": f"{row['year']}: with {d} held at its climatology {cf:.1%} of the "
+                        "pixel-days are outside the area of applicability (the run's own drivers: "
+                        f"{own:.1%}); {d}'s contribution ({row[f'contrib_{d}']:+.1f} {BUDGET_UNITS}) is an "
+                        "extrapolation of the model",
+                    }
                 )
     return out
 
@@ -809,8 +816,8 @@ def year_attribution(
             rows.append(row)
     frame = pd.DataFrame(rows)
     extrapolated = _extrapolated(frame, [n for n, _ in layers]) if shares else []
-    for w in extrapolated:
-        log.warning("attribution: %s", w)
+    for e in extrapolated:
+        log.warning("attribution: %s", e["message"])
     out = {
         "method": "per pixel and period, NEE predicted with the driver (group) held at its climatology (mean "
         "over the complete years of the same step of the year); contribution = anomaly(budget) - "
@@ -821,7 +828,7 @@ def year_attribution(
         "drivers": dynamic,
         "groups": col["groups"],
         "collinearity": col,
-        "warnings": warnings + extrapolated,
+        "warnings": warnings + [e["message"] for e in extrapolated],
         "extrapolation": {
             "rule": "a driver's counterfactual is flagged when the share of the year's pixel-days outside "
             f"the AOA is at least {EXTRAPOLATION_RATIO:g} x the run's own and "
