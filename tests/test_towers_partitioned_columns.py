@@ -223,6 +223,33 @@ def test_first_candidate_with_data_wins(tmp_path: Path) -> None:
     assert recs.attrs["columns"]["GPP"] == "GPP_NT_CUT_REF" and (recs["GPP"] == 1.0).all()
 
 
+def test_an_empty_nee_column_falls_back_to_the_next_candidate(tmp_path: Path) -> None:
+    """NEE was picked by name: a VUT column of -9999 only (ONEFlux writes it even when VUT could not be
+    computed) left the site without NEE although the CUT column held every value."""
+    n = 96
+    f = _hh(
+        tmp_path / "FLX_XX-Cut_FLUXNET2015_FULLSET_HH_2001-2001_1-4.csv",
+        NEE_CUT_REF=[-2.0] * n,
+        NEE_CUT_REF_QC=[1] * (n // 2) + [0] * (n // 2),
+        NEE_CUT_REF_JOINTUNC=[0.4] * n,
+    )
+    frame = pd.read_csv(f)
+    frame["NEE_VUT_REF"] = -9999.0
+    frame.to_csv(f, index=False)
+    with pytest.warns(TowerDataWarning, match="NEE_VUT_REF holds no value .* NEE is read from NEE_CUT_REF"):
+        recs = read_tower_file(f)
+    assert recs.attrs["columns"]["NEE"] == "NEE_CUT_REF" and (recs["NEE"] == -2.0).all()
+    assert recs.attrs["columns"]["NEE_QC"] == "NEE_CUT_REF_QC"
+    assert recs["NEE_QC"].tolist() == [1.0] * (n // 2) + [0.0] * (n // 2)
+    assert recs.attrs["columns"]["NEE_UNC"] == "NEE_CUT_REF_JOINTUNC" and (recs["NEE_UNC"] == 0.4).all()
+    # a VUT column with data is kept, whatever CUT holds
+    g = _hh(tmp_path / "FLX_XX-Vut_FLUXNET2015_FULLSET_HH_2001-2001_1-4.csv", NEE_CUT_REF=[-2.0] * n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TowerDataWarning)
+        recs = read_tower_file(g)
+    assert recs.attrs["columns"]["NEE"] == "NEE_VUT_REF" and (recs["NEE"] == -3.0).all()
+
+
 def test_columns_override_reads_day_time_partitioning(tmp_path: Path) -> None:
     f = tmp_path / "FLX_XX-Tst_FLUXNET2015_FULLSET_DD_2001-2001_1-4.csv"
     f.write_text(

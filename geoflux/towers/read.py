@@ -393,6 +393,7 @@ def _read_csv(
     # Only the needed columns are parsed: FULLSET HH files have ~250 of them.
     pick = _pick_columns(label, flavour, names, columns)
     partitioned = _partitioned_candidates(flavour, names, columns)
+    nee_alts = _nee_alternatives(flavour, names, pick, columns)
     usecols = [c for c in pick.values() if c in names] + [c for cs in partitioned.values() for c in cs]
     usecols = list(dict.fromkeys(stamp_cols + usecols))
     try:
@@ -407,6 +408,7 @@ def _read_csv(
     except (pd.errors.ParserError, ValueError, UnicodeDecodeError) as exc:
         raise TowerFormatError(f"{label}: malformed CSV ({str(exc).splitlines()[0]})") from None
     time, end, resolution = _csv_times(label, raw, flavour)
+    raw = _nee_with_data(label, body, raw, pick, nee_alts, names)
     out = pd.DataFrame({"time": time, "time_end": end})
     record_days = ((end - time) / pd.Timedelta("1D")).to_numpy()
     used: dict[str, str] = {}
@@ -532,13 +534,60 @@ def _pick_columns(label: str, flavour: str, names: list[str], override: dict[str
             continue
         pick[var] = src
         if var == "NEE":
-            for suffix, tidy in (("_QC", "NEE_QC"), ("_JOINTUNC", "NEE_UNC"), ("_RANDUNC", "NEE_UNC")):
-                if tidy not in pick and f"{src}{suffix}" in names:
-                    pick[tidy] = f"{src}{suffix}"
+            pick.update(_nee_companions(src, names))
         elif f"{src}_QC" in names:
             pick[f"{var}_QC"] = f"{src}_QC"
     pick.update(override)
     return pick
+
+
+def _nee_companions(src: str, names: list[str]) -> dict[str, str]:
+    """NEE_QC / NEE_UNC source columns that go with the NEE column ``src``."""
+    out: dict[str, str] = {}
+    for suffix, tidy in (("_QC", "NEE_QC"), ("_JOINTUNC", "NEE_UNC"), ("_RANDUNC", "NEE_UNC")):
+        if tidy not in out and f"{src}{suffix}" in names:
+            out[tidy] = f"{src}{suffix}"
+    return out
+
+
+def _nee_alternatives(
+    flavour: str, names: list[str], pick: dict[str, str], override: dict[str, str]
+) -> list[str]:
+    """The file's other NEE candidates after the one picked by name, to fall back on when it is empty."""
+    if flavour == "base" or "NEE" in override or "NEE" not in pick:
+        return []
+    cands = [c for c in FLUXNET_CANDIDATES["NEE"] if c in names]
+    return cands[cands.index(pick["NEE"]) + 1 :] if pick["NEE"] in cands else []
+
+
+def _nee_with_data(
+    label: str, body: bytes, raw: pd.DataFrame, pick: dict[str, str], alts: list[str], names: list[str]
+) -> pd.DataFrame:
+    """``raw``, with ``pick``'s NEE (and its QC/uncertainty) moved to the first candidate holding data if the
+    one picked by name holds none.
+
+    ONEFlux writes every NEE variant's column even when one could not be computed (all -9999); picking by
+    name alone dropped such a site for want of NEE. The other candidates are parsed only then, so ordinary
+    files cost no more to read.
+    """
+    first = pick.get("NEE")
+    if not alts or first not in raw.columns or np.isfinite(_numeric(label, raw[first], first)).any():
+        return raw
+    cols = [c for a in alts for c in (a, *_nee_companions(a, names).values())]
+    more = pd.read_csv(io.BytesIO(body), usecols=cols, na_values=["NA", "NaN", "nan"], keep_default_na=False)
+    for alt in alts:
+        if np.isfinite(_numeric(label, more[alt], alt)).any():
+            for tidy in ("NEE_QC", "NEE_UNC"):
+                pick.pop(tidy, None)
+            pick["NEE"] = alt
+            pick.update(_nee_companions(alt, names))
+            warnings.warn(
+                f"{label}: {first} holds no value (all -9999); NEE is read from {alt}",
+                TowerDataWarning,
+                stacklevel=5,
+            )
+            return pd.concat([raw, more[[c for c in more.columns if c not in raw.columns]]], axis=1)
+    return raw
 
 
 def _partitioned_candidates(flavour: str, names: list[str], override: dict[str, str]) -> dict[str, list[str]]:
