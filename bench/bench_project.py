@@ -288,8 +288,7 @@ def main() -> None:
     t = time.perf_counter()
     att = year_attribution(cfg, overwrite=True)
     timings["attribute"] = time.perf_counter() - t
-    for w in att["warnings"]:
-        print(f"warning: {w}")
+    # its warnings are logged (stderr) by year_attribution
     world = WORLD_SIZES[args.size]
     fields = generate_fields(world)
     grouped_truth = {name: _generator_group_effect(world, fields, m) for name, m in att["groups"].items()}
