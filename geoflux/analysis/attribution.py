@@ -693,15 +693,18 @@ def year_attribution(
     cfg : the run configuration (two or more complete calendar years of periods; a trained model).
     threshold : \\|r\\| between driver anomalies at the towers above which drivers are grouped (warned).
     write : write ``analysis/attribution/<layer>_<year>.tif`` (COG, gC m-2 yr-1; layers ``anomaly``,
-        ``contrib-<driver>``, ``contrib-<a+b>`` for clusters, ``interaction``) and
-        ``analysis/attribution_years.json``/``.csv``.
+        ``contrib-<driver>``, ``contrib-<a+b>`` for clusters, ``interaction``; with an AOA also
+        ``outside-aoa`` and ``outside-aoa-<driver>``, the share (1) of the year's days whose inputs, the
+        run's or the counterfactual's, are outside it) and ``analysis/attribution_years.json``/``.csv``.
     overwrite : replace outputs that exist.
     model : the fitted model (default: the run's).
 
     Returns
     -------
     dict with ``years``, ``drivers``, ``groups``, ``collinearity``, ``warnings``, ``table`` (records: region,
-    year, anomaly, contrib_<layer>…, interaction, first_driver, first_grouped) and ``units``.
+    year, anomaly, contrib_<layer>…, interaction, outside_aoa, outside_aoa_<layer>…, first_driver,
+    first_grouped), ``extrapolation`` (the rule and the flagged (year, driver) pairs; None without an AOA)
+    and ``units``.
     """
     import dask
     import dask.array as da
