@@ -242,6 +242,10 @@ def test_an_empty_nee_column_falls_back_to_the_next_candidate(tmp_path: Path) ->
     assert recs.attrs["columns"]["NEE_QC"] == "NEE_CUT_REF_QC"
     assert recs["NEE_QC"].tolist() == [1.0] * (n // 2) + [0.0] * (n // 2)
     assert recs.attrs["columns"]["NEE_UNC"] == "NEE_CUT_REF_JOINTUNC" and (recs["NEE_UNC"] == 0.4).all()
+    # a QC column given by the caller is not swapped for the fall-back's own
+    recs = read_tower_file(f, columns={"NEE_QC": "NEE_VUT_REF_QC"})
+    assert recs.attrs["columns"]["NEE"] == "NEE_VUT_REF" and recs["NEE"].isna().all()
+    assert recs.attrs["columns"]["NEE_QC"] == "NEE_VUT_REF_QC"
     # a VUT column with data is kept, whatever CUT holds
     g = _hh(tmp_path / "FLX_XX-Vut_FLUXNET2015_FULLSET_HH_2001-2001_1-4.csv", NEE_CUT_REF=[-2.0] * n)
     with warnings.catch_warnings():

@@ -553,8 +553,11 @@ def _nee_companions(src: str, names: list[str]) -> dict[str, str]:
 def _nee_alternatives(
     flavour: str, names: list[str], pick: dict[str, str], override: dict[str, str]
 ) -> list[str]:
-    """The file's other NEE candidates after the one picked by name, to fall back on when it is empty."""
-    if flavour == "base" or "NEE" in override or "NEE" not in pick:
+    """The file's other NEE candidates after the one picked by name, to fall back on when it is empty.
+
+    None when the caller chose NEE or one of its companions (``columns=``): that choice is kept as given.
+    """
+    if flavour == "base" or {"NEE", "NEE_QC", "NEE_UNC"} & set(override) or "NEE" not in pick:
         return []
     cands = [c for c in FLUXNET_CANDIDATES["NEE"] if c in names]
     return cands[cands.index(pick["NEE"]) + 1 :] if pick["NEE"] in cands else []
