@@ -76,6 +76,50 @@ def test_partition_records_names_the_site_year_it_cannot_fit() -> None:
         partition_records(records.drop(columns="SW_IN"))
 
 
+def test_tower_steps_leave_the_callers_records_as_they_were() -> None:
+    """partition, QC filter and aggregation work on shallow copies (a three-year run's records are ~200 MB
+    a copy): neither they nor a change to what they return may write into the records given."""
+    from geoflux.towers import qc_filter
+    from geoflux.towers.processing.partition import complete_partitioning
+
+    records, _ = _records({2020: 200.0})
+    records["TA_QC"] = np.where(np.arange(len(records)) % 7 == 0, 2.0, 0.0)
+    before = records.copy(deep=True)
+    part, n_files, n_here = complete_partitioning(records)
+    assert (n_files, n_here) == (0, 1) and part["RECO"].notna().all()
+    filtered = qc_filter(part, qc_max=0, met_qc_max=1)
+    assert filtered["TA"].isna().sum() == (records["TA_QC"] > 1).sum() and part["TA"].notna().all()
+    assert filtered["NEE"].isna().sum() == (records["NEE_QC"] > 0).sum()
+    aggregate(filtered, pd.date_range("2020-01-01", "2020-12-31", freq="8D"), end="2021-01-01")
+    part.loc[part.index[:10], "NEE"] = -99.0  # in place on the results
+    filtered.loc[filtered.index[:10], "SW_IN"] = -99.0
+    pd.testing.assert_frame_equal(records, before)
+    assert (part["NEE"].iloc[10:] == before["NEE"].iloc[10:]).all()
+
+
+def test_aggregate_sums_the_same_in_blocks_of_records(monkeypatch) -> None:
+    """aggregate sums its per-record terms a block of records at a time; blocks that cut through sites and
+    periods must give the sums of one pass."""
+    import importlib
+
+    from geoflux.towers import qc_filter
+    from geoflux.towers.processing.partition import complete_partitioning
+
+    agg_module = importlib.import_module("geoflux.towers.aggregate")  # the package's name is the function
+    a, _ = _records({2020: 200.0})
+    b, _ = _records({2020: 260.0}, seed=3)
+    b["site"] = "S2"
+    records = pd.concat([a, b.iloc[::-1]], ignore_index=True)  # one site in reverse time order
+    records.attrs = dict(a.attrs)
+    records = qc_filter(complete_partitioning(records)[0], qc_max=1)
+    periods = pd.date_range("2020-01-01", "2020-12-31", freq="8D")
+    whole = aggregate(records, periods, min_coverage=0.2, end="2021-01-01")
+    monkeypatch.setattr(agg_module, "_BLOCK_RECORDS", 997)
+    blocks = aggregate(records, periods, min_coverage=0.2, end="2021-01-01")
+    pd.testing.assert_frame_equal(blocks, whole, check_exact=False, rtol=1e-12)
+    assert (blocks["NEE_coverage"] == whole["NEE_coverage"]).all() and len(whole) == 2 * 46
+
+
 def test_aggregated_fluxes_close_over_nee_records() -> None:
     records, _ = _records({2020: 200.0})
     out = partition_records(records)

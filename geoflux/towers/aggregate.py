@@ -91,7 +91,9 @@ def qc_filter(
     TowerDataWarning
         naming each site whose NEE is missing in every record, or whose every NEE record fails QC.
     """
-    out = records.copy()
+    # A shallow copy: every change below replaces whole columns, so the caller's records stay as they were
+    # and the untouched columns are not copied (1.6 M half-hours of a three-year run: ~200 MB less).
+    out = records.copy(deep=False)
     out.attrs = dict(records.attrs)
     if "NEE_QC" not in out.columns:
         out["NEE_QC"] = np.nan
@@ -122,9 +124,14 @@ def qc_filter(
             continue
         mq = out[qcol].to_numpy(dtype="float64")
         if sub and met_qc_max is not None:
-            out.loc[mq > met_qc_max, var] = np.nan
+            fail = mq > met_qc_max
         elif not sub and met_min_fraction is not None:
-            out.loc[mq < met_min_fraction, var] = np.nan
+            fail = mq < met_min_fraction
+        else:
+            continue
+        x = out[var].to_numpy(dtype="float64", copy=True)
+        x[fail] = np.nan
+        out[var] = x
     return out
 
 
@@ -262,6 +269,53 @@ def _warn_dropped_sites(
     )
 
 
+_BLOCK_RECORDS = 200_000  # records whose per-record terms are held at once (~20 arrays of 1.6 MB)
+
+
+def _record_terms(
+    df: pd.DataFrame, dur_ns: np.ndarray, res: str, flag: bool, fluxes: list[str], met: list[str]
+) -> dict[str, np.ndarray]:
+    """Per-record terms whose sums per (site, period) :func:`aggregate` turns into period means."""
+    days = dur_ns / 86_400e9
+    nee = df["NEE"].to_numpy(dtype="float64")
+    if res in SUBDAILY:
+        nee = nee * UMOL_TO_GC_PER_DAY
+    valid = ~np.isnan(nee)
+    vdays = np.where(valid, days, 0.0)
+    qc = df["NEE_QC"].to_numpy(dtype="float64") if "NEE_QC" in df.columns else np.full(len(df), np.nan)
+    if flag:
+        measured = np.where(valid & (qc == 0), dur_ns, 0)
+    else:
+        measured = np.where(valid, dur_ns * np.nan_to_num(qc, nan=0.0), 0.0)
+    work = {
+        "_days": vdays,
+        "_dur_ns": np.where(valid, dur_ns, 0),
+        "_nee": np.where(valid, nee, 0.0) * vdays,
+        "_measured": measured,
+        "n_records": valid.astype("int64"),
+    }
+    if "NEE_weight" in df.columns:
+        work["_weight"] = np.nan_to_num(df["NEE_weight"].to_numpy(dtype="float64")) * vdays
+    if "NEE_UNC" in df.columns:
+        unc = df["NEE_UNC"].to_numpy(dtype="float64")
+        unc = unc * UMOL_TO_GC_PER_DAY if res in SUBDAILY else unc
+        ok = valid & ~np.isnan(unc)
+        work["_unc"] = np.where(ok, unc, 0.0)
+        work["_unc_n"] = ok.astype("int64")
+    for v in fluxes:
+        x = df[v].to_numpy(dtype="float64") * (UMOL_TO_GC_PER_DAY if res in SUBDAILY else 1.0)
+        work[f"_{v}"] = np.where(valid & ~np.isnan(x), x, 0.0) * vdays
+        work[f"_{v}_days"] = np.where(valid & ~np.isnan(x), vdays, 0.0)
+    for v in met:
+        x = df[v].to_numpy(dtype="float64")
+        if v == "P" and res in SUBDAILY:
+            x = x / days  # mm per record → mm d-1
+        ok = ~np.isnan(x)
+        work[f"_{v}"] = np.where(ok, x, 0.0) * days
+        work[f"_{v}_days"] = np.where(ok, days, 0.0)
+    return work
+
+
 def aggregate(
     records: pd.DataFrame,
     periods: pd.DatetimeIndex,
@@ -315,55 +369,33 @@ def aggregate(
             f"{records['site'].iloc[i]} straddles a period boundary (periods must be at least as long as, "
             "and aligned with, the records)"
         )
-    df = records.loc[inside]
+    df = records if inside.all() else records.loc[inside]  # a boolean .loc copies every column
     idx = idx[inside]
     # Durations in integer nanoseconds for coverage, so that 24 of 48 half-hours is exactly 0.5.
     dur_ns = (t1[inside] - t0[inside]).astype("int64")
-    days = dur_ns / 86_400e9
-    nee = df["NEE"].to_numpy(dtype="float64")
-    if res in SUBDAILY:
-        nee = nee * UMOL_TO_GC_PER_DAY
-    valid = ~np.isnan(nee)
-    vdays = np.where(valid, days, 0.0)
-    qc = df["NEE_QC"].to_numpy(dtype="float64") if "NEE_QC" in df.columns else np.full(len(df), np.nan)
-    if _qc_is_flag(records):
-        measured = np.where(valid & (qc == 0), dur_ns, 0)
-    else:
-        measured = np.where(valid, dur_ns * np.nan_to_num(qc, nan=0.0), 0.0)
-    work = pd.DataFrame(
-        {
-            "site": df["site"].to_numpy(),
-            "period": idx,
-            "_days": vdays,
-            "_dur_ns": np.where(valid, dur_ns, 0),
-            "_nee": np.where(valid, nee, 0.0) * vdays,
-            "_measured": measured,
-            "n_records": valid.astype("int64"),
-        }
-    )
-    if "NEE_weight" in df.columns:
-        work["_weight"] = np.nan_to_num(df["NEE_weight"].to_numpy(dtype="float64")) * vdays
     has_unc = "NEE_UNC" in df.columns
-    if has_unc:
-        unc = df["NEE_UNC"].to_numpy(dtype="float64")
-        unc = unc * UMOL_TO_GC_PER_DAY if res in SUBDAILY else unc
-        ok = valid & ~np.isnan(unc)
-        work["_unc"] = np.where(ok, unc, 0.0)
-        work["_unc_n"] = ok.astype("int64")
     fluxes = [v for v in ("RECO", "GPP") if v in df.columns]  # partitioned: over NEE's own records
-    for v in fluxes:
-        x = df[v].to_numpy(dtype="float64") * (UMOL_TO_GC_PER_DAY if res in SUBDAILY else 1.0)
-        work[f"_{v}"] = np.where(valid & ~np.isnan(x), x, 0.0) * vdays
-        work[f"_{v}_days"] = np.where(valid & ~np.isnan(x), vdays, 0.0)
     met = [v for v in _MEAN_MET if v in df.columns]
-    for v in met:
-        x = df[v].to_numpy(dtype="float64")
-        if v == "P" and res in SUBDAILY:
-            x = x / days  # mm per record → mm d-1
-        ok = ~np.isnan(x)
-        work[f"_{v}"] = np.where(ok, x, 0.0) * days
-        work[f"_{v}_days"] = np.where(ok, days, 0.0)
-    sums = work.groupby(["site", "period"], sort=True).sum()
+    codes, site_names = pd.factorize(df["site"], sort=True)
+    n_periods = len(edges) - 1
+    groups, inverse = np.unique(codes.astype(np.int64) * n_periods + idx, return_inverse=True)
+    # Per-record terms summed per (site, period) with np.bincount, a block of records at a time: the
+    # terms of every record at once (and a groupby over them) held ~370 MB for 1.6 M half-hours (three
+    # years of 30 towers). float64 sums of whole-second durations in ns stay exact (multiples of 2**9 ns).
+    totals: dict[str, np.ndarray] = {}
+    flag = _qc_is_flag(records)
+    for lo in range(0, max(len(df), 1), _BLOCK_RECORDS):  # once for no record: the empty columns
+        block = slice(lo, lo + _BLOCK_RECORDS)
+        terms = _record_terms(df.iloc[block], dur_ns[block], res, flag, fluxes, met)
+        for k, v in terms.items():
+            total = np.bincount(inverse[block], weights=v, minlength=len(groups))
+            totals[k] = totals[k] + total if k in totals else total
+    sums = pd.DataFrame(
+        totals,
+        index=pd.MultiIndex.from_arrays(
+            [site_names.take(groups // n_periods), groups % n_periods], names=["site", "period"]
+        ),
+    )
     period_ns = np.diff(edges).astype("int64")
     pns = period_ns[sums.index.get_level_values("period").to_numpy()]
     pdays = pns / 86_400e9

@@ -594,12 +594,14 @@ def partition_records(records: pd.DataFrame, options: NightOptions | None = None
     res = records.attrs.get("resolution")
     if res not in ("HH", "HR"):
         raise ValueError(f"night-time partitioning needs half-hourly or hourly records (got {res})")
-    out = records.copy()
+    # A shallow copy gets the two new columns; the caller's records are not copied.
+    out = records.copy(deep=False)
     reco = np.full(len(out), np.nan)
     gpp = np.full(len(out), np.nan)
     nee = out["NEE"].to_numpy(np.float64)
     qc = out["NEE_QC"].to_numpy(np.float64) if "NEE_QC" in out.columns else np.zeros(len(out))
     measured = np.where(qc == 0, nee, np.nan)
+    ta, sw = out["TA"].to_numpy(np.float64), out["SW_IN"].to_numpy(np.float64)
     times = out["time"].to_numpy("datetime64[ns]")
     years = pd.DatetimeIndex(times).year.to_numpy()
     for (site, year), idx in out.groupby([out["site"].astype(str).to_numpy(), years]).indices.items():
@@ -610,8 +612,8 @@ def partition_records(records: pd.DataFrame, options: NightOptions | None = None
                 p = partition_nighttime(
                     times[idx],
                     nee[idx],
-                    out["TA"].to_numpy(np.float64)[idx],
-                    out["SW_IN"].to_numpy(np.float64)[idx],
+                    ta[idx],
+                    sw[idx],
                     nee_fit=measured[idx],
                     options=options,
                 )
@@ -641,7 +643,8 @@ def complete_partitioning(
     ValueError
         naming the sites that have no RECO and cannot be partitioned here (e.g. daily records).
     """
-    out = records.copy()
+    # Whole columns are replaced on a shallow copy: the caller's records are neither changed nor copied.
+    out = records.copy(deep=False)
     for col in ("RECO", "GPP"):
         if col not in out.columns:
             out[col] = np.nan
@@ -649,7 +652,8 @@ def complete_partitioning(
     has = out["RECO"].notna().groupby(site).any()
     need = sorted(has.index[~has])
     if need:
-        sub = out.loc[site.isin(need)]
+        rows = site.isin(need).to_numpy()
+        sub = out if rows.all() else out.loc[rows]
         sub.attrs = dict(records.attrs)
         try:
             part = partition_records(sub, options)
@@ -659,5 +663,8 @@ def complete_partitioning(
                 f"site(s) {', '.join(need[:5])}{more} have no RECO in their files and cannot be "
                 f"partitioned here ({exc})"
             ) from None
-        out.loc[part.index, ["RECO", "GPP"]] = part[["RECO", "GPP"]].to_numpy()
+        for col in ("RECO", "GPP"):
+            x = out[col].to_numpy(dtype="float64", copy=True)
+            x[rows] = part[col].to_numpy(dtype="float64")
+            out[col] = x
     return out, int(has.sum()), len(need)
