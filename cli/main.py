@@ -215,7 +215,7 @@ def cli(verbose: int, quiet: bool) -> None:
     show_default=True,
     help="World size: 'default' 256x256 px at 250 m, 46 8-day steps, 30 towers; 'tiny' for tests; "
     "'multiyear' 128x128 px, three years in MODIS 8-day periods (a warm spring, a drought summer, a cloudy "
-    "year; about 6 min and 1.3 GB on 2 cores); 'tiny-multiyear' the same three years on 32x32 px. The "
+    "year; about 5 min and 1.0 GB on 2 cores); 'tiny-multiyear' the same three years on 32x32 px. The "
     "multi-year worlds' configurations set model.target: partitioned (RECO and GPP learnt separately, for "
     "attribution and projection).",
 )
